@@ -1,0 +1,61 @@
+"""nanoGPT's CPU reference on Tiny Shakespeare, characters (its `shakespeare_char` CPU run).
+
+4 layers, 4 heads, d_model 128, context 64, batch 12, 2,000 AdamW steps at lr 1e-3 with
+100 warm-up steps and cosine decay to 1e-4, betas (0.9, 0.99), weight decay 0.1, grad clip 1,
+no dropout, learned positions, LayerNorm, GELU, tied embeddings; 90/10 train/validation split
+by characters. nanoGPT reaches validation loss 1.886 here; lm is held to <= 1.90 over the
+whole validation split.
+
+    python -m lm.main --config=experiments/shakespeare_char.py \
+        --config.data.path=../shared/data/tiny_shakespeare/input.txt
+
+Without data.path the corpus is downloaded once (needs internet).
+"""
+
+import os
+
+from lm.config import defaults
+
+_SHARED_COPY = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                            "tiny_shakespeare", "input.txt")
+
+
+def get_config():
+  config = defaults()
+  config.data.name = "tiny_shakespeare"
+  config.data.path = os.path.normpath(_SHARED_COPY) if os.path.exists(_SHARED_COPY) else ""
+  config.data.tokenizer = "char"
+  config.data.seq_len = 64
+  config.data.validation_fraction = 0.1
+  config.data.test_fraction = 0.0
+
+  config.model.num_layers = 4
+  config.model.num_heads = 4
+  config.model.num_kv_heads = 4
+  config.model.d_model = 128
+  config.model.d_ff = 512
+  config.model.max_len = 64
+  config.model.dropout = 0.0
+  config.model.positions = "learned"
+  config.model.norm = "layernorm"
+  config.model.mlp = "gelu"
+  config.model.use_bias = False
+  config.model.tie_embeddings = True
+
+  config.train.batch_size = 12
+  config.train.num_steps = 2000
+  config.train.learning_rate = 1e-3
+  config.train.min_learning_rate = 1e-4
+  config.train.warmup_steps = 100
+  config.train.b1 = 0.9
+  config.train.b2 = 0.99
+  config.train.weight_decay = 0.1
+  config.train.grad_clip = 1.0
+  config.train.eval_every = 250
+  config.train.eval_steps = 20
+  config.train.checkpoint_every = 500
+  config.train.log_every = 100
+
+  config.sample.prompt = "\n"
+  config.sample.num_tokens = 300
+  return config

@@ -1,0 +1,242 @@
+"""Shared config defaults and validation.
+
+Every experiment starts from `defaults()` and changes what it needs; `validate()` then checks
+the result against the same schema, so a misspelt field, a wrong type or an impossible
+combination stops the run at start with one line that names the field.
+"""
+
+import difflib
+import math
+
+import ml_collections
+from ml_collections import config_dict
+
+from lm.errors import UserError
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+class ConfigError(UserError):
+  """A user-fixable problem with a config; the message names the field."""
+
+  def __init__(self, field, message):
+    self.field = field
+    super().__init__(f"config.{field}: {message}")
+
+
+def defaults():
+  """Every field lm knows, with its default. Experiments override these."""
+  c = ml_collections.ConfigDict()
+
+  c.model = ml_collections.ConfigDict()
+  c.model.num_layers = 4
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 4  # < num_heads: grouped-query attention; 1: multi-query.
+  c.model.d_model = 128
+  c.model.d_ff = 512
+  # None: the tokenizer's vocabulary size. Larger values pad the embedding table.
+  c.model.vocab_size = config_dict.placeholder(int)
+  c.model.max_len = 256
+  c.model.dropout = 0.0
+  c.model.dtype = "float32"  # compute dtype
+  c.model.param_dtype = "float32"
+  c.model.norm = "layernorm"  # layernorm | rmsnorm
+  c.model.norm_eps = 1e-5
+  c.model.positions = "learned"  # learned | rope
+  c.model.rope_theta = 10000.0
+  c.model.mlp = "gelu"  # gelu (exact, erf) | gelu_tanh (GPT-2's approximation) | swiglu
+  c.model.use_bias = False
+  c.model.tie_embeddings = True
+
+  c.train = ml_collections.ConfigDict()
+  c.train.batch_size = 12
+  c.train.num_steps = 1000
+  c.train.learning_rate = 1e-3
+  c.train.min_learning_rate = 1e-4  # end of the cosine decay
+  c.train.warmup_steps = 100
+  c.train.b1 = 0.9
+  c.train.b2 = 0.99
+  c.train.weight_decay = 0.1  # applied to matrices and embeddings, not to norms or biases
+  c.train.grad_clip = 1.0  # global norm; 0 disables clipping
+  c.train.eval_every = 250
+  c.train.eval_steps = 20  # batches per periodic eval; 0: the whole validation split
+  c.train.checkpoint_every = 500
+  c.train.keep_checkpoints = 3
+  c.train.log_every = 50
+  c.train.seed = 0
+
+  c.data = ml_collections.ConfigDict()
+  # Built-in corpus used when `path` is empty: python_stdlib | tiny_shakespeare.
+  c.data.name = "python_stdlib"
+  c.data.path = ""  # a local text file or a folder of text files; overrides `name`
+  c.data.tokenizer = "byte"  # byte | char
+  c.data.seq_len = 128
+  c.data.validation_fraction = 0.05
+  c.data.test_fraction = 0.05
+
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1  # -1: every device not used by the other axes
+  c.mesh.fsdp = 1
+  c.mesh.tensor = 1
+
+  c.log = ml_collections.ConfigDict()
+  c.log.peak_flops = 0.0  # per device, for MFU; 0: look up the device kind
+
+  c.sample = ml_collections.ConfigDict()
+  c.sample.prompt = "\n"
+  c.sample.num_tokens = 200
+  c.sample.temperature = 0.8
+  c.sample.top_k = 40  # 0: no top-k filtering
+  c.sample.seed = 0
+  return c
+
+
+_CHOICES = {
+    "model.dtype": DTYPES,
+    "model.param_dtype": DTYPES,
+    "model.norm": ("layernorm", "rmsnorm"),
+    "model.positions": ("learned", "rope"),
+    "model.mlp": ("gelu", "gelu_tanh", "swiglu"),
+    "data.name": ("python_stdlib", "tiny_shakespeare"),
+    "data.tokenizer": ("byte", "char"),
+}
+
+_POSITIVE = (
+    "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.d_model",
+    "model.d_ff", "model.max_len", "train.batch_size", "train.num_steps",
+    "train.learning_rate", "train.eval_every", "train.checkpoint_every",
+    "train.keep_checkpoints", "train.log_every", "data.seq_len",
+)
+
+_NON_NEGATIVE = (
+    "train.min_learning_rate", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
+    "train.eval_steps", "log.peak_flops", "sample.num_tokens", "sample.temperature",
+    "sample.top_k", "data.validation_fraction", "data.test_fraction",
+)
+
+
+def _flatten(c, prefix=""):
+  out = {}
+  for key, value in c.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, (ml_collections.ConfigDict, dict)):
+      out.update(_flatten(value, name + "."))
+    else:
+      out[name] = value
+  return out
+
+
+def _check_schema(flat, schema, schema_types):
+  for name, value in flat.items():
+    if name not in schema:
+      close = difflib.get_close_matches(name, list(schema), n=1)
+      hint = f"; did you mean {close[0]}?" if close else ""
+      raise ConfigError(name, f"unknown field{hint}")
+    expected = schema_types[name]
+    if value is None:
+      if schema[name] is not None:
+        raise ConfigError(name, f"must be a {expected.__name__}, got None")
+      continue
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+      continue
+    if expected is int and isinstance(value, bool):
+      raise ConfigError(name, f"must be an int, got {value!r}")
+    if not isinstance(value, expected):
+      raise ConfigError(name, f"must be a {expected.__name__}, got {value!r}")
+
+
+def validate(config, num_devices):
+  """Raises ConfigError naming the first bad field; returns the config otherwise."""
+  schema_dict = defaults()
+  schema = _flatten(schema_dict)
+  schema_types = {}
+  for name, value in schema.items():
+    if value is None:  # placeholders carry their type on the FieldReference
+      section, key = name.split(".")
+      schema_types[name] = schema_dict[section].get_ref(key).get_type()
+    else:
+      schema_types[name] = type(value)
+  for section in config.keys():
+    if not isinstance(config[section], ml_collections.ConfigDict) and section not in schema:
+      close = difflib.get_close_matches(section, [n.split(".")[0] for n in schema], n=1)
+      hint = f"; did you mean {close[0]}?" if close else ""
+      raise ConfigError(section, f"unknown field{hint}")
+  flat = _flatten(config)
+  _check_schema(flat, schema, schema_types)
+  for name in schema:
+    if name not in flat:
+      raise ConfigError(name, "missing; start experiments from lm.config.defaults()")
+
+  for name, choices in _CHOICES.items():
+    if flat[name] not in choices:
+      raise ConfigError(name, f"must be one of {', '.join(choices)}; got {flat[name]!r}")
+  for name in _POSITIVE:
+    if not flat[name] > 0:
+      raise ConfigError(name, f"must be > 0, got {flat[name]!r}")
+  for name in _NON_NEGATIVE:
+    if flat[name] < 0:
+      raise ConfigError(name, f"must be >= 0, got {flat[name]!r}")
+
+  m, t, d = config.model, config.train, config.data
+  if m.d_model % m.num_heads:
+    raise ConfigError("model.d_model",
+                      f"{m.d_model} is not divisible by model.num_heads={m.num_heads}")
+  if m.num_heads % m.num_kv_heads:
+    raise ConfigError("model.num_kv_heads",
+                      f"{m.num_kv_heads} does not divide model.num_heads={m.num_heads}")
+  if m.positions == "rope" and (m.d_model // m.num_heads) % 2:
+    raise ConfigError("model.positions",
+                      f"rope needs an even head size, got {m.d_model // m.num_heads}")
+  if not 0.0 <= m.dropout < 1.0:
+    raise ConfigError("model.dropout", f"must be in [0, 1), got {m.dropout}")
+  if m.vocab_size is not None and m.vocab_size <= 0:
+    raise ConfigError("model.vocab_size", f"must be > 0 or None, got {m.vocab_size}")
+  if d.seq_len > m.max_len:
+    raise ConfigError("data.seq_len", f"{d.seq_len} exceeds model.max_len={m.max_len}")
+  if d.validation_fraction <= 0:
+    raise ConfigError("data.validation_fraction", "must be > 0: evaluation needs data")
+  if d.validation_fraction + d.test_fraction >= 1:
+    raise ConfigError("data.test_fraction",
+                      "validation_fraction + test_fraction must leave data for training")
+  if t.min_learning_rate > t.learning_rate:
+    raise ConfigError("train.min_learning_rate",
+                      f"{t.min_learning_rate} exceeds train.learning_rate={t.learning_rate}")
+  if t.warmup_steps > t.num_steps:
+    raise ConfigError("train.warmup_steps",
+                      f"{t.warmup_steps} exceeds train.num_steps={t.num_steps}")
+  if not (0 <= t.b1 < 1 and 0 <= t.b2 < 1):
+    raise ConfigError("train.b1" if not 0 <= t.b1 < 1 else "train.b2", "must be in [0, 1)")
+
+  if config.sample.num_tokens and not config.sample.prompt:
+    raise ConfigError("sample.prompt", "must not be empty when sample.num_tokens > 0")
+
+  mesh_shape = resolve_mesh_shape(config.mesh, num_devices)
+  data_shards = mesh_shape[0] * mesh_shape[1]
+  if t.batch_size % data_shards:
+    raise ConfigError("train.batch_size",
+                      f"{t.batch_size} is not divisible by mesh.data*mesh.fsdp={data_shards}")
+  return config
+
+
+def resolve_mesh_shape(mesh, num_devices):
+  """(data, fsdp, tensor) with a -1 entry filled in; checks the product is num_devices."""
+  names = ("data", "fsdp", "tensor")
+  sizes = [mesh[n] for n in names]
+  for n, s in zip(names, sizes):
+    if s == 0 or s < -1:
+      raise ConfigError(f"mesh.{n}", f"must be a positive size or -1, got {s}")
+  free = [n for n, s in zip(names, sizes) if s == -1]
+  if len(free) > 1:
+    raise ConfigError(f"mesh.{free[1]}", "only one mesh axis may be -1")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if free:
+    if num_devices % fixed:
+      raise ConfigError(f"mesh.{free[0]}",
+                        f"-1 cannot fill the mesh: {num_devices} devices, "
+                        f"other axes use {fixed}")
+    sizes = [num_devices // fixed if s == -1 else s for s in sizes]
+  elif fixed != num_devices:
+    raise ConfigError("mesh",
+                      f"data*fsdp*tensor = {fixed} but there {'is' if num_devices == 1 else 'are'} "
+                      f"{num_devices} device{'' if num_devices == 1 else 's'}")
+  return tuple(sizes)

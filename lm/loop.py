@@ -1,0 +1,182 @@
+"""The training loop: data -> train steps -> eval -> checkpoints -> a sample.
+
+`run(config, workdir)` is what `python -m lm.main` calls. Re-running it on the same workdir
+resumes from the latest checkpoint and continues with the losses an uninterrupted run has.
+"""
+
+import dataclasses
+import json
+import os
+import time
+
+import jax
+import numpy as np
+
+from lm import config as config_lib
+from lm import decode, metrics, sharding
+from lm.checkpoint import Checkpointer, abstract_like, config_differences
+from lm.data import make_data
+from lm.errors import UserError
+from lm.train import Trainer
+
+
+@dataclasses.dataclass
+class RunResult:
+  workdir: str
+  final_step: int
+  train_losses: dict  # step -> loss, for the steps that were logged
+  eval: dict  # split -> {"loss", "perplexity", "tokens"} from the final evaluation
+  sample: str
+
+
+def _process_rows(batch_size):
+  """This process's share of every global batch (all of it on one host)."""
+  per_host = batch_size // jax.process_count()
+  start = jax.process_index() * per_host
+  return slice(start, start + per_host)
+
+
+def _eval_metrics(trainer, data, config, params, split, max_batches):
+  batches = data.eval_batches(split, config.train.batch_size, config.data.seq_len)
+  rows = _process_rows(config.train.batch_size)
+  host_batches = (batches.batch(i, rows) for i in range(batches.num_batches))
+  loss, tokens = trainer.evaluate(params, host_batches, max_batches)
+  return {"loss": loss, "perplexity": float(np.exp(min(loss, 80.0))), "tokens": tokens}
+
+
+def _resume_meta(checkpointer, config):
+  """The latest checkpoint's metadata, after checking it belongs to this experiment."""
+  step = checkpointer.latest_step()
+  if step is None:
+    return None, None
+  meta = checkpointer.read_meta(step)
+  changed = config_differences(meta["config"], config.to_dict())
+  if changed:
+    raise UserError(f"workdir {os.path.dirname(checkpointer.directory)} holds a checkpoint of "
+                    f"a different config ({'; '.join(changed)}); use another --workdir")
+  return step, meta
+
+
+def run(config, workdir, devices=None, stop_after=None):
+  """Trains, evaluates, checkpoints and samples. `stop_after` ends early (as a preemption)."""
+  devices = list(jax.devices() if devices is None else devices)
+  config_lib.validate(config, len(devices))
+  mesh = sharding.make_mesh(config.mesh, devices)
+  t = config.train
+  # Nothing is written to the workdir until the config, the data and any checkpoint there
+  # have been checked.
+  checkpointer = start_step = meta = None
+  if os.path.isdir(os.path.join(workdir, "checkpoints")):
+    checkpointer = Checkpointer(workdir, t.keep_checkpoints)
+    start_step, meta = _resume_meta(checkpointer, config)
+
+  data = make_data(config, tokenizer_spec=meta and meta["tokenizer"])
+  if meta and meta["data_fingerprint"] != data.fingerprint:
+    raise UserError(f"config.data: the corpus at {data.source} changed since the checkpoint "
+                    "in this workdir was written; resuming would train on other data")
+  if config.model.vocab_size is not None and config.model.vocab_size < data.tokenizer.vocab_size:
+    raise UserError(f"config.model.vocab_size: {config.model.vocab_size} is smaller than the "
+                    f"tokenizer's vocabulary ({data.tokenizer.vocab_size})")
+  trainer = Trainer(config, data.tokenizer.vocab_size, mesh)
+  os.makedirs(workdir, exist_ok=True)
+  checkpointer = checkpointer or Checkpointer(workdir, t.keep_checkpoints)
+  meta = {"config": config.to_dict(), "tokenizer": data.tokenizer.to_dict(),
+          "data_fingerprint": data.fingerprint}
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
+      json.dump(meta["config"], f, indent=2)
+
+  if start_step is None:
+    state, start_step = trainer.init_state(), 0
+  else:
+    state = checkpointer.restore_state(
+        start_step, abstract_like(trainer.abstract_state, trainer.state_shardings))
+  writer = metrics.MetricWriter(workdir)
+  flops_per_token = metrics.decoder_train_flops_per_token(
+      trainer.abstract_state.params, trainer.model_cfg, config.data.seq_len)
+  peak, peak_source = metrics.peak_flops_per_device(config.model.dtype, config.log.peak_flops)
+  tokens_per_step = t.batch_size * config.data.seq_len
+  metrics.log(f"lm: workdir {os.path.abspath(workdir)}")
+  metrics.log(f"lm: data {data.source}: train {len(data.splits['train']):,} / validation "
+              f"{len(data.splits['validation']):,} / test {len(data.splits['test']):,} tokens, "
+              f"{data.tokenizer.kind} tokenizer, vocab {trainer.model_cfg.vocab_size}")
+  metrics.log(f"lm: model {trainer.num_params:,} parameters, "
+              f"{flops_per_token * tokens_per_step / 1e9:.2f} GFLOP per step; mesh "
+              f"{dict(mesh.shape)}; MFU against {peak / 1e9:,.0f} GFLOP/s a device "
+              f"({peak_source})")
+  if start_step:
+    metrics.log(f"lm: resumed from step {start_step}")
+
+  train_batches = data.train_batches(t.batch_size, config.data.seq_len, t.seed)
+  rows = _process_rows(t.batch_size)
+  end_step = t.num_steps if stop_after is None else min(t.num_steps, stop_after)
+  train_losses = {}
+  pending = []  # (step, metrics on device) since the last log line
+  last_log_time, last_log_step = time.perf_counter(), start_step
+  paused = 0.0  # seconds spent evaluating since the last log line, not training
+  step = start_step
+  try:
+    for step in range(start_step + 1, end_step + 1):
+      batch = trainer.shard_batch(train_batches.batch(step - 1, rows))
+      state, step_metrics = trainer.train_step(state, batch)
+      pending.append((step, step_metrics))
+      if step % t.log_every == 0 or step == end_step:
+        fetched = jax.device_get(pending)
+        now = time.perf_counter()
+        elapsed = now - last_log_time - paused
+        if last_log_step == start_step:  # the first interval includes compilation
+          elapsed -= trainer.compile_seconds
+        elapsed = max(elapsed, 1e-9)
+        steps_done = step - last_log_step
+        step_ms = 1000 * elapsed / steps_done
+        tokens_per_s = tokens_per_step * steps_done / elapsed
+        mfu = flops_per_token * tokens_per_s / (peak * len(devices))
+        for s, m in fetched:
+          train_losses[s] = float(m["loss"])
+        last = fetched[-1][1]
+        writer.write(step, {"train/loss": last["loss"], "train/grad_norm": last["grad_norm"],
+                            "train/learning_rate": last["learning_rate"],
+                            "perf/tokens_per_s": tokens_per_s, "perf/ms_per_step": step_ms,
+                            "perf/mfu": mfu})
+        metrics.log(f"step {step:>6} | loss {float(last['loss']):.4f} | "
+                    f"{tokens_per_s:,.0f} tok/s | {step_ms:.1f} ms/step | MFU {mfu:.2%}")
+        pending, last_log_time, last_log_step, paused = [], time.perf_counter(), step, 0.0
+      if step % t.eval_every == 0 and step != t.num_steps:
+        jax.block_until_ready(state)  # so the pause excludes queued train steps
+        eval_start = time.perf_counter()
+        result = _eval_metrics(trainer, data, config, state.params, "validation", t.eval_steps)
+        writer.write(step, {"eval/loss": result["loss"], "eval/perplexity": result["perplexity"]})
+        metrics.log(f"step {step:>6} | eval loss {result['loss']:.4f} | "
+                    f"perplexity {result['perplexity']:.2f}")
+        paused += time.perf_counter() - eval_start
+      if step % t.checkpoint_every == 0 or step == end_step:
+        checkpointer.save(step, state, meta, force=step == end_step)
+  finally:
+    checkpointer.wait()
+
+  final = {}
+  if step == t.num_steps:
+    for split in ("validation", "test"):
+      if len(data.splits[split]) > config.data.seq_len:
+        final[split] = _eval_metrics(trainer, data, config, state.params, split, 0)
+        prefix = "eval" if split == "validation" else "test"
+        writer.write(step, {f"{prefix}/loss": final[split]["loss"],
+                            f"{prefix}/perplexity": final[split]["perplexity"]})
+        metrics.log(f"final {split}: loss {final[split]['loss']:.4f} | perplexity "
+                    f"{final[split]['perplexity']:.2f} over all "
+                    f"{int(final[split]['tokens']):,} tokens")
+  sample = ""
+  if config.sample.num_tokens and step == t.num_steps:
+    prompt = config.sample.prompt
+    ids = decode.generate(trainer.model, jax.device_get(state.params),
+                          data.tokenizer.encode(prompt)[None], config.sample.num_tokens,
+                          jax.random.key(config.sample.seed), config.sample.temperature,
+                          config.sample.top_k)
+    sample = prompt + data.tokenizer.decode(ids[0])
+    writer.write_text(step, "sample", sample)
+    metrics.log(f"sample (temperature {config.sample.temperature}, top-k "
+                f"{config.sample.top_k}):\n{sample}")
+  writer.close()
+  checkpointer.close()
+  return RunResult(workdir=workdir, final_step=step, train_losses=train_losses, eval=final,
+                   sample=sample)

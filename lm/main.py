@@ -1,0 +1,78 @@
+"""Entry point: `python -m lm.main --config=experiments/base.py [--workdir=DIR] [--config.a.b=v]`.
+
+Wires the config to lm.loop.run; every error a user can cause ends in one line on stderr
+and exit status 2.
+"""
+
+import datetime
+import os
+import sys
+
+from absl import app, flags, logging
+import ml_collections
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (get_config()).")
+_WORKDIR = flags.DEFINE_string("workdir", None,
+                               "Run folder; resumes if it holds checkpoints. Default: a new "
+                               "folder under ./runs/.")
+
+
+def fail(message):
+  print(f"lm: error: {message}", file=sys.stderr, flush=True)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl's parser, with config override errors (unknown field, bad value) on one line."""
+  try:
+    return flags.FLAGS(argv)
+  except (flags.Error, AttributeError, KeyError, TypeError, ValueError) as e:
+    text = str(e.args[0]) if isinstance(e, (AttributeError, KeyError)) and e.args else str(e)
+    text = text.replace("\\'", "'").replace("\\n", " ")
+    if len(text) > 1 and text[0] == text[-1] and text[0] in "'\"":
+      text = text[1:-1]
+    if isinstance(e, (AttributeError, KeyError)):
+      text = f"unknown config field {text}"
+    fail(" ".join(text.split()))
+
+
+def default_workdir(config_path):
+  name = os.path.splitext(os.path.basename(config_path or "run"))[0]
+  stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+  path = os.path.join("runs", f"{name}-{stamp}")
+  suffix = 1
+  while os.path.exists(path):
+    path = os.path.join("runs", f"{name}-{stamp}-{suffix}")
+    suffix += 1
+  return path
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+  from lm.errors import UserError  # imported late so that --help stays fast
+  from lm.loop import run
+  config = _CONFIG.value
+  if config is None:
+    fail("--config is required, e.g. --config=experiments/base.py")
+  if not isinstance(config, ml_collections.ConfigDict):  # config_flags defers load errors
+    path = config_flags.get_config_filename(flags.FLAGS["config"])
+    try:
+      config.keys()
+      reason = f"get_config() returned {type(config).__name__}, not a ConfigDict"
+    except Exception as e:  # pylint: disable=broad-except
+      cause = e.__cause__ or e
+      reason = " ".join(str(cause).splitlines()[-1].split())
+    fail(f"--config={path}: cannot load the experiment: {reason}")
+  workdir = _WORKDIR.value or default_workdir(
+      config_flags.get_config_filename(flags.FLAGS["config"]))
+  try:
+    run(config, workdir)
+  except UserError as e:
+    fail(str(e))
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

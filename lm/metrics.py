@@ -1,0 +1,88 @@
+"""Metric writers (stdout, metrics.jsonl, TensorBoard) and FLOP / MFU accounting."""
+
+import json
+import math
+import os
+
+import jax
+
+# Dense peak FLOP/s per device for the compute dtype, from vendor data sheets
+# (bfloat16 / float16 with float32 accumulation; float32 halves it on TPUs and
+# is far lower on GPUs, where we count TF32 tensor-core peak).
+_ACCELERATOR_PEAKS = (
+    ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5", 197e12), ("TPU v4", 275e12),
+    ("TPU v3", 123e12), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12),
+    ("L4", 121e12), ("V100", 125e12),
+)
+# The 2-core AMD EPYC machines this project is developed on reach about 185 GFLOP/s in
+# float32 and 350 GFLOP/s with bfloat16 inputs (DESIGN.md): about 92 / 175 GFLOP/s a core.
+_CPU_PEAK_PER_CORE = {"float32": 92.5e9, "bfloat16": 175e9, "float16": 92.5e9}
+
+
+def peak_flops_per_device(dtype, configured=0.0):
+  """(FLOP/s, where the figure comes from) for one device of the default backend."""
+  if configured:
+    return float(configured), "config.log.peak_flops"
+  device = jax.devices()[0]
+  if device.platform == "cpu":
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    total = _CPU_PEAK_PER_CORE[dtype] * cores
+    return total / jax.local_device_count(), f"{cores} CPU cores x {dtype} estimate"
+  for name, peak in _ACCELERATOR_PEAKS:
+    if name.lower() in device.device_kind.lower():
+      return (peak if dtype != "float32" or "TPU" not in name else peak / 2), device.device_kind
+  return float("nan"), f"unknown device kind {device.device_kind!r}; set config.log.peak_flops"
+
+
+def decoder_train_flops_per_token(params, cfg, seq_len):
+  """Model FLOPs of one training token (forward + backward), PaLM appendix B convention.
+
+  6 per parameter that multiplies an activation (all weight matrices and the output
+  projection; not the embedding lookups, norms or biases), plus 12 * layers * d_model *
+  seq_len for the attention scores and their weighted sum.
+  """
+  matmul_params = 0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    names = [getattr(p, "key", "") for p in path]
+    if names[-1] == "kernel":
+      matmul_params += math.prod(leaf.shape)
+  matmul_params += cfg.vocab_size * cfg.d_model  # output projection (tied or not)
+  return 6 * matmul_params + 12 * cfg.num_layers * cfg.d_model * seq_len
+
+
+class MetricWriter:
+  """Appends `{"step": s, **scalars}` to metrics.jsonl and TensorBoard (process 0 only)."""
+
+  def __init__(self, workdir):
+    self.enabled = jax.process_index() == 0
+    self._jsonl = self._tb = None
+    if self.enabled:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      from tensorboardX import SummaryWriter  # writes event files without TensorFlow
+      self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
+
+  def write(self, step, scalars):
+    if not self.enabled:
+      return
+    clean = {k: float(v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+    self._jsonl.flush()
+    for k, v in clean.items():
+      if math.isfinite(v):
+        self._tb.add_scalar(k, v, int(step))
+
+  def write_text(self, step, tag, text):
+    if self.enabled:
+      self._tb.add_text(tag, text, int(step))
+
+  def close(self):
+    if self.enabled:
+      self._jsonl.close()
+      self._tb.close()
+
+
+def log(message):
+  """One line on stdout from process 0."""
+  if jax.process_index() == 0:
+    print(message, flush=True)

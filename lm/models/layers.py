@@ -1,0 +1,191 @@
+"""Transformer building blocks: attention (MHA/GQA, RoPE, masks), MLPs, norms.
+
+Shape suffixes name every array's axes: B batch, L query length, S key length, D d_model,
+H query heads, K key/value heads, G query heads per kv head (H = K*G), Dh head size,
+F d_ff, V vocabulary. Parameters carry logical axis names (`embed`, `heads`, `kv_heads`, `kv`,
+`mlp`, `vocab`) that lm/sharding.py maps onto mesh axes.
+"""
+
+import dataclasses
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+lp = nn.with_logical_partitioning
+constrain = nn.with_logical_constraint
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """The model's hyper-parameters (a frozen, hashable view of config.model)."""
+
+  vocab_size: int
+  num_layers: int = 2
+  num_heads: int = 2
+  num_kv_heads: int = 2
+  d_model: int = 64
+  d_ff: int = 256
+  max_len: int = 128
+  dropout: float = 0.0
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  norm: str = "layernorm"
+  norm_eps: float = 1e-5
+  positions: str = "learned"
+  rope_theta: float = 10000.0
+  mlp: str = "gelu"
+  use_bias: bool = False
+  tie_embeddings: bool = True
+
+  @classmethod
+  def from_config(cls, model_config, vocab_size):
+    fields = {f.name for f in dataclasses.fields(cls)}
+    values = {k: v for k, v in model_config.items() if k in fields and k != "vocab_size"}
+    return cls(vocab_size=model_config.vocab_size or vocab_size, **values)
+
+  @property
+  def head_dim(self):
+    return self.d_model // self.num_heads
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+
+def make_norm(cfg, name):
+  scale_init = lp(nn.initializers.ones, ("embed",))
+  bias_init = lp(nn.initializers.zeros, ("embed",))
+  if cfg.norm == "rmsnorm":
+    return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype,
+                      param_dtype=cfg.weight_dtype, scale_init=scale_init, name=name)
+  return nn.LayerNorm(epsilon=cfg.norm_eps, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+                      param_dtype=cfg.weight_dtype, scale_init=scale_init,
+                      bias_init=bias_init, name=name)
+
+
+def rotary(x_BxLxNxDh, positions_BxL, theta):
+  """Rotary position embedding, rotate-half layout (as in Llama / GPT-NeoX)."""
+  half = x_BxLxNxDh.shape[-1] // 2
+  freq_half = 1.0 / (theta ** (jnp.arange(half, dtype=jnp.float32) / half))
+  angle_BxLxhalf = positions_BxL[..., None].astype(jnp.float32) * freq_half
+  sin_BxLx1xhalf = jnp.sin(angle_BxLxhalf)[:, :, None, :]
+  cos_BxLx1xhalf = jnp.cos(angle_BxLxhalf)[:, :, None, :]
+  x1, x2 = jnp.split(x_BxLxNxDh.astype(jnp.float32), 2, axis=-1)
+  out = jnp.concatenate([x1 * cos_BxLx1xhalf - x2 * sin_BxLx1xhalf,
+                         x2 * cos_BxLx1xhalf + x1 * sin_BxLx1xhalf], axis=-1)
+  return out.astype(x_BxLxNxDh.dtype)
+
+
+def attention_mask(length, segment_ids_BxL=None):
+  """Causal mask [B or 1, 1, 1, L, S]; with segment ids, tokens see only their own segment."""
+  causal_LxS = jnp.tril(jnp.ones((length, length), dtype=jnp.bool_))
+  mask = causal_LxS[None, None, None]
+  if segment_ids_BxL is not None:
+    same_BxLxS = segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]
+    mask = mask & same_BxLxS[:, None, None]
+  return mask
+
+
+def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask, dropout_rate=0.0,
+                          dropout_rng=None):
+  """Grouped-query attention; softmax in float32. mask broadcasts to [B, K, G, L, S]."""
+  b, length, h, dh = q_BxLxHxDh.shape
+  k = k_BxSxKxDh.shape[2]
+  q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, length, k, h // k, dh)
+  logits_BxKxGxLxS = jnp.einsum("blkgd,bskd->bkgls", q_BxLxKxGxDh, k_BxSxKxDh,
+                                preferred_element_type=jnp.float32)
+  logits_BxKxGxLxS = logits_BxKxGxLxS * (dh ** -0.5)
+  logits_BxKxGxLxS = jnp.where(mask, logits_BxKxGxLxS, jnp.finfo(jnp.float32).min)
+  probs_BxKxGxLxS = jax.nn.softmax(logits_BxKxGxLxS, axis=-1)
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BxKxGxLxS.shape)
+    probs_BxKxGxLxS = jnp.where(keep, probs_BxKxGxLxS / (1.0 - dropout_rate), 0.0)
+  out_BxLxKxGxDh = jnp.einsum("bkgls,bskd->blkgd", probs_BxKxGxLxS.astype(v_BxSxKxDh.dtype),
+                              v_BxSxKxDh)
+  return out_BxLxKxGxDh.reshape(b, length, h, dh)
+
+
+class Dense(nn.Module):
+  """y = x @ kernel (+ bias), contracting x's last `len(axes) - len(features)` axes.
+
+  The kernel is created with its full N-d shape and logical axis names (flax's DenseGeneral
+  initialises a flat 2-d kernel, which clashes with N-d sharding constraints). Inputs are
+  cast to the compute dtype; the product accumulates in float32.
+  """
+
+  features: tuple
+  axes: tuple  # logical names of the kernel's axes: contracted ones, then `features`
+  cfg: ModelConfig
+  std: float = 0.02
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    n_in = len(self.axes) - len(self.features)
+    shape = tuple(x.shape[-n_in:]) + tuple(self.features)
+    kernel = self.param("kernel", lp(nn.initializers.normal(self.std), self.axes), shape,
+                        cfg.weight_dtype)
+    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
+    y = jax.lax.dot_general(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype),
+                            (contract, ((), ())), preferred_element_type=jnp.float32)
+    if cfg.use_bias:
+      bias = self.param("bias", lp(nn.initializers.zeros, self.axes[n_in:]), self.features,
+                        cfg.weight_dtype)
+      y = y + bias.astype(jnp.float32)
+    return y.astype(cfg.compute_dtype)
+
+
+class Attention(nn.Module):
+  """Causal self-attention with grouped key/value heads and optional RoPE."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD, positions_BxL, mask, deterministic):
+    cfg = self.cfg
+    dh = cfg.head_dim
+    q_BxLxHxDh = Dense((cfg.num_heads, dh), ("embed", "heads", "kv"), cfg, name="query")(x_BxLxD)
+    k_BxLxKxDh = Dense((cfg.num_kv_heads, dh), ("embed", "kv_heads", "kv"), cfg,
+                       name="key")(x_BxLxD)
+    v_BxLxKxDh = Dense((cfg.num_kv_heads, dh), ("embed", "kv_heads", "kv"), cfg,
+                       name="value")(x_BxLxD)
+    if cfg.positions == "rope":
+      q_BxLxHxDh = rotary(q_BxLxHxDh, positions_BxL, cfg.rope_theta)
+      k_BxLxKxDh = rotary(k_BxLxKxDh, positions_BxL, cfg.rope_theta)
+    q_BxLxHxDh = constrain(q_BxLxHxDh, ("batch", "length", "heads", "kv"))
+
+    use_dropout = cfg.dropout > 0.0 and not deterministic
+    out_BxLxHxDh = dot_product_attention(
+        q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask,
+        dropout_rate=cfg.dropout if use_dropout else 0.0,
+        dropout_rng=self.make_rng("dropout") if use_dropout else None)
+    return Dense((cfg.d_model,), ("heads", "kv", "embed"), cfg, std=residual_std(cfg),
+                 name="out")(out_BxLxHxDh)
+
+
+def residual_std(cfg):
+  """GPT-2's init for projections that write into the residual stream."""
+  return 0.02 / (2 * cfg.num_layers) ** 0.5
+
+
+class Mlp(nn.Module):
+  """GELU (two matrices; exact or tanh-approximated) or SwiGLU (three matrices)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, x_BxLxD):
+    cfg = self.cfg
+    up = lambda name: Dense((cfg.d_ff,), ("embed", "mlp"), cfg, name=name)
+    if cfg.mlp == "swiglu":
+      h_BxLxF = nn.silu(up("wi_gate")(x_BxLxD)) * up("wi_up")(x_BxLxD)
+    else:
+      h_BxLxF = nn.gelu(up("wi")(x_BxLxD), approximate=cfg.mlp == "gelu_tanh")
+    h_BxLxF = constrain(h_BxLxF, ("batch", "length", "mlp"))
+    return Dense((cfg.d_model,), ("mlp", "embed"), cfg, std=residual_std(cfg),
+                 name="wo")(h_BxLxF)

@@ -1,0 +1,74 @@
+"""Device mesh and logical-axis sharding.
+
+The mesh has three axes, sized by config.mesh:
+  data    pure data parallelism (parameters replicated),
+  fsdp    data parallelism with parameters and optimizer state sharded (ZeRO-3 style),
+  tensor  Megatron-style tensor parallelism (heads and MLP hidden units split).
+
+Models name their axes logically (`embed`, `heads`, ...); RULES maps those names onto mesh
+axes. This file is the only place that knows the mapping; nothing else knows the mesh shape.
+A dimension that does not divide evenly over its mesh axes is left replicated.
+"""
+
+import math
+
+import flax.linen as nn
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from lm.config import resolve_mesh_shape
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+RULES = (
+    ("batch", ("data", "fsdp")),
+    ("embed", "fsdp"),
+    ("heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("mlp", "tensor"),
+    ("vocab", "tensor"),
+    ("kv", None),
+    ("length", None),
+)
+
+
+def make_mesh(mesh_config, devices=None):
+  devices = list(jax.devices() if devices is None else devices)
+  shape = resolve_mesh_shape(mesh_config, len(devices))
+  return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+def replicated(mesh):
+  return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh):
+  """[B, ...] arrays split over the data-parallel axes."""
+  return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
+
+
+def _fit(spec, shape, mesh):
+  """Drops mesh axes from dimensions they do not divide evenly."""
+  fitted = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    names = () if axes is None else ((axes,) if isinstance(axes, str) else tuple(axes))
+    size = math.prod(mesh.shape[a] for a in names)
+    fitted.append(axes if names and dim % size == 0 else None)
+  return PartitionSpec(*fitted)
+
+
+def logical_shardings(abstract_boxed, mesh, rules=RULES):
+  """NamedShardings for a pytree of (abstract) nn.Partitioned leaves, e.g. model params."""
+  def one(leaf):
+    if isinstance(leaf, nn.Partitioned):
+      spec = nn.logical_to_mesh_axes(leaf.names, rules)
+      return NamedSharding(mesh, _fit(spec, leaf.value.shape, mesh))
+    return replicated(mesh)
+  return jax.tree.map(one, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def logical_specs(abstract_boxed):
+  """The logical axis names of each parameter (None for unannotated leaves)."""
+  return jax.tree.map(lambda x: x.names if isinstance(x, nn.Partitioned) else None,
+                      abstract_boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))

@@ -1,0 +1,173 @@
+"""Train state and the pure, jitted train/eval steps on a mesh.
+
+    state, metrics = trainer.train_step(state, batch)   # (state, batch) -> (state, metrics)
+    sums = trainer.eval_step(state.params, batch)        # {"loss_sum", "weight_sum"}
+
+Both are compiled once with explicit in/out shardings from lm/sharding.py. The dropout key
+of step s is fold_in(key(seed), s), so nothing random lives outside the state's step count:
+a resumed run continues exactly where the uninterrupted one would be.
+"""
+
+import contextlib
+import functools
+import time
+from typing import Any
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from lm import objectives, sharding
+from lm.models import Decoder, ModelConfig
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array
+  params: Any
+  opt_state: Any
+
+
+def learning_rate_schedule(t):
+  """Linear warm-up to learning_rate over warmup_steps, then cosine decay to
+  min_learning_rate at num_steps (nanoGPT's schedule: step 0 already trains, at
+  learning_rate / (warmup_steps + 1))."""
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = t.learning_rate * (step + 1) / (t.warmup_steps + 1)
+    progress = jnp.clip((step - t.warmup_steps) / max(t.num_steps - t.warmup_steps, 1), 0, 1)
+    cosine = t.min_learning_rate + 0.5 * (1 + jnp.cos(jnp.pi * progress)) * (
+        t.learning_rate - t.min_learning_rate)
+    return jnp.where(step < t.warmup_steps, warm, cosine)
+  return schedule
+
+
+def make_optimizer(t):
+  """AdamW with global-norm clipping; weight decay on matrices and embeddings only."""
+  decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
+  adamw = optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, eps=1e-8,
+                      weight_decay=t.weight_decay, mask=decay_mask)
+  if t.grad_clip > 0:
+    return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)
+  return adamw
+
+
+class Trainer:
+  """Builds the model, optimizer and shardings from a config; owns the compiled steps."""
+
+  def __init__(self, config, vocab_size, mesh):
+    self.config, self.mesh = config, mesh
+    self.model_cfg = ModelConfig.from_config(config.model, vocab_size)
+    self.model = Decoder(self.model_cfg)
+    self.optimizer = make_optimizer(config.train)
+    self.schedule = learning_rate_schedule(config.train)
+    self.seq_len = config.data.seq_len
+    seed_key = jax.random.key(config.train.seed)
+    self.init_key, self.dropout_key = jax.random.split(seed_key)
+
+    abstract_boxed = jax.eval_shape(self._init_boxed_params, self.init_key)
+    self.logical_axes = sharding.logical_specs(abstract_boxed)
+    param_shardings = sharding.logical_shardings(abstract_boxed, mesh)
+    abstract_params = nn.unbox(abstract_boxed)
+    abstract_opt_state = jax.eval_shape(self.optimizer.init, abstract_params)
+    opt_shardings = optax.tree_map_params(
+        self.optimizer, lambda _, s: s, abstract_opt_state, param_shardings,
+        transform_non_params=lambda _: sharding.replicated(mesh))
+    self.state_shardings = TrainState(step=sharding.replicated(mesh), params=param_shardings,
+                                      opt_state=opt_shardings)
+    self.abstract_state = jax.eval_shape(self._init_state, self.init_key)
+    self.batch_sharding = sharding.batch_sharding(mesh)
+    replicated = sharding.replicated(mesh)
+
+    self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
+    self._train_step = jax.jit(self._train_step_fn,
+                               in_shardings=(self.state_shardings, self.batch_sharding),
+                               out_shardings=(self.state_shardings, replicated),
+                               donate_argnums=0)
+    self._eval_step = jax.jit(self._eval_step_fn,
+                              in_shardings=(param_shardings, self.batch_sharding),
+                              out_shardings=replicated)
+    self.compile_seconds = None
+
+  # Pure functions (traced once under the mesh and the logical axis rules).
+
+  def _init_boxed_params(self, key):
+    tokens_BxL = jnp.zeros((1, self.seq_len), jnp.int32)
+    return self.model.init({"params": key}, tokens_BxL)["params"]
+
+  def _init_state(self, key):
+    params = nn.unbox(self._init_boxed_params(key))
+    return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                      opt_state=self.optimizer.init(params))
+
+  def _loss(self, params, batch, dropout_key):
+    deterministic = dropout_key is None
+    logits_BxLxV = self.model.apply(
+        {"params": params}, batch["inputs"], deterministic=deterministic,
+        rngs=None if deterministic else {"dropout": dropout_key})
+    return objectives.causal_lm_loss(logits_BxLxV, batch["targets"], batch["weights"])
+
+  def _train_step_fn(self, state, batch):
+    dropout_key = jax.random.fold_in(self.dropout_key, state.step)
+
+    def mean_loss(params):
+      loss_sum, weight_sum = self._loss(params, batch, dropout_key)
+      return loss_sum / jnp.maximum(weight_sum, 1.0)
+
+    loss, grads = jax.value_and_grad(mean_loss)(state.params)
+    updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "learning_rate": self.schedule(state.step)}
+    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  def _eval_step_fn(self, params, batch):
+    loss_sum, weight_sum = self._loss(params, batch, None)
+    return {"loss_sum": loss_sum, "weight_sum": weight_sum}
+
+  # Entry points.
+
+  @contextlib.contextmanager
+  def _on_mesh(self):
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.RULES):
+      yield
+
+  def init_state(self):
+    # Without the axis rules: flax would constrain DenseGeneral's flat init kernels with the
+    # N-d specs. out_shardings places the result.
+    with jax.set_mesh(self.mesh):
+      return self._init(self.init_key)
+
+  def shard_batch(self, batch):
+    """Places a host batch (this process's rows) onto the mesh as one global array."""
+    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
+            for k, v in batch.items()}
+
+  def train_step(self, state, batch):
+    with self._on_mesh():
+      if self.compile_seconds is None:
+        start = time.perf_counter()
+        self._train_step = self._train_step.lower(state, batch).compile()
+        self.compile_seconds = time.perf_counter() - start
+      return self._train_step(state, batch)
+
+  def eval_step(self, params, batch):
+    with self._on_mesh():
+      return self._eval_step(params, batch)
+
+  def evaluate(self, params, batches, max_batches=0):
+    """Token-weighted mean loss over `batches` (all of them when max_batches == 0)."""
+    loss_sum = weight_sum = 0.0
+    for i, host_batch in enumerate(batches):
+      if max_batches and i >= max_batches:
+        break
+      sums = self.eval_step(params, self.shard_batch(host_batch))
+      loss_sum += float(sums["loss_sum"])
+      weight_sum += float(sums["weight_sum"])
+    return loss_sum / max(weight_sum, 1.0), weight_sum
+
+  @functools.cached_property
+  def num_params(self):
+    return sum(x.size for x in jax.tree.leaves(self.abstract_state.params))

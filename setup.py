@@ -1,0 +1,28 @@
+"""lm: a small, readable JAX/Flax codebase for Transformer language models."""
+
+from setuptools import find_packages, setup
+
+setup(
+    name="lm",
+    version="0.1.0",
+    description="Transformer language models in JAX/Flax: data, training, checkpoints, decoding.",
+    packages=find_packages(include=["lm", "lm.*"]),
+    python_requires=">=3.11",
+    install_requires=[
+        "absl-py>=2.1",
+        "chex>=0.1.88",
+        "flax>=0.10.4",
+        "grain>=0.2.10",
+        "jax>=0.6",
+        "ml_collections>=1.0",
+        "numpy>=1.26",
+        "optax>=0.2.4",
+        "orbax-checkpoint>=0.11",
+        "sentencepiece>=0.2",
+        "tensorboardX>=2.6",
+        "tensorflow-datasets>=4.9.8",
+    ],
+    extras_require={
+        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+    },
+)

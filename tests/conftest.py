@@ -1,0 +1,61 @@
+"""Shared test settings: 8 fake CPU devices (set before jax is imported) and tiny configs."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                           " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import sysconfig  # noqa: E402
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from lm.config import defaults  # noqa: E402
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tiny_shakespeare", "input.txt")
+# Real text that every Python install carries.
+STDLIB_TEXT = os.path.join(sysconfig.get_paths()["stdlib"], "argparse.py")
+
+
+def tiny_config(**overrides):
+  """A model small enough to compile and train in a few seconds on one CPU device."""
+  c = defaults()
+  c.data.path = STDLIB_TEXT
+  c.data.tokenizer = "char"
+  c.data.seq_len = 16
+  c.data.validation_fraction = 0.1
+  c.data.test_fraction = 0.05
+  c.model.num_layers = 2
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 2
+  c.model.d_model = 32
+  c.model.d_ff = 64
+  c.model.max_len = 32
+  c.train.batch_size = 8
+  c.train.num_steps = 6
+  c.train.warmup_steps = 2
+  c.train.eval_every = 3
+  c.train.eval_steps = 2
+  c.train.checkpoint_every = 3
+  c.train.log_every = 1
+  c.mesh.data = 1
+  c.sample.num_tokens = 8
+  c.sample.prompt = "def "
+  for key, value in overrides.items():
+    section, field = key.split(".")
+    c[section][field] = value
+  return c
+
+
+@pytest.fixture
+def one_device():
+  return jax.devices()[:1]
+
+
+@pytest.fixture
+def shakespeare_path():
+  if not os.path.exists(SHAKESPEARE):
+    pytest.skip(f"shared data not found at {SHAKESPEARE}")
+  return SHAKESPEARE

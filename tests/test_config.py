@@ -1,0 +1,116 @@
+"""Config validation: every mistake names its field; the shipped experiments are valid."""
+
+import importlib.util
+import os
+import subprocess
+import sys
+
+import ml_collections
+import pytest
+
+from conftest import REPO, tiny_config
+from lm.config import ConfigError, defaults, resolve_mesh_shape, validate
+
+
+def load_experiment(name):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "experiments",
+                                                                   f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+@pytest.mark.parametrize("name", ["base", "shakespeare_char"])
+def test_experiments_are_valid(name):
+  validate(load_experiment(name), num_devices=1)
+
+
+def test_shakespeare_char_matches_the_nanogpt_reference():
+  c = load_experiment("shakespeare_char")
+  assert (c.model.num_layers, c.model.num_heads, c.model.d_model, c.data.seq_len,
+          c.train.batch_size, c.train.num_steps) == (4, 4, 128, 64, 12, 2000)
+  assert (c.train.learning_rate, c.train.min_learning_rate, c.train.warmup_steps) == (
+      1e-3, 1e-4, 100)
+  assert (c.train.b1, c.train.b2, c.train.weight_decay, c.train.grad_clip) == (
+      0.9, 0.99, 0.1, 1.0)
+  assert (c.model.dropout, c.model.positions, c.model.norm, c.model.mlp,
+          c.model.tie_embeddings) == (0.0, "learned", "layernorm", "gelu", True)
+  assert c.data.validation_fraction == 0.1 and c.data.test_fraction == 0.0
+
+
+@pytest.mark.parametrize("field,value,named", [
+    ("model.d_model", 30, "model.d_model"),  # not divisible by 4 heads
+    ("model.num_kv_heads", 3, "model.num_kv_heads"),  # does not divide 4 heads
+    ("data.seq_len", 64, "data.seq_len"),  # > max_len 32
+    ("model.dtype", "float8", "model.dtype"),
+    ("model.num_layers", 0, "model.num_layers"),
+    ("model.num_layers", "4", "model.num_layers"),  # wrong type
+    ("model.dropout", 1.0, "model.dropout"),
+    ("train.batch_size", 7, "train.batch_size"),  # checked against the mesh below
+    ("train.learning_rate", -1.0, "train.learning_rate"),
+    ("train.warmup_steps", 100, "train.warmup_steps"),  # > num_steps 6
+    ("data.test_fraction", 0.95, "data.test_fraction"),
+    ("data.tokenizer", "bpe", "data.tokenizer"),
+    ("sample.prompt", "", "sample.prompt"),
+])
+def test_bad_values_name_the_field(field, value, named):
+  num_devices = 2 if field == "train.batch_size" else 1
+  c = tiny_config()
+  if field == "train.batch_size":
+    c.mesh.data = 2
+  section, key = field.split(".")
+  as_dict = c.to_dict()
+  as_dict[section][key] = value  # through a dict, so ConfigDict's own type lock is bypassed
+  c = ml_collections.ConfigDict(as_dict)
+  with pytest.raises(ConfigError) as info:
+    validate(c, num_devices)
+  assert info.value.field == named
+  assert str(info.value).startswith(f"config.{named}:")
+  assert "\n" not in str(info.value)
+
+
+def test_unknown_field_is_named_with_a_suggestion():
+  c = tiny_config()
+  c.model.num_layer = 3  # ConfigDict lets experiment files add fields; validate does not
+  with pytest.raises(ConfigError, match=r"config.model.num_layer: unknown field; did you "
+                     r"mean model.num_layers\?"):
+    validate(c, 1)
+
+
+def test_mesh_must_match_device_count():
+  c = tiny_config()
+  c.mesh.data, c.mesh.fsdp, c.mesh.tensor = 2, 2, 1
+  with pytest.raises(ConfigError, match=r"config.mesh: data\*fsdp\*tensor = 4 but there are 8"):
+    validate(c, 8)
+  c.mesh.data = -1  # fills in the devices the other axes leave
+  assert resolve_mesh_shape(c.mesh, 8) == (4, 2, 1)
+  c.mesh.fsdp = 4
+  with pytest.raises(ConfigError, match="config.mesh.data: -1 cannot fill the mesh: 6 devices"):
+    resolve_mesh_shape(c.mesh, 6)
+
+
+def test_defaults_have_a_type_for_every_field():
+  validate(defaults(), num_devices=1)
+
+
+def run_cli(*args):
+  """`python -m lm.main ...` as a user runs it: one CPU device, not the tests' eight."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return subprocess.run([sys.executable, "-m", "lm.main", *args], cwd=REPO, env=env,
+                        capture_output=True, text=True, timeout=300)
+
+
+def test_cli_reports_config_errors_in_one_line(tmp_path):
+  workdir = str(tmp_path / "run")
+  for args, expected in [
+      (["--config.model.num_layer=3"], 'unknown config field \'num_layer\' Did you mean "num_layers"'),
+      (["--config.model.num_layers=abc"], "--config.model.num_layers=abc"),
+      (["--config.model.d_model=130"], "config.model.d_model: 130 is not divisible"),
+      (["--config.mesh.data=2"], "config.mesh: data*fsdp*tensor = 2 but there is 1 device"),
+  ]:
+    result = run_cli("--config=experiments/base.py", f"--workdir={workdir}", *args)
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("lm: error: "), result.stderr
+    assert expected in lines[0]
+  assert not os.path.exists(workdir)  # a failed start writes nothing

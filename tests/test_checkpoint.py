@@ -1,0 +1,85 @@
+"""Checkpoints: exact round trip, exact resume, and refusal to resume a different config."""
+
+import json
+import os
+
+import chex
+import jax
+import pytest
+
+from conftest import tiny_config
+from lm import loop, sharding
+from lm.checkpoint import Checkpointer, abstract_like
+from lm.data import make_data
+from lm.errors import UserError
+from lm.train import Trainer
+
+
+def test_save_restore_round_trip_is_exact(tmp_path, one_device):
+  config = tiny_config()
+  data = make_data(config)
+  trainer = Trainer(config, data.tokenizer.vocab_size,
+                    sharding.make_mesh(config.mesh, one_device))
+  state = trainer.init_state()
+  batches = data.train_batches(8, 16, 0)
+  for step in range(2):  # non-trivial optimizer state
+    state, _ = trainer.train_step(state, trainer.shard_batch(batches.batch(step)))
+  saved = jax.device_get(state)
+  checkpointer = Checkpointer(str(tmp_path), keep=2)
+  meta = {"config": config.to_dict(), "tokenizer": data.tokenizer.to_dict(),
+          "data_fingerprint": data.fingerprint}
+  checkpointer.save(2, state, meta)
+  checkpointer.wait()
+  restored = checkpointer.restore_state(2, abstract_like(trainer.abstract_state,
+                                                         trainer.state_shardings))
+  chex.assert_trees_all_equal(jax.device_get(restored), saved)
+  assert checkpointer.read_meta(2) == json.loads(json.dumps(meta))
+  checkpointer.close()
+
+
+def test_train_2n_equals_train_n_resume_train_n(tmp_path, one_device):
+  config = tiny_config(**{"train.num_steps": 8, "train.checkpoint_every": 100,
+                          "model.dropout": 0.1})  # dropout: the RNG must resume too
+  straight = loop.run(config, str(tmp_path / "a"), devices=one_device)
+  first = loop.run(config, str(tmp_path / "b"), devices=one_device, stop_after=4)
+  assert first.final_step == 4 and first.eval == {}  # stopped early: no final eval
+  second = loop.run(config, str(tmp_path / "b"), devices=one_device)
+  assert sorted(first.train_losses) == [1, 2, 3, 4]
+  assert sorted(second.train_losses) == [5, 6, 7, 8]
+  resumed = {**first.train_losses, **second.train_losses}
+  assert resumed == straight.train_losses  # bit for bit, not approximately
+  assert second.eval == straight.eval
+  assert second.sample == straight.sample
+
+
+def test_resume_refuses_a_different_model(tmp_path, one_device):
+  workdir = str(tmp_path / "run")
+  loop.run(tiny_config(), workdir, devices=one_device, stop_after=3)
+  before = sorted(os.listdir(os.path.join(workdir, "checkpoints")))
+  with pytest.raises(UserError, match=r"different config \(model.d_model: 32 -> 64\)"):
+    loop.run(tiny_config(**{"model.d_model": 64}), workdir, devices=one_device)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == before
+  # Changing only how long it runs is a resume, not a different experiment.
+  result = loop.run(tiny_config(**{"train.num_steps": 7}), workdir, devices=one_device)
+  assert min(result.train_losses) == 4 and result.final_step == 7
+
+
+def test_run_writes_metrics_tensorboard_and_keeps_last_checkpoints(tmp_path, one_device):
+  config = tiny_config(**{"train.num_steps": 9, "train.checkpoint_every": 2,
+                          "train.keep_checkpoints": 2, "train.log_every": 3})
+  workdir = str(tmp_path / "run")
+  result = loop.run(config, workdir, devices=one_device)
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  train = [r for r in records if "train/loss" in r]
+  assert [r["step"] for r in train] == [3, 6, 9]
+  assert all(r["train/loss"] == pytest.approx(result.train_losses[r["step"]]) for r in train)
+  assert {"perf/tokens_per_s", "perf/ms_per_step", "perf/mfu"} <= set(train[0])
+  evals = [r for r in records if "eval/loss" in r]
+  assert evals[-1]["step"] == 9 and evals[-1]["eval/loss"] == pytest.approx(
+      result.eval["validation"]["loss"])
+  assert any("test/loss" in r for r in records)
+  events = os.listdir(os.path.join(workdir, "tensorboard"))
+  assert any(name.startswith("events.out.tfevents") for name in events)
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["8", "9"]
+  assert json.load(open(os.path.join(workdir, "config.json")))["model"]["d_model"] == 32
+  assert result.sample.startswith("def ") and len(result.sample) > len("def ")

@@ -63,7 +63,7 @@ def defaults():
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 3
   c.train.log_every = 50
-  c.train.seed = 0
+  c.train.seed = 0  # the one seed: initialisation, data order, dropout and sampling
 
   c.data = ml_collections.ConfigDict()
   # Built-in corpus used when `path` is empty: python_stdlib | tiny_shakespeare.
@@ -87,7 +87,6 @@ def defaults():
   c.sample.num_tokens = 200
   c.sample.temperature = 0.8
   c.sample.top_k = 40  # 0: no top-k filtering
-  c.sample.seed = 0
   return c
 
 

@@ -31,6 +31,9 @@ class RunResult:
 
 def _process_rows(batch_size):
   """This process's share of every global batch (all of it on one host)."""
+  if batch_size % jax.process_count():
+    raise UserError(f"config.train.batch_size: {batch_size} is not divisible by the "
+                    f"{jax.process_count()} processes")
   per_host = batch_size // jax.process_count()
   start = jax.process_index() * per_host
   return slice(start, start + per_host)
@@ -63,6 +66,7 @@ def run(config, workdir, devices=None, stop_after=None):
   config_lib.validate(config, len(devices))
   mesh = sharding.make_mesh(config.mesh, devices)
   t = config.train
+  metrics.log(f"lm: workdir {os.path.abspath(workdir)}")
   # Nothing is written to the workdir until the config, the data and any checkpoint there
   # have been checked.
   checkpointer = start_step = meta = None
@@ -91,12 +95,11 @@ def run(config, workdir, devices=None, stop_after=None):
   else:
     state = checkpointer.restore_state(
         start_step, abstract_like(trainer.abstract_state, trainer.state_shardings))
-  writer = metrics.MetricWriter(workdir)
+  writer = metrics.MetricWriter(workdir, resume_step=start_step)
   flops_per_token = metrics.decoder_train_flops_per_token(
       trainer.abstract_state.params, trainer.model_cfg, config.data.seq_len)
   peak, peak_source = metrics.peak_flops_per_device(config.model.dtype, config.log.peak_flops)
   tokens_per_step = t.batch_size * config.data.seq_len
-  metrics.log(f"lm: workdir {os.path.abspath(workdir)}")
   metrics.log(f"lm: data {data.source}: train {len(data.splits['train']):,} / validation "
               f"{len(data.splits['validation']):,} / test {len(data.splits['test']):,} tokens, "
               f"{data.tokenizer.kind} tokenizer, vocab {trainer.model_cfg.vocab_size}")
@@ -170,7 +173,7 @@ def run(config, workdir, devices=None, stop_after=None):
     prompt = config.sample.prompt
     ids = decode.generate(trainer.model, jax.device_get(state.params),
                           data.tokenizer.encode(prompt)[None], config.sample.num_tokens,
-                          jax.random.key(config.sample.seed), config.sample.temperature,
+                          trainer.sample_key, config.sample.temperature,
                           config.sample.top_k)
     sample = prompt + data.tokenizer.decode(ids[0])
     writer.write_text(step, "sample", sample)

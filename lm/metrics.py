@@ -51,14 +51,21 @@ def decoder_train_flops_per_token(params, cfg, seq_len):
 
 
 class MetricWriter:
-  """Appends `{"step": s, **scalars}` to metrics.jsonl and TensorBoard (process 0 only)."""
+  """Appends `{"step": s, **scalars}` to metrics.jsonl and TensorBoard (process 0 only).
 
-  def __init__(self, workdir):
+  On resume from `resume_step`, records of later steps (written by a run that went on past
+  its last checkpoint) are dropped from metrics.jsonl, so each step appears once.
+  """
+
+  def __init__(self, workdir, resume_step=0):
     self.enabled = jax.process_index() == 0
     self._jsonl = self._tb = None
     if self.enabled:
       os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      path = os.path.join(workdir, "metrics.jsonl")
+      if os.path.exists(path):
+        _truncate_after(path, resume_step)
+      self._jsonl = open(path, "a", encoding="utf-8")
       from tensorboardX import SummaryWriter  # writes event files without TensorFlow
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
 
@@ -80,6 +87,23 @@ class MetricWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+def _truncate_after(path, step):
+  with open(path, encoding="utf-8") as f:
+    lines = f.readlines()
+  keep = []
+  for line in lines:
+    try:
+      if json.loads(line)["step"] <= step:
+        keep.append(line)
+    except (ValueError, KeyError, TypeError):
+      pass  # a torn last line from a killed run
+  if len(keep) != len(lines):
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+      f.writelines(keep)
+    os.replace(tmp, path)
 
 
 def log(message):

@@ -65,7 +65,7 @@ class Trainer:
     self.schedule = learning_rate_schedule(config.train)
     self.seq_len = config.data.seq_len
     seed_key = jax.random.key(config.train.seed)
-    self.init_key, self.dropout_key = jax.random.split(seed_key)
+    self.init_key, self.dropout_key, self.sample_key = jax.random.split(seed_key, 3)
 
     abstract_boxed = jax.eval_shape(self._init_boxed_params, self.init_key)
     self.logical_axes = sharding.logical_specs(abstract_boxed)
@@ -159,13 +159,14 @@ class Trainer:
 
   def evaluate(self, params, batches, max_batches=0):
     """Token-weighted mean loss over `batches` (all of them when max_batches == 0)."""
-    loss_sum = weight_sum = 0.0
+    sums = []
     for i, host_batch in enumerate(batches):
       if max_batches and i >= max_batches:
         break
-      sums = self.eval_step(params, self.shard_batch(host_batch))
-      loss_sum += float(sums["loss_sum"])
-      weight_sum += float(sums["weight_sum"])
+      sums.append(self.eval_step(params, self.shard_batch(host_batch)))
+    sums = jax.device_get(sums)  # one transfer at the end, not one per batch
+    loss_sum = sum(float(s["loss_sum"]) for s in sums)
+    weight_sum = sum(float(s["weight_sum"]) for s in sums)
     return loss_sum / max(weight_sum, 1.0), weight_sum
 
   @functools.cached_property

@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 
 import chex
 import jax
@@ -83,3 +84,18 @@ def test_run_writes_metrics_tensorboard_and_keeps_last_checkpoints(tmp_path, one
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["8", "9"]
   assert json.load(open(os.path.join(workdir, "config.json")))["model"]["d_model"] == 32
   assert result.sample.startswith("def ") and len(result.sample) > len("def ")
+
+
+def test_resume_after_a_lost_checkpoint_logs_each_step_once(tmp_path, one_device):
+  config = tiny_config(**{"train.num_steps": 6, "train.checkpoint_every": 3})
+  workdir = str(tmp_path / "run")
+  first = loop.run(config, workdir, devices=one_device)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))  # as if killed before saving it
+  again = loop.run(config, workdir, devices=one_device)
+  assert sorted(again.train_losses) == [4, 5, 6]
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  steps = [r["step"] for r in records if "train/loss" in r]
+  assert steps == [1, 2, 3, 4, 5, 6]
+  for r in records:
+    if "train/loss" in r:
+      assert r["train/loss"] == pytest.approx(first.train_losses[r["step"]], rel=0, abs=0)

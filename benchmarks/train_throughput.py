@@ -1,0 +1,79 @@
+"""Training throughput of an experiment's train step: one JSON line of figures.
+
+    python benchmarks/train_throughput.py --config=experiments/shakespeare_char.py \
+        [--steps=100] [--repeats=5] [--config.model.dtype=bfloat16]
+
+Times `repeats` windows of `steps` train steps each (fresh batches from the real data
+pipeline, host batch creation included, one jitted call per step as lm.main runs it) after
+compilation, and reports the median window: ms/step, tokens/s, MFU, plus compile seconds.
+Never asserts on time: these machines are shared and noisy.
+"""
+
+import json
+import os
+import platform
+import statistics
+import time
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file.")
+_STEPS = flags.DEFINE_integer("steps", 100, "Train steps per timed window.")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "Timed windows; the median is reported.")
+
+
+def main(_):
+  logging.set_verbosity(logging.WARNING)
+  import jax
+
+  from lm import config as config_lib
+  from lm import metrics, sharding
+  from lm.data import make_data
+  from lm.train import Trainer
+
+  config = _CONFIG.value
+  config_lib.validate(config, jax.device_count())
+  data = make_data(config)
+  trainer = Trainer(config, data.tokenizer.vocab_size, sharding.make_mesh(config.mesh))
+  t = config.train
+  batches = data.train_batches(t.batch_size, config.data.seq_len, t.seed)
+  state = trainer.init_state()
+  state, _ = trainer.train_step(state, trainer.shard_batch(batches.batch(0)))
+  jax.block_until_ready(state)
+
+  windows, step = [], 1
+  for _ in range(_REPEATS.value):
+    start = time.perf_counter()
+    for _ in range(_STEPS.value):
+      state, step_metrics = trainer.train_step(state, trainer.shard_batch(batches.batch(step)))
+      step += 1
+    jax.block_until_ready((state, step_metrics))
+    windows.append((time.perf_counter() - start) / _STEPS.value)
+
+  seconds = statistics.median(windows)
+  tokens_per_step = t.batch_size * config.data.seq_len
+  flops_per_token = metrics.decoder_train_flops_per_token(
+      trainer.abstract_state.params, trainer.model_cfg, config.data.seq_len)
+  peak, peak_source = metrics.peak_flops_per_device(config.model.dtype, config.log.peak_flops)
+  tokens_per_s = tokens_per_step / seconds
+  print(json.dumps({
+      "benchmark": "train_throughput",
+      "config": config_flags.get_config_filename(flags.FLAGS["config"]),
+      "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
+      "cpu_count": os.cpu_count(), "machine": platform.machine(),
+      "dtype": config.model.dtype, "params": trainer.num_params,
+      "batch_size": t.batch_size, "seq_len": config.data.seq_len,
+      "compile_s": round(trainer.compile_seconds, 3),
+      "ms_per_step": round(1000 * seconds, 2),
+      "ms_per_step_windows": [round(1000 * w, 2) for w in windows],
+      "tokens_per_s": round(tokens_per_s, 1),
+      "gflop_per_step": round(flops_per_token * tokens_per_step / 1e9, 3),
+      "mfu": round(flops_per_token * tokens_per_s / (peak * jax.device_count()), 4),
+      "peak_flops_per_device": peak, "peak_source": peak_source,
+      "xla_flags": os.environ.get("XLA_FLAGS", ""),
+  }), flush=True)
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -26,13 +26,13 @@ def get_config():
   config.model.mlp = "swiglu"
 
   config.train.batch_size = 16
-  config.train.num_steps = 600
+  config.train.num_steps = 500
   config.train.learning_rate = 2e-3
   config.train.min_learning_rate = 2e-4
   config.train.warmup_steps = 50
-  config.train.eval_every = 200
+  config.train.eval_every = 250
   config.train.eval_steps = 20
-  config.train.checkpoint_every = 200
+  config.train.checkpoint_every = 250
   config.train.log_every = 50
 
   config.sample.prompt = "def "

@@ -125,4 +125,5 @@ def test_shakespeare_loads_with_nanogpt_split(shakespeare_path):
                      "data.test_fraction": 0.0})
   data = make_data(c)
   assert data.tokenizer.vocab_size == 66  # 65 characters + unk
-  assert len(data.splits["train"]) == 1003854 and len(data.splits["validation"]) == 111539
+  assert len(data.splits["train"]) == 1003854 and len(data.splits["validation"]) == 111540
+  assert len(data.splits["test"]) == 0

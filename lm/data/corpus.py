@@ -99,10 +99,11 @@ def _md5_file(path):
 
 
 def _split_by_characters(text, validation_fraction, test_fraction):
+  """Train first, test last, validation between; a zero fraction gives an empty split."""
   n = len(text)
   n_train = int(n * (1.0 - validation_fraction - test_fraction))
-  n_validation = int(n * validation_fraction)
-  return text[:n_train], text[n_train:n_train + n_validation], text[n_train + n_validation:]
+  n_test = int(n * test_fraction)
+  return text[:n_train], text[n_train:n - n_test], text[n - n_test:]
 
 
 def _split_by_document(documents, validation_fraction, test_fraction):

@@ -2,13 +2,20 @@
 item (the config, the tokenizer and the data fingerprint), so a checkpoint alone is enough to
 resume training or to sample with the exact vocabulary it was trained with.
 
-Orbax writes each step into a temporary folder and renames it when complete, so a killed
-save never leaves a checkpoint that looks finished.
+Crash safety: Orbax writes each step into a temporary folder and renames it when complete,
+so a save killed half-way never looks finished. A finished checkpoint that cannot be read
+back (truncated or corrupted files) is moved to `workdir/corrupt_checkpoints/` with a
+message, and the next older one is used; none is ever loaded half-way. A save that fails
+(a full disk) raises CheckpointError and leaves the earlier checkpoints as they were.
 """
 
+import errno
 import os
+import shutil
+import time
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from lm.errors import UserError
@@ -17,46 +24,114 @@ from lm.errors import UserError
 # they change how long and how visibly a run goes, not what it computes.
 RESUMABLE_CHANGES = ("train.num_steps", "train.eval_every", "train.eval_steps",
                      "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-                     "log.", "sample.", "mesh.")
+                     "train.nonfinite", "log.", "sample.", "mesh.")
+
+
+class CheckpointError(UserError):
+  """A checkpoint could not be written; the earlier ones are intact."""
+
+
+def _is_disk_full(error):
+  while error is not None:
+    if isinstance(error, OSError) and error.errno in (errno.ENOSPC, errno.EDQUOT):
+      return True
+    if "No space left on device" in str(error) or "ENOSPC" in str(error):
+      return True
+    error = error.__cause__ or error.__context__
+  return False
 
 
 class Checkpointer:
 
   def __init__(self, workdir, keep):
-    self.directory = os.path.join(os.path.abspath(workdir), "checkpoints")
+    self.workdir = os.path.abspath(workdir)
+    self.directory = os.path.join(self.workdir, "checkpoints")
     self.manager = ocp.CheckpointManager(
         self.directory,
-        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
-        item_names=("state", "meta"))
+        options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,
+                                             cleanup_tmp_directories=True),
+        item_handlers={"state": ocp.StandardCheckpointHandler(),
+                       "meta": ocp.JsonCheckpointHandler()})
+    self._saving = None  # step of the save in flight
 
-  def latest_step(self):
-    return self.manager.latest_step()
+  def all_steps(self):
+    return sorted(self.manager.all_steps(), reverse=True)
 
-  def save(self, step, state, meta, force=False):
-    """Starts an asynchronous save; call `wait()` before reading it back or exiting."""
-    return self.manager.save(
-        step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                      meta=ocp.args.JsonSave(meta)), force=force)
+  def save(self, step, state, meta):
+    """Starts an asynchronous save; `wait()` finishes it (and reports its failure)."""
+    self.wait()
+    try:
+      self.manager.save(step, args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(meta)),
+                        force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed(step, e)
+    self._saving = step
+
+  def wait(self):
+    try:
+      self.manager.wait_until_finished()
+    except Exception as e:  # pylint: disable=broad-except
+      self._failed(self._saving, e)
+    self._saving = None
+
+  def _failed(self, step, error):
+    for name in os.listdir(self.directory) if os.path.isdir(self.directory) else []:
+      if name.startswith(f"{step}.") and "tmp" in name:  # the half-written step
+        shutil.rmtree(os.path.join(self.directory, name), ignore_errors=True)
+    self.manager.reload()
+    kept = [s for s in self.all_steps() if s != step]
+    previous = f"step {kept[0]} is the latest intact checkpoint" if kept else \
+        "there is no earlier checkpoint"
+    reason = "the disk is full" if _is_disk_full(error) else \
+        " ".join(str(error).split())[:300]
+    raise CheckpointError(f"saving checkpoint {step} in {self.directory} failed: {reason}; "
+                          f"{previous}. Fix that and rerun the same command to resume.") \
+        from None
 
   def read_meta(self, step):
     restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return restored["meta"]
 
+  def check_shapes(self, step, abstract_state):
+    """Raises UserError naming every parameter whose saved shape differs from the model's."""
+    saved_params = self.manager.item_metadata(step)["state"].tree["params"]
+    def flat(tree):
+      return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): leaf
+              for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+    have, want = flat(saved_params), flat(abstract_state.params)
+    problems = [f"{name}: missing from the checkpoint" for name in want if name not in have]
+    problems += [f"{name}: in the checkpoint, not in the model" for name in have
+                 if name not in want]
+    problems += [f"{name}: checkpoint {tuple(have[name].shape)} vs model {tuple(w.shape)}"
+                 for name, w in want.items()
+                 if name in have and tuple(have[name].shape) != tuple(w.shape)]
+    if problems:
+      raise UserError(f"checkpoint {self.directory}/{step} does not fit this model: "
+                      + "; ".join(problems[:10]) + (" ..." if len(problems) > 10 else ""))
+
   def restore_state(self, step, abstract_state):
     """Restores onto the shardings in `abstract_state` (ShapeDtypeStructs with .sharding)."""
-    try:
-      restored = self.manager.restore(
-          step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    except (ValueError, KeyError) as e:
-      raise UserError(f"checkpoint {self.directory}/{step} does not fit this model: "
-                      f"{str(e).splitlines()[0]}") from None
-    return restored["state"]
+    restored = self.manager.restore(
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+    state = restored["state"]
+    floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
+    if not all(bool(jnp.isfinite(x).all()) for x in floats):
+      raise ValueError("it holds NaN or Inf values")
+    return state
 
-  def wait(self):
-    self.manager.wait_until_finished()
+  def quarantine(self, step, error):
+    """Moves an unreadable checkpoint out of the way, keeping it for inspection."""
+    target = os.path.join(self.workdir, "corrupt_checkpoints",
+                          f"{step}-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    shutil.move(os.path.join(self.directory, str(step)), target)
+    self.manager.reload()
+    reason = " ".join(str(error).split())[:200] or type(error).__name__
+    return f"checkpoint {step} is incomplete or corrupt ({reason}); moved it to {target}"
 
   def close(self):
-    self.manager.wait_until_finished()
+    self.wait()
     self.manager.close()
 
 

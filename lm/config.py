@@ -63,6 +63,10 @@ def defaults():
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 3
   c.train.log_every = 50
+  # A step whose loss or gradients are NaN/Inf never changes the parameters. Then
+  # stop: end the run naming the step (checkpoints stay as they were); skip: go on, counted
+  # in train/skipped_steps.
+  c.train.nonfinite = "stop"  # stop | skip
   c.train.seed = 0  # the one seed: initialisation, data order, dropout and sampling
 
   c.data = ml_collections.ConfigDict()
@@ -98,6 +102,7 @@ _CHOICES = {
     "model.mlp": ("gelu", "gelu_tanh", "swiglu"),
     "data.name": ("python_stdlib", "tiny_shakespeare"),
     "data.tokenizer": ("byte", "char"),
+    "train.nonfinite": ("stop", "skip"),
 }
 
 _POSITIVE = (

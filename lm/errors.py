@@ -3,3 +3,16 @@
 
 class UserError(Exception):
   """Bad config, data, checkpoint or request: the message says what and where."""
+
+
+class Preempted(Exception):
+  """SIGTERM/SIGINT arrived; a checkpoint of `step` was saved. Rerun the command to resume."""
+
+  def __init__(self, step, signal_name):
+    self.step = step
+    super().__init__(f"{signal_name} received: saved a checkpoint at step {step}; run the "
+                     "same command again to resume")
+
+
+class NonFiniteLoss(Exception):
+  """The loss or gradients became NaN/Inf and config.train.nonfinite is 'stop'."""

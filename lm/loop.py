@@ -1,12 +1,18 @@
 """The training loop: data -> train steps -> eval -> checkpoints -> a sample.
 
 `run(config, workdir)` is what `python -m lm.main` calls. Re-running it on the same workdir
-resumes from the latest checkpoint and continues with the losses an uninterrupted run has.
+resumes from the latest complete checkpoint and continues with the losses an uninterrupted
+run has. SIGTERM/SIGINT save a checkpoint at the current step and raise Preempted; a NaN/Inf
+step raises NonFiniteLoss (or is skipped, by config) without touching the checkpoints.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
+import shutil
+import signal
+import threading
 import time
 
 import jax
@@ -16,8 +22,11 @@ from lm import config as config_lib
 from lm import decode, metrics, sharding
 from lm.checkpoint import Checkpointer, abstract_like, config_differences
 from lm.data import make_data
-from lm.errors import UserError
+from lm.errors import NonFiniteLoss, Preempted, UserError
 from lm.train import Trainer
+
+WORKDIR_FILES = ("checkpoints", "corrupt_checkpoints", "metrics.jsonl", "tensorboard",
+                 "config.json")
 
 
 @dataclasses.dataclass
@@ -47,32 +56,91 @@ def _eval_metrics(trainer, data, config, params, split, max_batches):
   return {"loss": loss, "perplexity": float(np.exp(min(loss, 80.0))), "tokens": tokens}
 
 
-def _resume_meta(checkpointer, config):
-  """The latest checkpoint's metadata, after checking it belongs to this experiment."""
-  step = checkpointer.latest_step()
-  if step is None:
-    return None, None
-  meta = checkpointer.read_meta(step)
-  changed = config_differences(meta["config"], config.to_dict())
-  if changed:
-    raise UserError(f"workdir {os.path.dirname(checkpointer.directory)} holds a checkpoint of "
-                    f"a different config ({'; '.join(changed)}); use another --workdir")
-  return step, meta
+def _latest_meta(checkpointer, config):
+  """(step, meta) of the newest readable checkpoint, checked to belong to this config."""
+  for step in checkpointer.all_steps():
+    try:
+      meta = checkpointer.read_meta(step)
+    except Exception as e:  # pylint: disable=broad-except
+      metrics.log(f"lm: warning: {checkpointer.quarantine(step, e)}")
+      continue
+    changed = config_differences(meta["config"], config.to_dict())
+    if changed:
+      raise UserError(f"workdir {checkpointer.workdir} holds a checkpoint of a different "
+                      f"config ({'; '.join(changed)}); use another --workdir, or --overwrite "
+                      "to discard it")
+    return step, meta
+  return None, None
 
 
-def run(config, workdir, devices=None, stop_after=None):
-  """Trains, evaluates, checkpoints and samples. `stop_after` ends early (as a preemption)."""
+def _restore(checkpointer, trainer, newest):
+  """The newest checkpoint at or before `newest` that restores completely."""
+  abstract = abstract_like(trainer.abstract_state, trainer.state_shardings)
+  for step in checkpointer.all_steps():
+    if step > newest:
+      continue
+    checkpointer.check_shapes(step, trainer.abstract_state)
+    try:
+      return step, checkpointer.restore_state(step, abstract)
+    except Exception as e:  # pylint: disable=broad-except
+      metrics.log(f"lm: warning: {checkpointer.quarantine(step, e)}")
+  return None, None
+
+
+@contextlib.contextmanager
+def _stop_signals():
+  """Turns the first SIGTERM/SIGINT into a flag the loop checks after every step."""
+  received = []
+  if threading.current_thread() is not threading.main_thread():
+    yield received  # Python delivers signals to the main thread only
+    return
+
+  def handler(signum, _):
+    received.append(signal.Signals(signum).name)
+    signal.signal(signum, previous[signum])  # a second one ends the process at once
+
+  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
+  try:
+    yield received
+  finally:
+    for s, h in previous.items():
+      signal.signal(s, h)
+
+
+def _check_finite(fetched, policy, last_checkpoint):
+  for step, m in fetched:
+    if m["nonfinite"] and policy == "stop":
+      where = (f"checkpoint {last_checkpoint} is the last good one" if last_checkpoint
+               else "no checkpoint was written")
+      raise NonFiniteLoss(
+          f"step {step}: loss {float(m['loss'])}, gradient norm {float(m['grad_norm'])}: "
+          f"not finite; stopped without applying it ({where}). Lower train.learning_rate, "
+          "check the data, or set train.nonfinite=skip")
+
+
+def run(config, workdir, devices=None, stop_after=None, overwrite=False):
+  """Trains, evaluates, checkpoints and samples. `stop_after` ends early (as a preemption).
+
+  `overwrite` discards what an earlier run left in `workdir` instead of resuming from it.
+  """
   devices = list(jax.devices() if devices is None else devices)
   config_lib.validate(config, len(devices))
   mesh = sharding.make_mesh(config.mesh, devices)
   t = config.train
   metrics.log(f"lm: workdir {os.path.abspath(workdir)}")
+  if overwrite and jax.process_index() == 0:
+    for name in WORKDIR_FILES:
+      path = os.path.join(workdir, name)
+      if os.path.isdir(path):
+        shutil.rmtree(path)
+      elif os.path.exists(path):
+        os.remove(path)
   # Nothing is written to the workdir until the config, the data and any checkpoint there
   # have been checked.
   checkpointer = start_step = meta = None
   if os.path.isdir(os.path.join(workdir, "checkpoints")):
     checkpointer = Checkpointer(workdir, t.keep_checkpoints)
-    start_step, meta = _resume_meta(checkpointer, config)
+    start_step, meta = _latest_meta(checkpointer, config)
 
   data = make_data(config, tokenizer_spec=meta and meta["tokenizer"])
   if meta and meta["data_fingerprint"] != data.fingerprint:
@@ -82,6 +150,11 @@ def run(config, workdir, devices=None, stop_after=None):
     raise UserError(f"config.model.vocab_size: {config.model.vocab_size} is smaller than the "
                     f"tokenizer's vocabulary ({data.tokenizer.vocab_size})")
   trainer = Trainer(config, data.tokenizer.vocab_size, mesh)
+  state = None
+  if start_step is not None:
+    start_step, state = _restore(checkpointer, trainer, start_step)
+    if state is None:
+      metrics.log("lm: warning: no checkpoint in the workdir could be restored; starting over")
   os.makedirs(workdir, exist_ok=True)
   checkpointer = checkpointer or Checkpointer(workdir, t.keep_checkpoints)
   meta = {"config": config.to_dict(), "tokenizer": data.tokenizer.to_dict(),
@@ -89,12 +162,9 @@ def run(config, workdir, devices=None, stop_after=None):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       json.dump(meta["config"], f, indent=2)
-
-  if start_step is None:
+  if state is None:
     state, start_step = trainer.init_state(), 0
-  else:
-    state = checkpointer.restore_state(
-        start_step, abstract_like(trainer.abstract_state, trainer.state_shardings))
+
   writer = metrics.MetricWriter(workdir, resume_step=start_step)
   flops_per_token = metrics.decoder_train_flops_per_token(
       trainer.abstract_state.params, trainer.model_cfg, config.data.seq_len)
@@ -117,69 +187,83 @@ def run(config, workdir, devices=None, stop_after=None):
   pending = []  # (step, metrics on device) since the last log line
   last_log_time, last_log_step = time.perf_counter(), start_step
   paused = 0.0  # seconds spent evaluating since the last log line, not training
+  last_checkpoint = start_step
   step = start_step
   try:
-    for step in range(start_step + 1, end_step + 1):
-      batch = trainer.shard_batch(train_batches.batch(step - 1, rows))
-      state, step_metrics = trainer.train_step(state, batch)
-      pending.append((step, step_metrics))
-      if step % t.log_every == 0 or step == end_step:
-        fetched = jax.device_get(pending)
-        now = time.perf_counter()
-        elapsed = now - last_log_time - paused
-        if last_log_step == start_step:  # the first interval includes compilation
-          elapsed -= trainer.compile_seconds
-        elapsed = max(elapsed, 1e-9)
-        steps_done = step - last_log_step
-        step_ms = 1000 * elapsed / steps_done
-        tokens_per_s = tokens_per_step * steps_done / elapsed
-        mfu = flops_per_token * tokens_per_s / (peak * len(devices))
-        for s, m in fetched:
-          train_losses[s] = float(m["loss"])
-        last = fetched[-1][1]
-        writer.write(step, {"train/loss": last["loss"], "train/grad_norm": last["grad_norm"],
-                            "train/learning_rate": last["learning_rate"],
-                            "perf/tokens_per_s": tokens_per_s, "perf/ms_per_step": step_ms,
-                            "perf/mfu": mfu})
-        metrics.log(f"step {step:>6} | loss {float(last['loss']):.4f} | "
-                    f"{tokens_per_s:,.0f} tok/s | {step_ms:.1f} ms/step | MFU {mfu:.2%}")
-        pending, last_log_time, last_log_step, paused = [], time.perf_counter(), step, 0.0
-      if step % t.eval_every == 0 and step != t.num_steps:
-        jax.block_until_ready(state)  # so the pause excludes queued train steps
-        eval_start = time.perf_counter()
-        result = _eval_metrics(trainer, data, config, state.params, "validation", t.eval_steps)
-        writer.write(step, {"eval/loss": result["loss"], "eval/perplexity": result["perplexity"]})
-        metrics.log(f"step {step:>6} | eval loss {result['loss']:.4f} | "
-                    f"perplexity {result['perplexity']:.2f}")
-        paused += time.perf_counter() - eval_start
-      if step % t.checkpoint_every == 0 or step == end_step:
-        checkpointer.save(step, state, meta, force=step == end_step)
-  finally:
+    with _stop_signals() as stop_signal:
+      for step in range(start_step + 1, end_step + 1):
+        batch = trainer.shard_batch(train_batches.batch(step - 1, rows))
+        state, step_metrics = trainer.train_step(state, batch)
+        pending.append((step, step_metrics))
+        preempted = bool(stop_signal) or (jax.process_count() > 1 and
+                                          checkpointer.manager.reached_preemption(step))
+        if step % t.log_every == 0 or step == end_step or preempted:
+          fetched = jax.device_get(pending)
+          _check_finite(fetched, t.nonfinite, last_checkpoint)
+          now = time.perf_counter()
+          elapsed = now - last_log_time - paused
+          if last_log_step == start_step:  # the first interval includes compilation
+            elapsed -= trainer.compile_seconds
+          elapsed = max(elapsed, 1e-9)
+          steps_done = step - last_log_step
+          step_ms = 1000 * elapsed / steps_done
+          tokens_per_s = tokens_per_step * steps_done / elapsed
+          mfu = flops_per_token * tokens_per_s / (peak * len(devices))
+          for s, m in fetched:
+            train_losses[s] = float(m["loss"])
+          last = fetched[-1][1]
+          writer.write(step, {"train/loss": last["loss"], "train/grad_norm": last["grad_norm"],
+                              "train/learning_rate": last["learning_rate"],
+                              "train/skipped_steps": last["skipped"],
+                              "perf/tokens_per_s": tokens_per_s, "perf/ms_per_step": step_ms,
+                              "perf/mfu": mfu})
+          skipped = f" | skipped {int(last['skipped'])}" if last["skipped"] else ""
+          metrics.log(f"step {step:>6} | loss {float(last['loss']):.4f} | "
+                      f"{tokens_per_s:,.0f} tok/s | {step_ms:.1f} ms/step | MFU {mfu:.2%}"
+                      f"{skipped}")
+          pending, last_log_time, last_log_step, paused = [], time.perf_counter(), step, 0.0
+        if step % t.eval_every == 0 and step != t.num_steps and not preempted:
+          jax.block_until_ready(state)  # so the pause excludes queued train steps
+          eval_start = time.perf_counter()
+          result = _eval_metrics(trainer, data, config, state.params, "validation", t.eval_steps)
+          writer.write(step, {"eval/loss": result["loss"], "eval/perplexity": result["perplexity"]})
+          metrics.log(f"step {step:>6} | eval loss {result['loss']:.4f} | "
+                      f"perplexity {result['perplexity']:.2f}")
+          paused += time.perf_counter() - eval_start
+        if step % t.checkpoint_every == 0 or step == end_step or preempted:
+          _check_finite(jax.device_get(pending), t.nonfinite, last_checkpoint)
+          checkpointer.save(step, state, meta)
+          last_checkpoint = step
+        if preempted:
+          checkpointer.wait()
+          raise Preempted(step, stop_signal[0] if stop_signal else "preemption notice")
     checkpointer.wait()
 
-  final = {}
-  if step == t.num_steps:
-    for split in ("validation", "test"):
-      if len(data.splits[split]) > config.data.seq_len:
-        final[split] = _eval_metrics(trainer, data, config, state.params, split, 0)
-        prefix = "eval" if split == "validation" else "test"
-        writer.write(step, {f"{prefix}/loss": final[split]["loss"],
-                            f"{prefix}/perplexity": final[split]["perplexity"]})
-        metrics.log(f"final {split}: loss {final[split]['loss']:.4f} | perplexity "
-                    f"{final[split]['perplexity']:.2f} over all "
-                    f"{int(final[split]['tokens']):,} tokens")
-  sample = ""
-  if config.sample.num_tokens and step == t.num_steps:
-    prompt = config.sample.prompt
-    ids = decode.generate(trainer.model, jax.device_get(state.params),
-                          data.tokenizer.encode(prompt)[None], config.sample.num_tokens,
-                          trainer.sample_key, config.sample.temperature,
-                          config.sample.top_k)
-    sample = prompt + data.tokenizer.decode(ids[0])
-    writer.write_text(step, "sample", sample)
-    metrics.log(f"sample (temperature {config.sample.temperature}, top-k "
-                f"{config.sample.top_k}):\n{sample}")
-  writer.close()
-  checkpointer.close()
+    final = {}
+    if step == t.num_steps:
+      for split in ("validation", "test"):
+        if len(data.splits[split]) > config.data.seq_len:
+          final[split] = _eval_metrics(trainer, data, config, state.params, split, 0)
+          prefix = "eval" if split == "validation" else "test"
+          writer.write(step, {f"{prefix}/loss": final[split]["loss"],
+                              f"{prefix}/perplexity": final[split]["perplexity"]})
+          metrics.log(f"final {split}: loss {final[split]['loss']:.4f} | perplexity "
+                      f"{final[split]['perplexity']:.2f} over all "
+                      f"{int(final[split]['tokens']):,} tokens")
+    sample = ""
+    if config.sample.num_tokens and step == t.num_steps:
+      prompt = config.sample.prompt
+      ids = decode.generate(trainer.model, jax.device_get(state.params),
+                            data.tokenizer.encode(prompt)[None], config.sample.num_tokens,
+                            trainer.sample_key, config.sample.temperature,
+                            config.sample.top_k)
+      sample = prompt + data.tokenizer.decode(ids[0])
+      writer.write_text(step, "sample", sample)
+      metrics.log(f"sample (temperature {config.sample.temperature}, top-k "
+                  f"{config.sample.top_k}):\n{sample}")
+  finally:
+    writer.close()
+    with contextlib.suppress(Exception):  # an earlier error says more
+      checkpointer.close()
   return RunResult(workdir=workdir, final_step=step, train_losses=train_losses, eval=final,
                    sample=sample)

@@ -16,11 +16,19 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file (get_
 _WORKDIR = flags.DEFINE_string("workdir", None,
                                "Run folder; resumes if it holds checkpoints. Default: a new "
                                "folder under ./runs/.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False,
+                               "Discard what an earlier run left in --workdir (checkpoints, "
+                               "metrics) instead of resuming from it.")
+
+# Exit statuses: 0 done; 2 bad input (config, data, checkpoint, workdir); 3 the loss or
+# gradients became NaN/Inf (train.nonfinite=stop); 75 preempted (SIGTERM/SIGINT): a
+# checkpoint was saved, run the same command again (EX_TEMPFAIL, "try again").
+EXIT_USER_ERROR, EXIT_NONFINITE, EXIT_PREEMPTED = 2, 3, 75
 
 
-def fail(message):
+def fail(message, status=EXIT_USER_ERROR):
   print(f"lm: error: {message}", file=sys.stderr, flush=True)
-  sys.exit(2)
+  sys.exit(status)
 
 
 def parse_flags(argv):
@@ -52,7 +60,7 @@ def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
-  from lm.errors import UserError  # imported late so that --help stays fast
+  from lm.errors import NonFiniteLoss, Preempted, UserError  # late: --help stays fast
   from lm.loop import run
   config = _CONFIG.value
   if config is None:
@@ -69,9 +77,14 @@ def main(argv):
   workdir = _WORKDIR.value or default_workdir(
       config_flags.get_config_filename(flags.FLAGS["config"]))
   try:
-    run(config, workdir)
+    run(config, workdir, overwrite=_OVERWRITE.value)
   except UserError as e:
     fail(str(e))
+  except NonFiniteLoss as e:
+    fail(str(e), EXIT_NONFINITE)
+  except Preempted as e:
+    print(f"lm: {e}", file=sys.stderr, flush=True)
+    sys.exit(EXIT_PREEMPTED)
 
 
 if __name__ == "__main__":

@@ -28,6 +28,7 @@ class TrainState:
   step: jax.Array
   params: Any
   opt_state: Any
+  skipped: jax.Array  # updates skipped so far because the loss or gradients were not finite
 
 
 def learning_rate_schedule(t):
@@ -76,7 +77,7 @@ class Trainer:
         self.optimizer, lambda _, s: s, abstract_opt_state, param_shardings,
         transform_non_params=lambda _: sharding.replicated(mesh))
     self.state_shardings = TrainState(step=sharding.replicated(mesh), params=param_shardings,
-                                      opt_state=opt_shardings)
+                                      opt_state=opt_shardings, skipped=sharding.replicated(mesh))
     self.abstract_state = jax.eval_shape(self._init_state, self.init_key)
     self.batch_sharding = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
@@ -100,7 +101,7 @@ class Trainer:
   def _init_state(self, key):
     params = nn.unbox(self._init_boxed_params(key))
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.optimizer.init(params))
+                      opt_state=self.optimizer.init(params), skipped=jnp.zeros((), jnp.int32))
 
   def _loss(self, params, batch, dropout_key):
     deterministic = dropout_key is None
@@ -117,11 +118,19 @@ class Trainer:
       return loss_sum / jnp.maximum(weight_sum, 1.0)
 
     loss, grads = jax.value_and_grad(mean_loss)(state.params)
+    grad_norm = optax.global_norm(grads)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-               "learning_rate": self.schedule(state.step)}
-    return TrainState(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    # A NaN/Inf loss or gradient never reaches the parameters or Adam's moments: the step
+    # keeps the previous ones and is counted (the loop then skips on or stops, by config).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": self.schedule(state.step),
+               "nonfinite": (~finite).astype(jnp.int32),
+               "skipped": state.skipped + (~finite).astype(jnp.int32)}
+    return TrainState(step=state.step + 1, params=keep(params, state.params),
+                      opt_state=keep(opt_state, state.opt_state),
+                      skipped=state.skipped + (~finite).astype(jnp.int32)), metrics
 
   def _eval_step_fn(self, params, batch):
     loss_sum, weight_sum = self._loss(params, batch, None)

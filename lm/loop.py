@@ -79,9 +79,11 @@ def _restore(checkpointer, trainer, newest):
   for step in checkpointer.all_steps():
     if step > newest:
       continue
-    checkpointer.check_shapes(step, trainer.abstract_state)
     try:
+      checkpointer.check_shapes(step, trainer.abstract_state)
       return step, checkpointer.restore_state(step, abstract)
+    except UserError:
+      raise  # readable, but for another model: the user must choose
     except Exception as e:  # pylint: disable=broad-except
       metrics.log(f"lm: warning: {checkpointer.quarantine(step, e)}")
   return None, None

@@ -5,6 +5,7 @@ and exit status 2.
 """
 
 import datetime
+import logging as std_logging
 import os
 import sys
 
@@ -60,6 +61,8 @@ def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
   logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+  # A failed background save is reported by lm in one line; asyncio would add a traceback.
+  std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
   from lm.errors import NonFiniteLoss, Preempted, UserError  # late: --help stays fast
   from lm.loop import run
   config = _CONFIG.value

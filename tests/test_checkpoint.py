@@ -99,3 +99,27 @@ def test_resume_after_a_lost_checkpoint_logs_each_step_once(tmp_path, one_device
   for r in records:
     if "train/loss" in r:
       assert r["train/loss"] == pytest.approx(first.train_losses[r["step"]], rel=0, abs=0)
+
+
+def test_shape_mismatch_is_named_per_parameter(tmp_path, one_device):
+  workdir = str(tmp_path / "run")
+  loop.run(tiny_config(), workdir, devices=one_device, stop_after=3)
+  config = tiny_config(**{"model.d_ff": 48})
+  data = make_data(config)
+  other = Trainer(config, data.tokenizer.vocab_size, sharding.make_mesh(config.mesh, one_device))
+  checkpointer = Checkpointer(workdir, keep=3)
+  with pytest.raises(UserError, match=r"layer_0/mlp/wi/kernel: checkpoint \(32, 64\) vs model "
+                     r"\(32, 48\).*layer_0/mlp/wo/kernel: checkpoint \(64, 32\) vs model"):
+    checkpointer.check_shapes(3, other.abstract_state)
+  checkpointer.close()
+
+
+def test_overwrite_discards_a_different_experiment(tmp_path, one_device):
+  workdir = str(tmp_path / "run")
+  loop.run(tiny_config(), workdir, devices=one_device, stop_after=3)
+  other = tiny_config(**{"model.d_model": 64})
+  with pytest.raises(UserError, match="--overwrite"):
+    loop.run(other, workdir, devices=one_device)
+  result = loop.run(other, workdir, devices=one_device, overwrite=True)
+  assert min(result.train_losses) == 1 and result.final_step == 6
+  assert json.load(open(os.path.join(workdir, "config.json")))["model"]["d_model"] == 64

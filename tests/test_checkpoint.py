@@ -123,3 +123,16 @@ def test_overwrite_discards_a_different_experiment(tmp_path, one_device):
   result = loop.run(other, workdir, devices=one_device, overwrite=True)
   assert min(result.train_losses) == 1 and result.final_step == 6
   assert json.load(open(os.path.join(workdir, "config.json")))["model"]["d_model"] == 64
+
+
+def test_resume_on_a_mesh_is_bit_identical(tmp_path):
+  config = tiny_config(**{"train.num_steps": 6, "train.checkpoint_every": 100,
+                          "mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2,
+                          "model.vocab_size": 96, "model.dropout": 0.1})
+  devices = jax.devices()
+  straight = loop.run(config, str(tmp_path / "a"), devices=devices)
+  loop.run(config, str(tmp_path / "b"), devices=devices, stop_after=3)
+  resumed = loop.run(config, str(tmp_path / "b"), devices=devices)
+  assert {**{s: straight.train_losses[s] for s in (1, 2, 3)}, **resumed.train_losses} == \
+      straight.train_losses
+  assert resumed.eval == straight.eval

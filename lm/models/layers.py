@@ -7,6 +7,7 @@ F d_ff, V vocabulary. Parameters carry logical axis names (`embed`, `heads`, `kv
 """
 
 import dataclasses
+import math
 
 import flax.linen as nn
 import jax
@@ -130,9 +131,12 @@ class Dense(nn.Module):
     shape = tuple(x.shape[-n_in:]) + tuple(self.features)
     kernel = self.param("kernel", lp(nn.initializers.normal(self.std), self.axes), shape,
                         cfg.weight_dtype)
-    contract = (tuple(range(x.ndim - n_in, x.ndim)), tuple(range(n_in)))
-    y = jax.lax.dot_general(x.astype(cfg.compute_dtype), kernel.astype(cfg.compute_dtype),
-                            (contract, ((), ())), preferred_element_type=jnp.float32)
+    lead = x.shape[:x.ndim - n_in]
+    x2 = x.reshape((-1, math.prod(shape[:n_in])))
+    k2 = kernel.reshape((math.prod(shape[:n_in]), -1))
+    y = jax.lax.dot_general(x2.astype(cfg.compute_dtype), k2.astype(cfg.compute_dtype),
+                            (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    y = y.reshape(lead + tuple(self.features))
     if cfg.use_bias:
       bias = self.param("bias", lp(nn.initializers.zeros, self.axes[n_in:]), self.features,
                         cfg.weight_dtype)

@@ -27,20 +27,15 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def main(_):
   logging.set_verbosity(logging.WARNING)
-  import importlib.util
-
   import jax
   import numpy as np
 
   from lm import sharding
+  from lm.config import load_experiment
   from lm.data import make_data
   from lm.train import Trainer
 
-  spec = importlib.util.spec_from_file_location(
-      "shakespeare_char", os.path.join(HERE, "..", "experiments", "shakespeare_char.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  config = module.get_config()
+  config = load_experiment(os.path.join(HERE, "..", "experiments", "shakespeare_char.py"))
   config.data.path = _DATA.value
   data = make_data(config)
   trainer = Trainer(config, data.tokenizer.vocab_size,

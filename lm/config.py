@@ -6,7 +6,9 @@ combination stops the run at start with one line that names the field.
 """
 
 import difflib
+import importlib.util
 import math
+import os
 
 import ml_collections
 from ml_collections import config_dict
@@ -22,6 +24,15 @@ class ConfigError(UserError):
   def __init__(self, field, message):
     self.field = field
     super().__init__(f"config.{field}: {message}")
+
+
+def load_experiment(path):
+  """`get_config()` of an experiment file, e.g. experiments/base.py (as --config loads it)."""
+  spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0],
+                                                path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
 
 
 def defaults():

@@ -89,6 +89,15 @@ def _restore(checkpointer, trainer, newest):
   return None, None
 
 
+def _discard_earlier_run(workdir):
+  for name in WORKDIR_FILES:
+    path = os.path.join(workdir, name)
+    if os.path.isdir(path):
+      shutil.rmtree(path)
+    elif os.path.exists(path):
+      os.remove(path)
+
+
 @contextlib.contextmanager
 def _stop_signals():
   """Turns the first SIGTERM/SIGINT into a flag the loop checks after every step."""
@@ -130,17 +139,10 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
   mesh = sharding.make_mesh(config.mesh, devices)
   t = config.train
   metrics.log(f"lm: workdir {os.path.abspath(workdir)}")
-  if overwrite and jax.process_index() == 0:
-    for name in WORKDIR_FILES:
-      path = os.path.join(workdir, name)
-      if os.path.isdir(path):
-        shutil.rmtree(path)
-      elif os.path.exists(path):
-        os.remove(path)
-  # Nothing is written to the workdir until the config, the data and any checkpoint there
-  # have been checked.
+  # Nothing is written to (or, with --overwrite, removed from) the workdir until the config,
+  # the data and any checkpoint there have been checked.
   checkpointer = start_step = meta = None
-  if os.path.isdir(os.path.join(workdir, "checkpoints")):
+  if not overwrite and os.path.isdir(os.path.join(workdir, "checkpoints")):
     checkpointer = Checkpointer(workdir, t.keep_checkpoints)
     start_step, meta = _latest_meta(checkpointer, config)
 
@@ -157,6 +159,8 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
     start_step, state = _restore(checkpointer, trainer, start_step)
     if state is None:
       metrics.log("lm: warning: no checkpoint in the workdir could be restored; starting over")
+  if overwrite and jax.process_index() == 0:
+    _discard_earlier_run(workdir)
   os.makedirs(workdir, exist_ok=True)
   checkpointer = checkpointer or Checkpointer(workdir, t.keep_checkpoints)
   meta = {"config": config.to_dict(), "tokenizer": data.tokenizer.to_dict(),

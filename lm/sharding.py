@@ -66,9 +66,3 @@ def logical_shardings(abstract_boxed, mesh, rules=RULES):
       return NamedSharding(mesh, _fit(spec, leaf.value.shape, mesh))
     return replicated(mesh)
   return jax.tree.map(one, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
-
-
-def logical_specs(abstract_boxed):
-  """The logical axis names of each parameter (None for unannotated leaves)."""
-  return jax.tree.map(lambda x: x.names if isinstance(x, nn.Partitioned) else None,
-                      abstract_boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))

@@ -69,7 +69,6 @@ class Trainer:
     self.init_key, self.dropout_key, self.sample_key = jax.random.split(seed_key, 3)
 
     abstract_boxed = jax.eval_shape(self._init_boxed_params, self.init_key)
-    self.logical_axes = sharding.logical_specs(abstract_boxed)
     param_shardings = sharding.logical_shardings(abstract_boxed, mesh)
     abstract_params = nn.unbox(abstract_boxed)
     abstract_opt_state = jax.eval_shape(self.optimizer.init, abstract_params)

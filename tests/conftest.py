@@ -19,6 +19,12 @@ SHAKESPEARE = os.path.join(REPO, "..", "shared", "data", "tiny_shakespeare", "in
 STDLIB_TEXT = os.path.join(sysconfig.get_paths()["stdlib"], "argparse.py")
 
 
+def user_env(**extra):
+  """The environment of `python -m lm.main` as a user runs it: one CPU device, not eight."""
+  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+  return {**env, **extra}
+
+
 def tiny_config(**overrides):
   """A model small enough to compile and train in a few seconds on one CPU device."""
   c = defaults()

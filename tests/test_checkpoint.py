@@ -136,3 +136,14 @@ def test_resume_on_a_mesh_is_bit_identical(tmp_path):
   assert {**{s: straight.train_losses[s] for s in (1, 2, 3)}, **resumed.train_losses} == \
       straight.train_losses
   assert resumed.eval == straight.eval
+
+
+def test_overwrite_with_bad_input_discards_nothing(tmp_path, one_device):
+  workdir = str(tmp_path / "run")
+  loop.run(tiny_config(), workdir, devices=one_device, stop_after=3)
+  before = sorted(os.listdir(workdir))
+  with pytest.raises(UserError, match="config.data.path"):
+    loop.run(tiny_config(**{"data.path": str(tmp_path / "missing.txt")}), workdir,
+             devices=one_device, overwrite=True)
+  assert sorted(os.listdir(workdir)) == before
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == ["3"]

@@ -1,6 +1,5 @@
 """Config validation: every mistake names its field; the shipped experiments are valid."""
 
-import importlib.util
 import os
 import subprocess
 import sys
@@ -8,16 +7,13 @@ import sys
 import ml_collections
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import REPO, tiny_config, user_env
+from lm import config as lm_config
 from lm.config import ConfigError, defaults, resolve_mesh_shape, validate
 
 
 def load_experiment(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "experiments",
-                                                                   f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config()
+  return lm_config.load_experiment(os.path.join(REPO, "experiments", f"{name}.py"))
 
 
 @pytest.mark.parametrize("name", ["base", "shakespeare_char"])
@@ -95,8 +91,7 @@ def test_defaults_have_a_type_for_every_field():
 
 def run_cli(*args):
   """`python -m lm.main ...` as a user runs it: one CPU device, not the tests' eight."""
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return subprocess.run([sys.executable, "-m", "lm.main", *args], cwd=REPO, env=env,
+  return subprocess.run([sys.executable, "-m", "lm.main", *args], cwd=REPO, env=user_env(),
                         capture_output=True, text=True, timeout=300)
 
 

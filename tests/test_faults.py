@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config
+from conftest import REPO, tiny_config, user_env
 from lm import loop
 from lm.checkpoint import CheckpointError, Checkpointer
 from lm.data.batches import TrainBatches
@@ -30,10 +30,9 @@ CLI = ["--config.data.path=" + os.path.join(os.path.dirname(os.__file__), "argpa
 
 
 def cli(workdir, *args, **popen):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   cmd = [sys.executable, "-m", "lm.main", f"--config={REPO}/experiments/base.py",
          f"--workdir={workdir}", *CLI, *args]
-  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+  return subprocess.Popen(cmd, cwd=REPO, env=user_env(), stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True, **popen)
 
 

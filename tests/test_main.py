@@ -5,7 +5,7 @@ import re
 import subprocess
 import sys
 
-from conftest import REPO
+from conftest import REPO, user_env
 
 TINY = ["--config.train.num_steps=4", "--config.train.warmup_steps=2", "--config.train.log_every=2",
         "--config.train.eval_every=2", "--config.train.eval_steps=2",
@@ -16,10 +16,9 @@ TINY = ["--config.train.num_steps=4", "--config.train.warmup_steps=2", "--config
 
 
 def run_main(*args, cwd):
-  env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # one device, as a user
   return subprocess.run(
       [sys.executable, "-m", "lm.main", f"--config={REPO}/experiments/base.py", *TINY, *args],
-      cwd=cwd, env={**env, "PYTHONPATH": REPO}, capture_output=True, text=True, timeout=300)
+      cwd=cwd, env=user_env(PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
 
 
 def test_main_trains_evaluates_checkpoints_samples_and_resumes(tmp_path):

@@ -13,9 +13,11 @@ setup(
         "chex>=0.1.88",
         "flax>=0.10.4",
         "grain>=0.2.10",
+        "importlib_resources>=6",  # tensorflow-datasets uses it for local builders, undeclared
         "jax>=0.6",
         "ml_collections>=1.0",
         "numpy>=1.26",
+        "array_record>=0.5",  # the on-disk format of every built dataset
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
         "sentencepiece>=0.2",

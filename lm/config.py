@@ -81,13 +81,24 @@ def defaults():
   c.train.seed = 0  # the one seed: initialisation, data order, dropout and sampling
 
   c.data = ml_collections.ConfigDict()
-  # Built-in corpus used when `path` is empty: python_stdlib | tiny_shakespeare.
+  # Used when `path` is empty: python_stdlib (built in, offline) or a TFDS catalog dataset:
+  # tiny_shakespeare | lm1b | wmt14_translate | glue/sst2 | imdb_reviews (downloaded once).
   c.data.name = "python_stdlib"
-  c.data.path = ""  # a local text file or a folder of text files; overrides `name`
-  c.data.tokenizer = "byte"  # byte | char
+  c.data.path = ""  # local data; overrides `name`. Its layout depends on `format`:
+  # text: a text file or a folder of them | parallel: a folder of <split>.<language>[.gz]
+  # files | labelled: a folder of <split>.tsv / <split>.csv files with a header line.
+  c.data.format = "text"  # text | parallel | labelled
+  c.data.data_dir = ""  # where built datasets are cached; "": ~/.cache/lm/tfds
+  c.data.tokenizer = "byte"  # byte | char | unigram | bpe (SentencePiece, trained on train)
+  c.data.vocab_size = 4096  # for unigram / bpe
   c.data.seq_len = 128
-  c.data.validation_fraction = 0.05
+  c.data.validation_fraction = 0.05  # of a text corpus (by character for a single file)
   c.data.test_fraction = 0.05
+  c.data.source_language = "en"  # parallel: file suffixes (source -> target)
+  c.data.target_language = "de"
+  c.data.label_column = "label"  # labelled: header names; "" text_column: the other column
+  c.data.text_column = ""
+  c.data.num_threads = 2  # Grain threads tokenizing and assembling batches
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: every device not used by the other axes
@@ -111,8 +122,8 @@ _CHOICES = {
     "model.norm": ("layernorm", "rmsnorm"),
     "model.positions": ("learned", "rope"),
     "model.mlp": ("gelu", "gelu_tanh", "swiglu"),
-    "data.name": ("python_stdlib", "tiny_shakespeare"),
-    "data.tokenizer": ("byte", "char"),
+    "data.format": ("text", "parallel", "labelled"),
+    "data.tokenizer": ("byte", "char", "unigram", "bpe"),
     "train.nonfinite": ("stop", "skip"),
 }
 
@@ -120,7 +131,8 @@ _POSITIVE = (
     "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.d_model",
     "model.d_ff", "model.max_len", "train.batch_size", "train.num_steps",
     "train.learning_rate", "train.eval_every", "train.checkpoint_every",
-    "train.keep_checkpoints", "train.log_every", "data.seq_len",
+    "train.keep_checkpoints", "train.log_every", "data.seq_len", "data.vocab_size",
+    "data.num_threads",
 )
 
 _NON_NEGATIVE = (

@@ -38,21 +38,12 @@ class RunResult:
   sample: str
 
 
-def _process_rows(batch_size):
-  """This process's share of every global batch (all of it on one host)."""
-  if batch_size % jax.process_count():
-    raise UserError(f"config.train.batch_size: {batch_size} is not divisible by the "
-                    f"{jax.process_count()} processes")
-  per_host = batch_size // jax.process_count()
-  start = jax.process_index() * per_host
-  return slice(start, start + per_host)
-
-
 def _eval_metrics(trainer, data, config, params, split, max_batches):
-  batches = data.eval_batches(split, config.train.batch_size, config.data.seq_len)
-  rows = _process_rows(config.train.batch_size)
-  host_batches = (batches.batch(i, rows) for i in range(batches.num_batches))
-  loss, tokens = trainer.evaluate(params, host_batches, max_batches)
+  batches = data.eval_batches(split, config.train.batch_size, config.data.seq_len,
+                              jax.process_index(), jax.process_count())
+  if max_batches:
+    batches = batches[:max_batches]
+  loss, tokens = trainer.evaluate(params, data.iterator(batches))
   return {"loss": loss, "perplexity": float(np.exp(min(loss, 80.0))), "tokens": tokens}
 
 
@@ -155,10 +146,16 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
                     f"tokenizer's vocabulary ({data.tokenizer.vocab_size})")
   trainer = Trainer(config, data.tokenizer.vocab_size, mesh)
   state = None
+  data_state = None
   if start_step is not None:
     start_step, state = _restore(checkpointer, trainer, start_step)
     if state is None:
       metrics.log("lm: warning: no checkpoint in the workdir could be restored; starting over")
+    else:
+      data_state = checkpointer.read_meta(start_step).get("data_state")
+      if data_state is None:
+        raise UserError(f"checkpoint {start_step} in {workdir} has no data pipeline state; "
+                        "it was written by an older lm and cannot resume exactly")
   if overwrite and jax.process_index() == 0:
     _discard_earlier_run(workdir)
   os.makedirs(workdir, exist_ok=True)
@@ -168,6 +165,9 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       json.dump(meta["config"], f, indent=2)
+    if hasattr(data.tokenizer, "model_proto"):  # SentencePiece: usable by other tools too
+      with open(os.path.join(workdir, "tokenizer.model"), "wb") as f:
+        f.write(data.tokenizer.model_proto)
   if state is None:
     state, start_step = trainer.init_state(), 0
 
@@ -176,8 +176,8 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
       trainer.abstract_state.params, trainer.model_cfg, config.data.seq_len)
   peak, peak_source = metrics.peak_flops_per_device(config.model.dtype, config.log.peak_flops)
   tokens_per_step = t.batch_size * config.data.seq_len
-  metrics.log(f"lm: data {data.source}: train {len(data.splits['train']):,} / validation "
-              f"{len(data.splits['validation']):,} / test {len(data.splits['test']):,} tokens, "
+  metrics.log(f"lm: data {data.source}: train {data.size('train'):,} / validation "
+              f"{data.size('validation'):,} / test {data.size('test'):,} tokens, "
               f"{data.tokenizer.kind} tokenizer, vocab {trainer.model_cfg.vocab_size}")
   metrics.log(f"lm: model {trainer.num_params:,} parameters, "
               f"{flops_per_token * tokens_per_step / 1e9:.2f} GFLOP per step; mesh "
@@ -186,8 +186,9 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
   if start_step:
     metrics.log(f"lm: resumed from step {start_step}")
 
-  train_batches = data.train_batches(t.batch_size, config.data.seq_len, t.seed)
-  rows = _process_rows(t.batch_size)
+  train_batches = data.iterator(
+      data.train_batches(t.batch_size, config.data.seq_len, t.seed, jax.process_index(),
+                         jax.process_count()), state=data_state)
   end_step = t.num_steps if stop_after is None else min(t.num_steps, stop_after)
   train_losses = {}
   pending = []  # (step, metrics on device) since the last log line
@@ -198,7 +199,7 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
   try:
     with _stop_signals() as stop_signal:
       for step in range(start_step + 1, end_step + 1):
-        batch = trainer.shard_batch(train_batches.batch(step - 1, rows))
+        batch = trainer.shard_batch(next(train_batches))
         state, step_metrics = trainer.train_step(state, batch)
         pending.append((step, step_metrics))
         preempted = bool(stop_signal) or (jax.process_count() > 1 and
@@ -238,7 +239,7 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
           paused += time.perf_counter() - eval_start
         if step % t.checkpoint_every == 0 or step == end_step or preempted:
           _check_finite(jax.device_get(pending), t.nonfinite, last_checkpoint)
-          checkpointer.save(step, state, meta)
+          checkpointer.save(step, state, {**meta, "data_state": train_batches.get_state()})
           last_checkpoint = step
         if preempted:
           checkpointer.wait()
@@ -248,7 +249,7 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
     final = {}
     if step == t.num_steps:
       for split in ("validation", "test"):
-        if len(data.splits[split]) > config.data.seq_len:
+        if data.size(split) > 1:
           final[split] = _eval_metrics(trainer, data, config, state.params, split, 0)
           prefix = "eval" if split == "validation" else "test"
           writer.write(step, {f"{prefix}/loss": final[split]["loss"],
@@ -260,7 +261,9 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
     if config.sample.num_tokens and step == t.num_steps:
       prompt = config.sample.prompt
       ids = decode.generate(trainer.model, jax.device_get(state.params),
-                            data.tokenizer.encode(prompt)[None], config.sample.num_tokens,
+                            np.concatenate([[data.tokenizer.bos_id],
+                                            data.tokenizer.encode(prompt)])[None],
+                            config.sample.num_tokens,
                             trainer.sample_key, config.sample.temperature,
                             config.sample.top_k)
       sample = prompt + data.tokenizer.decode(ids[0])

@@ -105,7 +105,8 @@ class Trainer:
   def _loss(self, params, batch, dropout_key):
     deterministic = dropout_key is None
     logits_BxLxV = self.model.apply(
-        {"params": params}, batch["inputs"], deterministic=deterministic,
+        {"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
+        deterministic=deterministic,
         rngs=None if deterministic else {"dropout": dropout_key})
     return objectives.causal_lm_loss(logits_BxLxV, batch["targets"], batch["weights"])
 
@@ -165,12 +166,10 @@ class Trainer:
     with self._on_mesh():
       return self._eval_step(params, batch)
 
-  def evaluate(self, params, batches, max_batches=0):
-    """Token-weighted mean loss over `batches` (all of them when max_batches == 0)."""
+  def evaluate(self, params, batches):
+    """Token-weighted mean loss over the host `batches`."""
     sums = []
-    for i, host_batch in enumerate(batches):
-      if max_batches and i >= max_batches:
-        break
+    for host_batch in batches:
       sums.append(self.eval_step(params, self.shard_batch(host_batch)))
     sums = jax.device_get(sums)  # one transfer at the end, not one per batch
     loss_sum = sum(float(s["loss_sum"]) for s in sums)

@@ -1,10 +1,17 @@
 """Shared test settings: 8 fake CPU devices (set before jax is imported) and tiny configs."""
 
+import atexit
 import os
+import shutil
+import tempfile
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Built datasets and token caches go to a fresh folder, never the user's ~/.cache/lm.
+_CACHE = tempfile.mkdtemp(prefix="lm-test-cache-")
+os.environ["LM_CACHE_DIR"] = _CACHE
+atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 
 import sysconfig  # noqa: E402
 

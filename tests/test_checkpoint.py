@@ -24,7 +24,7 @@ def test_save_restore_round_trip_is_exact(tmp_path, one_device):
   state = trainer.init_state()
   batches = data.train_batches(8, 16, 0)
   for step in range(2):  # non-trivial optimizer state
-    state, _ = trainer.train_step(state, trainer.shard_batch(batches.batch(step)))
+    state, _ = trainer.train_step(state, trainer.shard_batch(batches[step]))
   saved = jax.device_get(state)
   checkpointer = Checkpointer(str(tmp_path), keep=2)
   meta = {"config": config.to_dict(), "tokenizer": data.tokenizer.to_dict(),

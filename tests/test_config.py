@@ -46,7 +46,7 @@ def test_shakespeare_char_matches_the_nanogpt_reference():
     ("train.learning_rate", -1.0, "train.learning_rate"),
     ("train.warmup_steps", 100, "train.warmup_steps"),  # > num_steps 6
     ("data.test_fraction", 0.95, "data.test_fraction"),
-    ("data.tokenizer", "bpe", "data.tokenizer"),
+    ("data.tokenizer", "wordpiece", "data.tokenizer"),
     ("sample.prompt", "", "sample.prompt"),
 ])
 def test_bad_values_name_the_field(field, value, named):

@@ -1,32 +1,78 @@
-"""Corpus loading and splits, tokenizers, and the train/eval batch streams."""
+"""Datasets (TFDS builders), tokenizers, and the Grain pipelines: packing, order, sharding."""
 
+import gzip
+
+import jax
 import numpy as np
 import pytest
 
 from conftest import STDLIB_TEXT, tiny_config
-from lm.data import (ByteTokenizer, CharTokenizer, EvalBatches, TrainBatches, load_corpus,
-                     make_data)
-from lm.data.tokenizers import from_dict
+from lm.data import ByteTokenizer, CharTokenizer, SentencePieceTokenizer, make_data, prepare
+from lm.data import pipeline
+from lm.data.examples import classification_example, seq2seq_example
+from lm.data.tokenizers import from_dict, train_tokenizer
 from lm.errors import UserError
+from lm.models.transformer import Decoder, ModelConfig
 
 
-def test_byte_tokenizer_round_trips_any_text():
-  tok = ByteTokenizer()
+def stdlib_text():
+  with open(STDLIB_TEXT, encoding="utf-8") as f:
+    return f.read()
+
+
+def folder_corpus(tmp_path, n=12):
+  """A folder of short documents of different lengths."""
+  folder = tmp_path / "docs"
+  folder.mkdir()
+  for i in range(n):
+    (folder / f"doc{i:02d}.txt").write_text(f"document {i}: " + "abcdefgh"[:1 + i % 8] * (i + 1))
+  return folder
+
+
+# Tokenizers.
+
+
+def test_byte_and_char_tokenizers_round_trip_with_distinct_specials():
   text = "héllo → wörld\n\t🙂"
-  ids = tok.encode(text)
-  assert ids.dtype == np.int32 and ids.max() < 256
-  assert list(ids) == list(text.encode("utf-8"))
-  assert tok.decode(ids) == text
+  byte = ByteTokenizer()
+  assert list(byte.encode(text)) == list(text.encode("utf-8"))
+  assert byte.decode(byte.encode(text)) == text
+  char = CharTokenizer.train(["banana band"])
+  assert char.chars == " abdn"
+  np.testing.assert_array_equal(char.encode("bad"), [2, 1, 3])
+  assert char.encode("xb")[0] == char.unk_id
+  for tok in (byte, char):
+    specials = [tok.pad_id, tok.bos_id, tok.eos_id, tok.unk_id, tok.mask_id]
+    assert len(set(specials)) == 5 and max(specials) == tok.vocab_size - 1
+    # Specials are dropped when decoding.
+    ids = np.concatenate([[tok.bos_id], tok.encode("band"), [tok.eos_id, tok.pad_id]])
+    assert tok.decode(ids) == "band"
+  restored = from_dict(char.to_dict())
+  np.testing.assert_array_equal(restored.encode("a banana"), char.encode("a banana"))
 
 
-def test_char_tokenizer_vocab_comes_from_training_text():
-  tok = CharTokenizer.train("banana band")
-  assert tok.chars == " abdn" and tok.vocab_size == 6
-  np.testing.assert_array_equal(tok.encode("bad"), [2, 1, 3])
-  assert tok.encode("xb🙂")[0] == tok.unk_id == tok.encode("xb🙂")[2]
-  assert tok.decode(tok.encode("band nab")) == "band nab"
-  restored = from_dict(tok.to_dict())
-  np.testing.assert_array_equal(restored.encode("a banana"), tok.encode("a banana"))
+@pytest.mark.parametrize("kind", ["unigram", "bpe"])
+def test_sentencepiece_trains_on_text_and_round_trips_code_and_unicode(kind):
+  c = tiny_config(**{"data.tokenizer": kind, "data.vocab_size": 600})
+  text = stdlib_text()
+  tok = train_tokenizer(c.data, [text[:len(text) // 2]])
+  assert tok.kind == kind and tok.vocab_size == 600
+  for sample in (text[len(text) // 2:][:5000], "  if x:\n\treturn 'é🙂'\n\n"):
+    ids = tok.encode(sample)
+    assert tok.decode(ids) == sample  # whitespace, tabs, newlines and bytes survive
+  assert len(tok.encode(text[:5000])) < 0.6 * 5000  # it learned pieces longer than a char
+  assert tok.mask_id == 4 and (tok.pad_id, tok.unk_id, tok.bos_id, tok.eos_id) == (0, 1, 2, 3)
+  restored = from_dict(tok.to_dict())  # what a checkpoint stores
+  np.testing.assert_array_equal(restored.encode(text[:3000]), tok.encode(text[:3000]))
+
+
+def test_sentencepiece_vocab_too_small_is_a_clear_error():
+  c = tiny_config(**{"data.tokenizer": "bpe", "data.vocab_size": 100})
+  with pytest.raises(UserError, match=r"config\.data\.vocab_size: 100 does not fit"):
+    train_tokenizer(c.data, [stdlib_text()[:20000]])
+
+
+# Builders.
 
 
 def test_single_file_splits_by_characters_in_order(tmp_path):
@@ -35,95 +81,280 @@ def test_single_file_splits_by_characters_in_order(tmp_path):
   path.write_text(text)
   c = tiny_config(**{"data.path": str(path), "data.validation_fraction": 0.1,
                      "data.test_fraction": 0.05})
-  corpus = load_corpus(c.data)
-  assert corpus.train + corpus.validation + corpus.test == text
-  assert (len(corpus.train), len(corpus.validation), len(corpus.test)) == (850, 100, 50)
+  prepared = prepare(c.data)
+  parts = {s: [prepared.sources[s][i]["text"] for i in range(len(prepared.sources[s]))]
+           for s in ("train", "validation", "test")}
+  assert parts == {"train": [text[:850]], "validation": [text[850:950]], "test": [text[950:]]}
 
 
-def test_folder_splits_by_document_and_stays_stable(tmp_path):
+def test_folder_splits_by_document_stably_and_rebuilds_when_a_source_changes(tmp_path):
   for i in range(40):
     (tmp_path / f"doc{i:02d}.txt").write_text(f"document number {i}\n")
   c = tiny_config(**{"data.path": str(tmp_path), "data.validation_fraction": 0.2,
                      "data.test_fraction": 0.2})
-  first = load_corpus(c.data)
-  docs = {s: set(filter(None, getattr(first, s).splitlines())) for s in ("train", "validation", "test")}
-  assert set.union(*docs.values()) == {f"document number {i}" for i in range(40)}
+
+  def texts(prepared):
+    return {s: {r["text"] for r in (src[i] for i in range(len(src)))}
+            for s, src in prepared.sources.items()}
+
+  first = prepare(c.data)
+  docs = texts(first)
+  assert set.union(*docs.values()) == {f"document number {i}\n" for i in range(40)}
   assert not (docs["train"] & docs["validation"]) and not (docs["train"] & docs["test"])
-  assert all(len(d) > 0 for d in docs.values())
-  (tmp_path / "doc99.txt").write_text("a new document\n")  # adding one moves no other
-  second = load_corpus(c.data)
-  for split, names in docs.items():
-    assert names <= set(getattr(second, split).splitlines())
-  assert first.fingerprint != second.fingerprint
+  assert all(docs.values())
+  (tmp_path / "doc07.txt").write_text("an edited document\n")
+  second = prepare(c.data)
+  assert second.fingerprint != first.fingerprint
+  assert "an edited document\n" in set.union(*texts(second).values())
+  assert prepare(c.data).fingerprint == second.fingerprint  # unchanged source: same dataset
 
 
-@pytest.mark.parametrize("make_bad,message", [
-    (lambda p: str(p / "missing.txt"), "does not exist"),
-    (lambda p: (p / "bin.txt").write_bytes(b"\xff\xfe\x00bad") and str(p / "bin.txt"),
-     "is not UTF-8 text"),
-    (lambda p: (p / "empty").mkdir() or str(p / "empty"), "holds no text files"),
+def test_parallel_builder_reads_aligned_gzip_files(tmp_path):
+  for split, n in (("train", 5), ("val", 2), ("test_2016", 2)):
+    with gzip.open(tmp_path / f"{split}.en.gz", "wt", encoding="utf-8") as f:
+      f.write("".join(f"{split} sentence {i}\n" for i in range(n)))
+    with gzip.open(tmp_path / f"{split}.de.gz", "wt", encoding="utf-8") as f:
+      f.write("".join(f"{split} Satz {i}\n" for i in range(n)))
+  c = tiny_config(**{"data.path": str(tmp_path), "data.format": "parallel"})
+  prepared = prepare(c.data)
+  assert prepared.format == "parallel"
+  assert [prepared.num_examples(s) for s in ("train", "validation", "test")] == [5, 2, 2]
+  pairs = {(r["source"], r["target"]) for r in (prepared.sources["validation"][i]
+                                                for i in range(2))}
+  assert pairs == {("val sentence 0", "val Satz 0"), ("val sentence 1", "val Satz 1")}
+
+
+def test_labelled_builder_reads_tsv_with_header(tmp_path):
+  (tmp_path / "train.tsv").write_text("label\tsentence\n1\tgood film\n0\tbad film\n1\tfine\n")
+  (tmp_path / "dev.tsv").write_text("label\tsentence\n0\tdull\n")
+  c = tiny_config(**{"data.path": str(tmp_path), "data.format": "labelled"})
+  prepared = prepare(c.data)
+  rows = sorted((r["text"], r["label"]) for r in (prepared.sources["train"][i]
+                                                   for i in range(3)))
+  assert rows == [("bad film", 0), ("fine", 1), ("good film", 1)]
+  assert prepared.sources["validation"][0] == {"text": "dull", "label": 0}
+  assert prepared.label_names == ("0", "1")
+
+
+@pytest.mark.parametrize("case,message", [
+    ("missing", r"config\.data\.path: .*nowhere does not exist"),
+    ("empty", r"config\.data\.path: .*empty\.txt is empty"),
+    ("not_utf8", r"config\.data\.path: .*latin1\.txt line 2 is not UTF-8"),
+    ("misaligned", r"misaligned: .*train\.en has 3 lines, .*train\.de has 2"),
+    ("bad_label_column", r"config\.data\.label_column: .*dev\.tsv has no column 'label' "
+                         r"\(its header: polarity, sentence\)"),
+    ("bad_row", r"config\.data\.path: .*train\.tsv line 3 has 1 fields"),
+    ("unknown_name", r"config\.data\.name: 'no_such_set' is neither"),
 ])
-def test_bad_data_paths_are_named(tmp_path, make_bad, message):
-  c = tiny_config(**{"data.path": make_bad(tmp_path)})
-  with pytest.raises(UserError, match=f"config.data.path: .*{message}"):
-    load_corpus(c.data)
+def test_bad_data_names_the_file_and_line(tmp_path, case, message):
+  overrides = {}
+  if case == "missing":
+    overrides["data.path"] = str(tmp_path / "nowhere")
+  elif case == "empty":
+    (tmp_path / "empty.txt").write_text("  \n")
+    overrides["data.path"] = str(tmp_path / "empty.txt")
+  elif case == "not_utf8":
+    (tmp_path / "latin1.txt").write_bytes("first line\nsecond caf\xe9\n".encode("latin-1"))
+    overrides["data.path"] = str(tmp_path / "latin1.txt")
+  elif case == "misaligned":
+    (tmp_path / "train.en").write_text("a\nb\nc\n")
+    (tmp_path / "train.de").write_text("a\nb\n")
+    (tmp_path / "val.en").write_text("a\n")
+    (tmp_path / "val.de").write_text("a\n")
+    overrides.update({"data.path": str(tmp_path), "data.format": "parallel"})
+  elif case in ("bad_label_column", "bad_row"):
+    header = "polarity" if case == "bad_label_column" else "label"
+    (tmp_path / "train.tsv").write_text(f"{header}\tsentence\n1\tgood\njust text\n")
+    (tmp_path / "dev.tsv").write_text(f"{header}\tsentence\n1\tgood\n")
+    overrides.update({"data.path": str(tmp_path), "data.format": "labelled"})
+  else:
+    overrides.update({"data.path": "", "data.name": "no_such_set"})
+  with pytest.raises(UserError, match=message):
+    prepare(tiny_config(**overrides).data)
 
 
-def test_split_too_short_for_a_window_is_reported(tmp_path):
-  path = tmp_path / "short.txt"
-  path.write_text("x" * 100)
-  c = tiny_config(**{"data.path": str(path), "data.seq_len": 16})
+# Pipelines.
+
+
+def stream_of(docs, tokenizer):
+  """A TokenStream built by hand: bos + tokens per document (an independent construction)."""
+  ids, starts = [], []
+  for d in docs:
+    starts.append(len(ids))
+    ids += [tokenizer.bos_id] + list(tokenizer.encode(d))
+  return pipeline.TokenStream(np.array(ids, np.int32), np.array(starts, np.int64))
+
+
+def test_token_stream_is_bos_plus_each_document(tmp_path):
+  c = tiny_config(**{"data.path": str(folder_corpus(tmp_path)), "data.tokenizer": "byte",
+                     "data.validation_fraction": 0.0, "data.test_fraction": 0.0})
   data = make_data(c)
-  with pytest.raises(UserError, match="validation split has 10 tokens"):
-    data.eval_batches("validation", 4, 16)
+  records = data.prepared.sources["train"]
+  expected = stream_of([records[i]["text"] for i in range(len(records))], data.tokenizer)
+  np.testing.assert_array_equal(data.streams["train"].tokens, expected.tokens)
+  np.testing.assert_array_equal(data.streams["train"].doc_starts, expected.doc_starts)
 
 
-def test_train_batches_are_a_pure_function_of_seed_and_step():
-  tokens = np.arange(1000, dtype=np.int32)
-  a = TrainBatches(tokens, batch_size=4, seq_len=8, seed=3)
-  b = TrainBatches(tokens, batch_size=4, seq_len=8, seed=3)
-  np.testing.assert_array_equal(a.batch(17)["inputs"], b.batch(17)["inputs"])
-  assert not np.array_equal(a.batch(17)["inputs"], a.batch(18)["inputs"])
-  assert not np.array_equal(a.batch(17)["inputs"],
-                            TrainBatches(tokens, 4, 8, seed=4).batch(17)["inputs"])
-  batch = a.batch(5)
-  # Windows are contiguous runs of the stream and targets are inputs shifted by one.
-  np.testing.assert_array_equal(np.diff(batch["inputs"], axis=1), 1)
-  np.testing.assert_array_equal(batch["targets"], batch["inputs"] + 1)
-  np.testing.assert_array_equal(a.batch(5, slice(2, 4))["inputs"], batch["inputs"][2:4])
+def test_packed_windows_never_attend_across_documents():
+  tok = ByteTokenizer()
+  docs = ["first document", "2nd", "and a third, longer one"]
+  stream = stream_of(docs, tok)
+  ex = pipeline.window(stream, 5, 32, tok.pad_id)  # starts inside the first document
+  # Segments and positions restart at every bos.
+  bos = np.flatnonzero(ex["inputs"] == tok.bos_id)
+  assert list(np.flatnonzero(np.diff(ex["segment_ids"]) > 0) + 1) == list(bos)
+  assert all(ex["positions"][b] == 0 for b in bos)
+  # Through the model: the logits of the second document's tokens are those of the second
+  # document alone, and do not change when the other documents' tokens do.
+  cfg = ModelConfig.from_config(tiny_config(**{"model.positions": "rope"}).model,
+                                tok.vocab_size)
+  model = Decoder(cfg)
+  params = model.init(jax.random.key(0), ex["inputs"][None])
+  apply = lambda inputs, seg, pos: np.asarray(model.apply(params, inputs[None], pos[None],
+                                                          seg[None]))[0]
+  packed = apply(ex["inputs"], ex["segment_ids"], ex["positions"])
+  second = slice(bos[0], bos[1])
+  alone_ids = ex["inputs"][second]
+  alone = apply(alone_ids, np.ones_like(alone_ids), np.arange(len(alone_ids)))
+  np.testing.assert_allclose(packed[second], alone, atol=1e-5)
+  scrambled = ex["inputs"].copy()
+  scrambled[:bos[0]] = tok.encode("x" * bos[0])
+  scrambled[bos[1] + 1:] = tok.mask_id
+  np.testing.assert_allclose(apply(scrambled, ex["segment_ids"], ex["positions"])[second],
+                             packed[second], atol=1e-5)
 
 
-def test_eval_batches_predict_every_token_exactly_once():
-  tokens = np.random.default_rng(0).integers(0, 50, size=203).astype(np.int32)
-  batches = EvalBatches(tokens, batch_size=3, seq_len=10, split="validation")
-  predicted = []
-  for batch in batches:
-    for targets, weights in zip(batch["targets"], batch["weights"]):
-      predicted.extend(targets[weights > 0])
-  np.testing.assert_array_equal(predicted, tokens[1:])
-  assert batches.num_targets == 202
+def test_an_epoch_scores_every_token_once_and_seeds_fix_the_order():
+  tok = ByteTokenizer()
+  stream = stream_of(["x" * 50, "y" * 77, "z" * 30], tok)
+  windows = pipeline.StreamWindows(stream, 8, seed=3, pad_id=tok.pad_id)
+  n = windows.per_epoch
+  for epoch in range(2):
+    starts = sorted(windows.offset(epoch) + windows._order[epoch * n + j] * 8
+                    for j in range(n))
+    assert starts == [windows.offset(epoch) + 8 * j for j in range(n)]  # a permutation
+  a = pipeline.train_batches(windows.example, 4)
+  b = pipeline.train_batches(pipeline.StreamWindows(stream, 8, 3, tok.pad_id).example, 4)
+  c = pipeline.train_batches(pipeline.StreamWindows(stream, 8, 4, tok.pad_id).example, 4)
+  for k in (0, 5, 17):
+    np.testing.assert_array_equal(a[k]["inputs"], b[k]["inputs"])
+  assert any(not np.array_equal(a[k]["inputs"], c[k]["inputs"]) for k in range(4))
+  # Targets are the inputs shifted by one, taken from the stream.
+  ex = windows.example(0)
+  start = windows.offset(0) + windows._order[0] * 8
+  np.testing.assert_array_equal(ex["inputs"], stream.tokens[start:start + 8])
+  np.testing.assert_array_equal(ex["targets"], stream.tokens[start + 1:start + 9])
 
 
-def test_make_data_uses_real_text_and_both_tokenizers():
-  for kind in ("byte", "char"):
-    data = make_data(tiny_config(**{"data.path": STDLIB_TEXT, "data.tokenizer": kind}))
-    text = open(STDLIB_TEXT, encoding="utf-8").read()
-    total = sum(len(v) for v in data.splits.values())
-    assert total == len(data.tokenizer.encode(text))
-    assert data.tokenizer.decode(data.splits["train"][:50]) == text[:50]
+def test_two_hosts_split_every_global_batch_and_cover_the_epoch_once():
+  tok = ByteTokenizer()
+  rng = np.random.default_rng(0)  # random letters: no two windows are alike
+  stream = stream_of(["".join(rng.choice(list("abcdefghij"), n)) for n in (400, 300)], tok)
+  windows = pipeline.StreamWindows(stream, 8, seed=0, pad_id=tok.pad_id)
+  one = pipeline.train_batches(windows.example, 6)
+  hosts = [pipeline.train_batches(windows.example, 6, p, 2) for p in (0, 1)]
+  num_batches = windows.per_epoch // 6
+  seen = []
+  for k in range(num_batches):
+    parts = [h[k] for h in hosts]
+    assert parts[0]["inputs"].shape == (3, 8)
+    np.testing.assert_array_equal(np.concatenate([p["inputs"] for p in parts]),
+                                  one[k]["inputs"])
+    seen += [tuple(r) for p in parts for r in p["inputs"]]
+  # Within the epoch, no window is seen twice, by the same host or the other.
+  assert len(set(seen)) == len(seen) == num_batches * 6
 
 
-def test_default_corpus_is_the_python_standard_library():
-  c = tiny_config(**{"data.path": "", "data.name": "python_stdlib", "data.tokenizer": "byte"})
-  data = make_data(c)
-  assert all(len(v) > 100_000 for v in data.splits.values())
-  assert b"def " in bytes(data.splits["train"][:200_000].astype(np.uint8))
+def test_resuming_the_iterator_mid_epoch_gives_the_same_batches(tmp_path):
+  data = make_data(tiny_config(**{"data.path": str(folder_corpus(tmp_path, 30)),
+                                  "data.validation_fraction": 0.0,
+                                  "data.test_fraction": 0.0}))
+  batches = data.train_batches(4, 8, seed=1)
+  epoch = pipeline.StreamWindows(data.streams["train"], 8, 1, 0).per_epoch // 4
+  uninterrupted = data.iterator(batches)
+  expected = [next(uninterrupted) for _ in range(epoch + 3)]
+  first = data.iterator(batches)
+  for _ in range(epoch - 2):  # stop two batches before the epoch ends
+    next(first)
+  state = first.get_state()
+  resumed = data.iterator(data.train_batches(4, 8, seed=1), state=state)
+  for want in expected[epoch - 2:]:
+    got = next(resumed)
+    for key in want:
+      np.testing.assert_array_equal(got[key], want[key])
 
 
-def test_shakespeare_loads_with_nanogpt_split(shakespeare_path):
-  c = tiny_config(**{"data.path": shakespeare_path, "data.validation_fraction": 0.1,
-                     "data.test_fraction": 0.0})
-  data = make_data(c)
-  assert data.tokenizer.vocab_size == 66  # 65 characters + unk
-  assert len(data.splits["train"]) == 1003854 and len(data.splits["validation"]) == 111540
-  assert len(data.splits["test"]) == 0
+def test_eval_batches_score_every_target_once_with_padding_masked():
+  data = make_data(tiny_config())
+  batches = data.eval_batches("validation", 8, 16)
+  stream = data.streams["validation"].tokens
+  targets = np.concatenate([b["targets"][b["weights"] > 0] for b in batches])
+  np.testing.assert_array_equal(targets, stream[1:])
+  last = batches[len(batches) - 1]
+  assert (last["segment_ids"][last["weights"] == 0] == 0).all()
+
+
+def test_mlm_masking_statistics_and_determinism(tmp_path):
+  data = make_data(tiny_config(**{"data.tokenizer": "byte"}))
+  tok = data.tokenizer
+  batches = data.train_batches(16, 64, seed=5, objective="mlm")
+  again = data.train_batches(16, 64, seed=5, objective="mlm")
+  plain = data.train_batches(16, 64, seed=5)
+  chosen = masked = randomised = kept = total = 0
+  for k in range(40):
+    b, p = batches[k], plain[k]
+    np.testing.assert_array_equal(b["inputs"], again[k]["inputs"])
+    np.testing.assert_array_equal(b["targets"], p["inputs"])  # targets: the original tokens
+    sel = b["weights"] > 0
+    assert not np.isin(p["inputs"][sel], [tok.bos_id, tok.pad_id]).any()
+    assert (b["inputs"][~sel] == p["inputs"][~sel]).all()  # loss only where it changed
+    chosen += sel.sum()
+    total += (p["inputs"] != tok.bos_id).sum()
+    masked += (b["inputs"][sel] == tok.mask_id).sum()
+    kept += (b["inputs"][sel] == p["inputs"][sel]).sum()
+    randomised += ((b["inputs"][sel] != tok.mask_id) & (b["inputs"][sel] != p["inputs"][sel])).sum()
+  assert chosen / total == pytest.approx(0.15, abs=0.01)
+  assert masked / chosen == pytest.approx(0.8, abs=0.02)
+  assert (randomised + kept) / chosen == pytest.approx(0.2, abs=0.02)
+  assert kept / chosen == pytest.approx(0.1, abs=0.02)  # (random may hit the same byte: ~0)
+
+
+def test_classification_and_seq2seq_rows():
+  tok = CharTokenizer.train(["abcdefgh "])
+  row = classification_example({"text": "abc", "label": 1}, tok, 6)
+  np.testing.assert_array_equal(row["inputs"], [tok.bos_id, *tok.encode("abc"), tok.pad_id,
+                                                tok.pad_id])
+  np.testing.assert_array_equal(row["segment_ids"], [1, 1, 1, 1, 0, 0])
+  assert row["label"] == 1
+  assert classification_example({"text": "abcdefgh", "label": 0}, tok, 4)["length"] == 4
+  pair = seq2seq_example({"source": "abc", "target": "de"}, tok, 5, 4)
+  abc, de = list(tok.encode("abc")), list(tok.encode("de"))
+  np.testing.assert_array_equal(pair["source"], [*abc, tok.eos_id, tok.pad_id])
+  np.testing.assert_array_equal(pair["inputs"], [tok.bos_id, *de, tok.pad_id])
+  np.testing.assert_array_equal(pair["targets"], [*de, tok.eos_id, tok.pad_id])
+  np.testing.assert_array_equal(pair["weights"], [1, 1, 1, 0])
+
+
+def test_labelled_and_parallel_batches_cover_each_split(tmp_path):
+  (tmp_path / "train.tsv").write_text("label\ttext\n" + "".join(f"{i % 2}\tt{i}\n"
+                                                                for i in range(10)))
+  (tmp_path / "dev.tsv").write_text("label\ttext\n1\ttt0\n0\ttt1\n1\ttt2\n")
+  data = make_data(tiny_config(**{"data.path": str(tmp_path), "data.format": "labelled"}))
+  train = data.train_batches(5, 8, seed=0)
+  epoch = np.concatenate([train[0]["inputs"], train[1]["inputs"]])
+  assert len({tuple(r) for r in epoch}) == 10  # each example once per epoch
+  dev = data.eval_batches("validation", 2, 8)
+  assert len(dev) == 2
+  assert list(np.concatenate([b["example_weight"] for b in dev])) == [1, 1, 1, 0]
+  pairs = {(data.tokenizer.decode(row), int(label)) for b in dev
+           for row, label, w in zip(b["inputs"], b["label"], b["example_weight"]) if w}
+  assert pairs == {("tt0", 1), ("tt1", 0), ("tt2", 1)}
+
+
+def test_make_data_restores_the_checkpointed_tokenizer(tmp_path):
+  c = tiny_config(**{"data.tokenizer": "unigram", "data.vocab_size": 400})
+  first = make_data(c)
+  again = make_data(c, tokenizer_spec=first.tokenizer.to_dict())
+  assert isinstance(again.tokenizer, SentencePieceTokenizer)
+  assert again.tokenizer.model_proto == first.tokenizer.model_proto
+  np.testing.assert_array_equal(again.streams["train"].tokens, first.streams["train"].tokens)

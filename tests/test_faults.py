@@ -17,7 +17,7 @@ import pytest
 from conftest import REPO, tiny_config, user_env
 from lm import loop
 from lm.checkpoint import CheckpointError, Checkpointer
-from lm.data.batches import TrainBatches
+from lm.data import pipeline
 from lm.errors import NonFiniteLoss
 
 # A tiny run for the command line (one device, as a user runs it).
@@ -50,15 +50,16 @@ def losses(workdir):
 @pytest.fixture
 def nan_at_step(monkeypatch):
   """Makes the training batch of one step carry NaN weights (so its loss is NaN)."""
-  original = TrainBatches.batch
+  original = pipeline.train_batches
 
   def install(bad_step):
-    def batch(self, step, rows=None):
-      out = original(self, step, rows)
-      if step + 1 == bad_step:
-        out["weights"] = np.full_like(out["weights"], np.nan)
-      return out
-    monkeypatch.setattr(TrainBatches, "batch", batch)
+    def poison(index, batch):
+      if index + 1 == bad_step:
+        batch = {**batch, "weights": np.full_like(batch["weights"], np.nan)}
+      return batch
+
+    monkeypatch.setattr(pipeline, "train_batches",
+                        lambda *a, **k: original(*a, **k).map_with_index(poison))
   return install
 
 

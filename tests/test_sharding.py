@@ -23,10 +23,9 @@ def losses_on_mesh(mesh_shape, devices):
   batches = data.train_batches(8, 16, seed=0)
   losses = []
   for step in range(STEPS):
-    state, metrics = trainer.train_step(state, trainer.shard_batch(batches.batch(step)))
+    state, metrics = trainer.train_step(state, trainer.shard_batch(batches[step]))
     losses.append(float(metrics["loss"]))
-  eval_loss, _ = trainer.evaluate(state.params, iter(data.eval_batches("validation", 8, 16)),
-                                  max_batches=3)
+  eval_loss, _ = trainer.evaluate(state.params, iter(data.eval_batches("validation", 8, 16)[:3]))
   return np.array(losses + [eval_loss]), state
 
 

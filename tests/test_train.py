@@ -51,7 +51,7 @@ def test_loss_falls_when_overfitting_one_batch(one_device):
                           "train.learning_rate": 1e-2, "train.min_learning_rate": 1e-2})
   trainer, data = make_trainer(config, one_device)
   state = trainer.init_state()
-  batch = trainer.shard_batch(data.train_batches(8, 16, 0).batch(0))
+  batch = trainer.shard_batch(data.train_batches(8, 16, 0)[0])
   losses = []
   for _ in range(60):
     state, metrics = trainer.train_step(state, batch)
@@ -81,7 +81,7 @@ def test_evaluate_is_the_exact_token_mean_over_the_split(one_device):
     logits = trainer.model.apply({"params": host_params}, batch["inputs"])
     s, n = numpy_window_loss(logits, batch["targets"], batch["weights"])
     total, count = total + s, count + n
-  assert tokens == count == len(data.splits["validation"]) - 1
+  assert tokens == count == data.size("validation") - 1
   assert loss == pytest.approx(total / count, rel=1e-5)
 
 
@@ -89,7 +89,7 @@ def test_train_step_loss_and_gradient_match_a_direct_computation(one_device):
   config = tiny_config(**{"train.grad_clip": 0.0})
   trainer, data = make_trainer(config, one_device)
   state = trainer.init_state()
-  host_batch = data.train_batches(8, 16, 0).batch(0)
+  host_batch = data.train_batches(8, 16, 0)[0]
   params = jax.device_get(state.params)
 
   def loss_fn(p):

@@ -1,39 +1,141 @@
-"""Data: corpus -> tokenizer -> train/validation/test token streams -> batches."""
+"""Data: TFDS array_record dataset -> tokenizer -> Grain pipelines of batches.
+
+    config.data ─► builders.prepare (array_record, built once) ─► tokenizer (trained on train)
+      ─► text: pipeline.token_stream (cached) ─► packed windows ─► batches
+      ─► labelled / parallel: records ─► examples.* rows ─► batches
+
+`make_data(config)` returns a `Data`; its `*_batches` methods return Grain MapDatasets of
+host batches, and `iterator()` a prefetching iterator with a checkpointable state.
+"""
 
 import dataclasses
+import os
 
+import grain
 import numpy as np
 
-from lm.data.batches import EvalBatches, TrainBatches
-from lm.data.corpus import Corpus, load_corpus
-from lm.data.tokenizers import ByteTokenizer, CharTokenizer, from_dict, train_tokenizer
+from lm.data import examples, pipeline
+from lm.data.builders import Prepared, default_data_dir, prepare
+from lm.data.tokenizers import (ByteTokenizer, CharTokenizer, SentencePieceTokenizer,
+                                fingerprint, from_dict, train_tokenizer)
+from lm.errors import UserError
 
-__all__ = ["ByteTokenizer", "CharTokenizer", "Corpus", "Data", "EvalBatches", "TrainBatches",
-           "load_corpus", "make_data"]
+__all__ = ["ByteTokenizer", "CharTokenizer", "Data", "Prepared", "SentencePieceTokenizer",
+           "make_data", "prepare"]
+
+MLM_SEED_SALT = 0x4D4C4D  # keeps MLM masks independent of the window order
 
 
 @dataclasses.dataclass
 class Data:
+  prepared: Prepared
   tokenizer: object
-  fingerprint: str
-  source: str
-  splits: dict  # split name -> int32 token array
+  streams: dict  # split -> pipeline.TokenStream (text datasets)
+  num_threads: int = 2
 
-  def train_batches(self, batch_size, seq_len, seed):
-    return TrainBatches(self.splits["train"], batch_size, seq_len, seed)
+  @property
+  def format(self):
+    return self.prepared.format
 
-  def eval_batches(self, split, batch_size, seq_len):
-    return EvalBatches(self.splits[split], batch_size, seq_len, split)
+  @property
+  def fingerprint(self):
+    return self.prepared.fingerprint
+
+  @property
+  def source(self):
+    return self.prepared.source
+
+  def size(self, split):
+    """Tokens (text) or examples (labelled, parallel) in `split`."""
+    if self.format == "text":
+      return len(self.streams[split]) if split in self.streams else 0
+    return self.prepared.num_examples(split)
+
+  def _require(self, formats, what):
+    if self.format not in formats:
+      raise UserError(f"config.data: {what} needs a {' or '.join(formats)} dataset; "
+                      f"{self.source} is {self.format}")
+
+  def train_batches(self, batch_size, seq_len, seed, process_index=0, process_count=1,
+                    objective="causal", target_len=None):
+    """Grain MapDataset: batch k is this process's rows of global training batch k."""
+    if self.format == "text":
+      self._require(("text",), f"objective {objective}")
+      windows = pipeline.StreamWindows(self.streams["train"], seq_len, seed,
+                                       self.tokenizer.pad_id)
+      example_fn = windows.example
+      if objective == "mlm":
+        example_fn = self._mlm(windows.example, seed)
+    else:
+      example_fn = self._record_examples("train", seq_len, target_len, shuffle_seed=seed)
+    return pipeline.train_batches(example_fn, batch_size, process_index, process_count)
+
+  def eval_batches(self, split, batch_size, seq_len, process_index=0, process_count=1,
+                   objective="causal", seed=0, target_len=None):
+    """Grain MapDataset over every example of `split` once, in order, padded at the end."""
+    if self.format == "text":
+      stream = self.streams[split]
+      num_windows = -(-(len(stream) - 1) // seq_len) if len(stream) > 1 else 0
+
+      def example_fn(i):
+        return pipeline.window(stream, i * seq_len, seq_len, self.tokenizer.pad_id)
+
+      if objective == "mlm":
+        example_fn = self._mlm(example_fn, seed)
+      return pipeline.eval_batches(num_windows, example_fn, batch_size, process_index,
+                                   process_count)
+    num = self.prepared.num_examples(split)
+    return pipeline.eval_batches(num, self._record_examples(split, seq_len, target_len),
+                                 batch_size, process_index, process_count)
+
+  def iterator(self, dataset, state=None):
+    return pipeline.iterator(dataset, self.num_threads, state=state)
+
+  def _mlm(self, example_fn, seed):
+    def masked(i):
+      rng = np.random.default_rng([seed, MLM_SEED_SALT, i])
+      return examples.mlm_example(example_fn(i), self.tokenizer, rng)
+    return masked
+
+  def _record_examples(self, split, seq_len, target_len, shuffle_seed=None):
+    records = self.prepared.sources[split]
+    if not len(records):
+      raise UserError(f"config.data: the {split} split of {self.source} is empty")
+    order = None
+    if shuffle_seed is not None:
+      order = grain.MapDataset.range(len(records)).shuffle(seed=shuffle_seed).repeat(None)
+    if self.format == "labelled":
+      make = lambda r: examples.classification_example(r, self.tokenizer, seq_len)
+    else:
+      make = lambda r: examples.seq2seq_example(r, self.tokenizer, seq_len,
+                                                target_len or seq_len)
+    return lambda i: make(records[order[i] if order is not None else i])
+
+
+def _training_texts(prepared):
+  """The training split's text, for training a tokenizer (both sides of a parallel set)."""
+  records = prepared.sources["train"]
+  fields = ("source", "target") if prepared.format == "parallel" else ("text",)
+  for i in range(len(records)):
+    record = records[i]
+    for field in fields:
+      yield record[field]
 
 
 def make_data(config, tokenizer_spec=None):
-  """Loads and tokenizes the corpus. `tokenizer_spec` (from a checkpoint) skips training."""
-  corpus = load_corpus(config.data)
+  """Prepares the dataset and the tokenizer. `tokenizer_spec` (from a checkpoint) restores
+  that exact tokenizer instead of training one."""
+  prepared = prepare(config.data)
   if tokenizer_spec is not None:
     tokenizer = from_dict(tokenizer_spec)
   else:
-    tokenizer = train_tokenizer(config.data.tokenizer, corpus.train)
-  splits = {name: np.asarray(tokenizer.encode(getattr(corpus, name)), np.int32)
-            for name in ("train", "validation", "test")}
-  return Data(tokenizer=tokenizer, fingerprint=corpus.fingerprint, source=corpus.source,
-              splits=splits)
+    tokenizer = train_tokenizer(config.data, _training_texts(prepared))
+  streams = {}
+  if prepared.format == "text":
+    cache = os.path.join(config.data.data_dir or default_data_dir(), "lm_tokens",
+                         f"{prepared.fingerprint}-{fingerprint(tokenizer)}")
+    streams = {split: pipeline.token_stream(records, tokenizer, os.path.join(cache, split),
+                                            config.data.num_threads)
+               for split, records in prepared.sources.items()}
+  return Data(prepared=prepared, tokenizer=tokenizer, streams=streams,
+              num_threads=config.data.num_threads)

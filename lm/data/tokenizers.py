@@ -1,19 +1,41 @@
-"""Byte- and character-level tokenizers behind one interface.
+"""Tokenizers behind one interface: byte, character and SentencePiece (unigram or BPE).
 
-A tokenizer serialises to a small JSON-able dict (`to_dict`), stored in every checkpoint, so
-a restored run decodes with exactly the vocabulary it was trained with (`from_dict`).
+Every tokenizer has `encode(text) -> int32 array`, `decode(ids) -> str` (special ids are
+dropped), `vocab_size`, and the special ids `pad_id`, `bos_id`, `eos_id`, `unk_id`,
+`mask_id`. A tokenizer serialises to a JSON-able dict (`to_dict`; a SentencePiece model
+travels as its serialized proto), stored in every checkpoint, so a restored run decodes with
+exactly the vocabulary it was trained with (`from_dict`).
 """
+
+import base64
+import hashlib
+import io
+import json
 
 import numpy as np
 
 from lm.errors import UserError
 
+SPECIALS = ("pad", "bos", "eos", "unk", "mask")
+TOKENIZERS = ("byte", "char", "unigram", "bpe")
 
-class ByteTokenizer:
-  """UTF-8 bytes; ids 0..255. Nothing to train; any text round-trips."""
+
+class _AppendedSpecials:
+  """Specials take the `len(SPECIALS)` ids after the `base` ordinary ones."""
+
+  def _set_specials(self, base):
+    for i, name in enumerate(SPECIALS):
+      setattr(self, f"{name}_id", base + i)
+    self.vocab_size = base + len(SPECIALS)
+
+
+class ByteTokenizer(_AppendedSpecials):
+  """UTF-8 bytes are ids 0..255; the specials follow. Nothing to train; any text round-trips."""
 
   kind = "byte"
-  vocab_size = 256
+
+  def __init__(self):
+    self._set_specials(256)
 
   def encode(self, text):
     return np.frombuffer(text.encode("utf-8"), dtype=np.uint8).astype(np.int32)
@@ -25,8 +47,8 @@ class ByteTokenizer:
     return {"kind": self.kind}
 
 
-class CharTokenizer:
-  """One id per character seen in the training text, plus a final `unk` id for the rest."""
+class CharTokenizer(_AppendedSpecials):
+  """One id per character seen in the training text; unseen characters become `unk`."""
 
   kind = "char"
 
@@ -34,9 +56,8 @@ class CharTokenizer:
     self.chars = "".join(chars)
     if len(set(self.chars)) != len(self.chars):
       raise UserError("char tokenizer: its character list has duplicates")
+    self._set_specials(len(self.chars))
     self._index = {c: i for i, c in enumerate(self.chars)}
-    self.unk_id = len(self.chars)
-    self.vocab_size = len(self.chars) + 1
     # Fast path for texts whose characters all lie in the Basic Multilingual Plane.
     self._table = np.full(0x10000, self.unk_id, dtype=np.int32)
     for c, i in self._index.items():
@@ -44,8 +65,11 @@ class CharTokenizer:
         self._table[ord(c)] = i
 
   @classmethod
-  def train(cls, text):
-    return cls(sorted(set(text)))
+  def train(cls, texts):
+    chars = set()
+    for text in texts:
+      chars.update(text)
+    return cls(sorted(chars))
 
   def encode(self, text):
     codes = np.frombuffer(text.encode("utf-32-le"), dtype=np.uint32)
@@ -54,24 +78,122 @@ class CharTokenizer:
     return self._table[codes]
 
   def decode(self, ids):
-    return "".join(self.chars[i] if 0 <= i < self.unk_id else "\ufffd"
+    return "".join(self.chars[i] if 0 <= i < len(self.chars) else
+                   ("\ufffd" if i == self.unk_id else "")
                    for i in (int(j) for j in ids))
 
   def to_dict(self):
     return {"kind": self.kind, "chars": self.chars}
 
 
+class SentencePieceTokenizer:
+  """A SentencePiece model with ids pad 0, unk 1, bos 2, eos 3, mask 4 (`<mask>`).
+
+  Trained with identity normalisation, whitespace kept as is and byte fallback, so any text
+  (code, indentation, newlines, emoji) decodes back to exactly itself.
+  """
+
+  def __init__(self, model_proto):
+    import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+    self.model_proto = bytes(model_proto)
+    self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
+    self.kind = self._model_type()
+    self.vocab_size = self._sp.vocab_size()
+    self.pad_id, self.unk_id = self._sp.pad_id(), self._sp.unk_id()
+    self.bos_id, self.eos_id = self._sp.bos_id(), self._sp.eos_id()
+    self.mask_id = self._sp.piece_to_id("<mask>")
+    if min(self.pad_id, self.bos_id, self.eos_id) < 0 or self.mask_id == self.unk_id:
+      raise UserError("sentencepiece model: it lacks one of the special pieces lm needs "
+                      "(pad, bos, eos, <mask>); train it with lm")
+
+  def _model_type(self):
+    from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
+    proto = sentencepiece_model_pb2.ModelProto()
+    proto.ParseFromString(self.model_proto)
+    return {1: "unigram", 2: "bpe"}.get(proto.trainer_spec.model_type, "unigram")
+
+  @classmethod
+  def train(cls, texts, model_type, vocab_size, max_chars=200_000_000):
+    """Trains on `texts` (the training split only), read up to `max_chars` characters."""
+    import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+    proto = io.BytesIO()
+    try:
+      spm.SentencePieceTrainer.train(
+          sentence_iterator=_training_sentences(texts, max_chars), model_writer=proto,
+          vocab_size=vocab_size, model_type=model_type, character_coverage=1.0,
+          normalization_rule_name="identity", remove_extra_whitespaces=False,
+          allow_whitespace_only_pieces=True, byte_fallback=True, split_digits=True,
+          pad_id=0, unk_id=1, bos_id=2, eos_id=3, user_defined_symbols=["<mask>"],
+          max_sentence_length=1 << 16, num_threads=2, minloglevel=2,
+          hard_vocab_limit=True, train_extremely_large_corpus=False)
+    except RuntimeError as e:
+      message = str(e).strip().splitlines()[-1]
+      if "Vocabulary size" in message or "vocab_size" in message:
+        raise UserError(f"config.data.vocab_size: {vocab_size} does not fit this training "
+                        f"text ({message}); {model_type} with byte fallback needs at least "
+                        "the 5 specials + 256 bytes + the distinct characters") from None
+      raise UserError(f"sentencepiece training failed: {message}") from None
+    return cls(proto.getvalue())
+
+  def encode(self, text):
+    return np.asarray(self._sp.encode(text), dtype=np.int32)
+
+  def decode(self, ids):
+    return self._sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+
+  def to_dict(self):
+    return {"kind": self.kind, "model": base64.b64encode(self.model_proto).decode("ascii")}
+
+
+def _training_sentences(texts, max_chars, piece=4096):
+  """Documents cut at line ends into pieces SentencePiece accepts as 'sentences'."""
+  total = 0
+  for text in texts:
+    start = 0
+    while start < len(text) and total < max_chars:
+      end = min(len(text), start + piece)
+      if end < len(text):
+        newline = text.rfind("\n", start, end)
+        end = newline + 1 if newline > start else end
+      yield text[start:end]
+      total += end - start
+      start = end
+    if total >= max_chars:
+      return
+
+
 def from_dict(spec):
-  if spec.get("kind") == "byte":
-    return ByteTokenizer()
-  if spec.get("kind") == "char":
-    return CharTokenizer(spec["chars"])
-  raise UserError(f"unknown tokenizer in checkpoint metadata: {spec.get('kind')!r}")
-
-
-def train_tokenizer(kind, train_text):
+  kind = spec.get("kind")
   if kind == "byte":
     return ByteTokenizer()
   if kind == "char":
-    return CharTokenizer.train(train_text)
+    return CharTokenizer(spec["chars"])
+  if kind in ("unigram", "bpe"):
+    return SentencePieceTokenizer(base64.b64decode(spec["model"]))
+  raise UserError(f"unknown tokenizer in checkpoint metadata: {kind!r}")
+
+
+def fingerprint(tokenizer):
+  """A short hash of what the tokenizer does, naming caches of tokenized data."""
+  return hashlib.md5(json.dumps(tokenizer.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def train_tokenizer(data_config, train_texts):
+  """The tokenizer config.data asks for, trained on `train_texts` (an iterable of str)."""
+  kind = data_config.tokenizer
+  if kind == "byte":
+    return ByteTokenizer()
+  if kind == "char":
+    return CharTokenizer.train(train_texts)
+  if kind in ("unigram", "bpe"):
+    return SentencePieceTokenizer.train(train_texts, kind, data_config.vocab_size)
   raise UserError(f"config.data.tokenizer: unknown tokenizer {kind!r}")
+
+
+def load_sentencepiece(path):
+  """A SentencePiece `.model` file trained by lm (e.g. `workdir/tokenizer.model`)."""
+  try:
+    with open(path, "rb") as f:
+      return SentencePieceTokenizer(f.read())
+  except OSError as e:
+    raise UserError(f"cannot read tokenizer {path}: {e.strerror}") from None

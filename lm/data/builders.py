@@ -1,0 +1,411 @@
+"""TFDS builders that write local corpora as array_record datasets, and the catalog path.
+
+Three formats, chosen by `config.data.format`:
+  * text: plain text (`data.path`: a file or a folder of files; or `data.name =
+    "python_stdlib"`). A single file is split by characters, a folder by document (see
+    lm/data/corpus.py). Records: {"id", "text"}.
+  * parallel: aligned sentence files `<split>.<language>[.gz]` in the folder `data.path`
+    (e.g. Multi30k's train.en.gz / train.de.gz), line i of one translating line i of the
+    other. Records: {"source", "target"}.
+  * labelled: `<split>.tsv` or `<split>.csv` files with a header line, a label column and a
+    text column (e.g. GLUE SST-2's train.tsv / dev.tsv). Records: {"text", "label"}.
+
+For a folder of split files, a name starting with train goes to train, val/valid/dev to
+validation and test to test. Each built dataset is named by a hash of its sources' checksums
+and of the settings that shape it, and records those checksums in its metadata: editing a
+source builds a new dataset, never reads a stale one. Datasets live under
+`config.data.data_dir` (default `~/.cache/lm/tfds`).
+
+`data.name` may also name a TFDS catalog dataset (CATALOG below), downloaded and prepared
+as array_record by TFDS itself on first use (needs internet once).
+"""
+
+import contextlib
+import csv
+import dataclasses
+import fcntl
+import gzip
+import hashlib
+import io
+import json
+import logging
+import os
+import re
+
+from lm.data import corpus as corpus_lib
+from lm.errors import UserError
+
+VERSION = "1.0.0"
+SPLITS = ("train", "validation", "test")
+_SPLIT_PREFIXES = (("train", "train"), ("validation", "val"), ("validation", "dev"),
+                   ("test", "test"))
+# TFDS catalog datasets: name -> (format, {our field: their feature}).
+CATALOG = {
+    "tiny_shakespeare": ("text", {"text": "text"}),
+    "lm1b": ("text", {"text": "text"}),
+    "wmt14_translate/de-en": ("parallel", {"source": "{source}", "target": "{target}"}),
+    "glue/sst2": ("labelled", {"text": "sentence", "label": "label"}),
+    "imdb_reviews": ("labelled", {"text": "text", "label": "label"}),
+}
+_ALIASES = {"wmt14_translate": "wmt14_translate/de-en"}
+LOCAL_NAMES = ("python_stdlib",)
+
+
+@dataclasses.dataclass
+class Prepared:
+  """A dataset on disk: random-access records per split, in one of the three formats."""
+  format: str
+  source: str  # where it came from, for logs
+  fingerprint: str  # changes whenever the records would
+  sources: dict  # split -> random-access sequence of dicts with the format's fields
+  label_names: tuple = ()
+
+  def num_examples(self, split):
+    return len(self.sources[split]) if split in self.sources else 0
+
+
+def default_data_dir():
+  return os.path.join(corpus_lib.cache_dir(), "tfds")
+
+
+# ---------------------------------------------------------------------------------------
+# Reading local sources into split -> [(key, example)] lists, with checksums.
+
+
+def _md5(data):
+  return hashlib.md5(data).hexdigest()
+
+
+def _read_bytes(path, field="config.data.path"):
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise UserError(f"{field}: cannot read {path}: {e.strerror}") from None
+  if path.endswith(".gz"):
+    try:
+      data = gzip.decompress(data)
+    except (OSError, EOFError) as e:
+      raise UserError(f"{field}: {path} is not a valid gzip file ({e})") from None
+  return data
+
+
+def _split_files(folder, pattern):
+  """{split: path} for files in `folder` whose names match `pattern` (group 1: the prefix)."""
+  if not os.path.isdir(folder):
+    raise UserError(f"config.data.path: {folder} is not a folder" if os.path.exists(folder)
+                    else f"config.data.path: {folder} does not exist")
+  found = {}
+  for name in sorted(os.listdir(folder)):
+    m = re.fullmatch(pattern, name)
+    if not m:
+      continue
+    prefix = m.group(1).lower()
+    for split, start in _SPLIT_PREFIXES:
+      if prefix.startswith(start):
+        if split in found:
+          raise UserError(f"config.data.path: {folder} has two {split} files, "
+                          f"{os.path.basename(found[split])} and {name}; keep one")
+        found[split] = os.path.join(folder, name)
+        break
+  for split in ("train", "validation"):
+    if split not in found:
+      raise UserError(f"config.data.path: {folder} has no {split} file matching {pattern} "
+                      f"(names start with {'/'.join(p for s, p in _SPLIT_PREFIXES if s == split)})")
+  return found
+
+
+def _text_examples(data_config):
+  if data_config.path:
+    source = os.path.abspath(data_config.path)
+    documents = corpus_lib.local_documents(data_config.path)
+  elif data_config.name == "python_stdlib":
+    documents = corpus_lib.python_stdlib_documents()
+    source = "the Python standard library"
+  else:
+    raise UserError(f"config.data.name: unknown local corpus {data_config.name!r}")
+  checksums = {name: _md5(text.encode("utf-8")) for name, text in documents}
+  parts = corpus_lib.split_documents(documents, data_config.validation_fraction,
+                                     data_config.test_fraction)
+  examples = {split: [(f"{split}/{name}", {"id": name, "text": text})
+                      for name, text in parts[split] if text]
+              for split in SPLITS}
+  examples = {split: ex for split, ex in examples.items() if ex}
+  return source, checksums, examples, ()
+
+
+def _lines(path):
+  data = _read_bytes(path)
+  text = corpus_lib.decode_utf8(data, path)
+  lines = text.split("\n")
+  if lines and lines[-1] == "":
+    lines.pop()
+  return _md5(data), [line.rstrip("\r") for line in lines]
+
+
+def _parallel_examples(data_config):
+  src, tgt = data_config.source_language, data_config.target_language
+  folder = os.path.abspath(data_config.path)
+  languages = {}
+  for lang in (src, tgt):
+    languages[lang] = _split_files(folder, rf"(.+)\.{re.escape(lang)}(?:\.gz)?")
+  checksums, examples = {}, {}
+  for split in SPLITS:
+    paths = [languages[lang].get(split) for lang in (src, tgt)]
+    if paths == [None, None]:
+      continue
+    if None in paths:
+      raise UserError(f"config.data.path: {split} has a {paths[0] or paths[1]} file but no "
+                      f"matching .{tgt if paths[1] is None else src} file")
+    (sum_s, source_lines), (sum_t, target_lines) = _lines(paths[0]), _lines(paths[1])
+    checksums.update({paths[0]: sum_s, paths[1]: sum_t})
+    if len(source_lines) != len(target_lines):
+      raise UserError(f"config.data.path: parallel files are misaligned: {paths[0]} has "
+                      f"{len(source_lines):,} lines, {paths[1]} has {len(target_lines):,}")
+    for i, (s, t) in enumerate(zip(source_lines, target_lines)):
+      if not s.strip() or not t.strip():
+        raise UserError(f"config.data.path: {paths[0] if not s.strip() else paths[1]} line "
+                        f"{i + 1} is empty but its translation is not; the files are "
+                        "probably misaligned")
+    examples[split] = [(f"{split}/{i}", {"source": s, "target": t})
+                       for i, (s, t) in enumerate(zip(source_lines, target_lines))]
+  return folder, checksums, examples, ()
+
+
+def _labelled_examples(data_config):
+  folder = os.path.abspath(data_config.path)
+  files = _split_files(folder, r"(.+)\.(?:tsv|csv)")
+  checksums, rows = {}, {}
+  for split, path in files.items():
+    data = _read_bytes(path)
+    checksums[path] = _md5(data)
+    rows[split] = _read_table(path, corpus_lib.decode_utf8(data, path), data_config)
+  raw_labels = sorted({label for split in rows.values() for _, label, _ in split})
+  if all(re.fullmatch(r"-?\d+", label) for label in raw_labels):
+    names = tuple(str(i) for i in range(max(int(x) for x in raw_labels) + 1))
+    to_id = {label: int(label) for label in raw_labels}
+    if any(int(x) < 0 for x in raw_labels):
+      raise UserError(f"config.data.label_column: negative labels in {folder}")
+  else:
+    names = tuple(sorted({label for _, label, _ in rows["train"]}))
+    to_id = {name: i for i, name in enumerate(names)}
+    for split, table in rows.items():
+      for line, label, _ in table:
+        if label not in to_id:
+          raise UserError(f"config.data.label_column: {files[split]} line {line}: label "
+                          f"{label!r} does not occur in the training file")
+  examples = {split: [(f"{split}/{line}", {"text": text, "label": to_id[label]})
+                      for line, label, text in table] for split, table in rows.items()}
+  return folder, checksums, examples, names
+
+
+def _read_table(path, text, data_config):
+  """[(line number, label string, text)] from a TSV/CSV file with a header line."""
+  delimiter = "\t" if path.endswith(".tsv") else ","
+  reader = csv.reader(io.StringIO(text), delimiter=delimiter,
+                      quoting=csv.QUOTE_NONE if delimiter == "\t" else csv.QUOTE_MINIMAL)
+  header = next(reader, None)
+  if not header:
+    raise UserError(f"config.data.path: {path} is empty")
+  header = [h.strip() for h in header]
+  label_col = data_config.label_column
+  if label_col not in header:
+    raise UserError(f"config.data.label_column: {path} has no column {label_col!r} "
+                    f"(its header: {', '.join(header)})")
+  text_col = data_config.text_column
+  if not text_col:
+    others = [h for h in header if h != label_col]
+    text_col = next((h for h in ("text", "sentence", "content") if h in others),
+                    others[0] if len(others) == 1 else None)
+    if text_col is None:
+      raise UserError(f"config.data.text_column: {path} has several text-like columns "
+                      f"({', '.join(others)}); name one")
+  elif text_col not in header:
+    raise UserError(f"config.data.text_column: {path} has no column {text_col!r} "
+                    f"(its header: {', '.join(header)})")
+  li, ti = header.index(label_col), header.index(text_col)
+  out = []
+  for row in reader:
+    line = reader.line_num
+    if not row or row == [""]:
+      continue
+    if len(row) != len(header):
+      raise UserError(f"config.data.path: {path} line {line} has {len(row)} fields, the "
+                      f"header has {len(header)}")
+    label = row[li].strip()
+    if not label:
+      raise UserError(f"config.data.label_column: {path} line {line} has an empty label")
+    out.append((line, label, row[ti]))
+  if not out:
+    raise UserError(f"config.data.path: {path} has a header but no rows")
+  return out
+
+
+_READERS = {"text": _text_examples, "parallel": _parallel_examples,
+            "labelled": _labelled_examples}
+
+
+# ---------------------------------------------------------------------------------------
+# TFDS builders.
+
+
+def _builder_classes():
+  """Defined on first use, so importing lm.data does not import tensorflow_datasets."""
+  if _builder_classes.cache:
+    return _builder_classes.cache
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+
+  class _Local(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Writes the examples it is given; the subclass says their features."""
+    VERSION = tfds.core.Version(VERSION)
+    RELEASE_NOTES = {str(VERSION): "First version."}
+    FEATURES = {}
+
+    def __init__(self, *, name, examples, checksums, source, label_names, **kwargs):
+      self._examples, self._checksums = examples, checksums
+      self._source, self._label_names = source, label_names
+      super().__init__(config=tfds.core.BuilderConfig(
+          name=name, version=VERSION, release_notes=self.RELEASE_NOTES,
+          description=f"{source}, by source checksum"), **kwargs)
+
+    def _info(self):
+      features = {k: tfds.features.Text() if v == "text" else np.int64
+                  for k, v in self.FEATURES.items()}
+      return tfds.core.DatasetInfo(
+          builder=self, features=tfds.features.FeaturesDict(features),
+          metadata=tfds.core.MetadataDict(source=self._source, checksums=self._checksums,
+                                          label_names=list(self._label_names)))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {split: self._generate_examples(split) for split in self._examples}
+
+    def _generate_examples(self, split):
+      yield from self._examples[split]
+
+  class LmText(_Local):
+    FEATURES = {"id": "text", "text": "text"}
+
+  class LmParallel(_Local):
+    FEATURES = {"source": "text", "target": "text"}
+
+  class LmLabelled(_Local):
+    FEATURES = {"text": "text", "label": "int"}
+
+  _builder_classes.cache = {"text": LmText, "parallel": LmParallel, "labelled": LmLabelled}
+  return _builder_classes.cache
+
+
+_builder_classes.cache = None
+
+
+@contextlib.contextmanager
+def _lock(data_dir, name):
+  """Serialises preparation of one dataset across processes on this machine."""
+  os.makedirs(data_dir, exist_ok=True)
+  with open(os.path.join(data_dir, f".{name.replace('/', '_')}.lock"), "w") as f:
+    fcntl.flock(f, fcntl.LOCK_EX)
+    try:
+      yield
+    finally:
+      fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _quiet():
+  """TFDS narrates every build on stdout and absl's log; lm logs its own one line."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  tfds.disable_progress_bar()
+  absl_logger = logging.getLogger("absl")
+  level = absl_logger.level
+  absl_logger.setLevel(logging.ERROR)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    absl_logger.setLevel(level)
+
+
+def _settings_key(data_config):
+  keys = {"text": ("validation_fraction", "test_fraction"),
+          "parallel": ("source_language", "target_language"),
+          "labelled": ("label_column", "text_column")}[data_config.format]
+  return {k: data_config[k] for k in keys}
+
+
+def prepare(data_config):
+  """Builds (once) and opens the dataset config.data names. Returns a Prepared."""
+  data_dir = data_config.data_dir or default_data_dir()
+  name = _ALIASES.get(data_config.name, data_config.name)
+  if not data_config.path and name not in LOCAL_NAMES:
+    return _prepare_catalog(name, data_config, data_dir)
+  fmt = data_config.format
+  if fmt not in _READERS:
+    raise UserError(f"config.data.format: {fmt!r} is not one of {', '.join(_READERS)}")
+  source, checksums, examples, label_names = _READERS[fmt](data_config)
+  if not examples.get("train"):
+    raise UserError(f"config.data: the train split of {source} is empty")
+  key = json.dumps({"version": VERSION, "format": fmt, "checksums": checksums,
+                    "settings": _settings_key(data_config)}, sort_keys=True)
+  fingerprint = _md5(key.encode("utf-8"))[:16]
+  cls = _builder_classes()[fmt]
+  with _lock(data_dir, f"{fmt}-{fingerprint}"), _quiet():
+    builder = cls(name=f"h{fingerprint}", examples=examples, checksums=checksums,
+                  source=source, label_names=label_names, data_dir=data_dir,
+                  file_format="array_record")
+    builder.download_and_prepare()
+  sources = {split: _Records(builder.as_data_source(split=split), None)
+             for split in examples}
+  return Prepared(format=fmt, source=source, fingerprint=f"{fmt}-{fingerprint}",
+                  sources=sources, label_names=tuple(label_names))
+
+
+def _prepare_catalog(name, data_config, data_dir):
+  if name not in CATALOG:
+    raise UserError(f"config.data.name: {name!r} is neither a local corpus "
+                    f"({', '.join(LOCAL_NAMES)}) nor a supported TFDS dataset "
+                    f"({', '.join(CATALOG)}); or set config.data.path")
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  fmt, fields = CATALOG[name]
+  fields = {k: v.format(source=data_config.source_language, target=data_config.target_language)
+            for k, v in fields.items()}
+  try:
+    with _lock(data_dir, name), _quiet():
+      builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+      builder.download_and_prepare()
+  except UserError:
+    raise
+  except Exception as e:  # pylint: disable=broad-except
+    raise UserError(f"config.data.name: cannot prepare TFDS dataset {name!r} in {data_dir} "
+                    f"({type(e).__name__}: {e}); it downloads once and needs internet for "
+                    "that; offline, point config.data.path at local files") from None
+  sources = {split: _Records(builder.as_data_source(split=split), fields)
+             for split in SPLITS if split in builder.info.splits}
+  if fmt == "labelled" and "test" in sources:  # GLUE hides its test labels (-1)
+    first = sources["test"][0] if len(sources["test"]) else {"label": 0}
+    if first["label"] < 0:
+      del sources["test"]
+  label_names = ()
+  if fmt == "labelled":
+    label_names = tuple(builder.info.features[fields["label"]].names)
+  return Prepared(format=fmt, source=f"tfds:{name}",
+                  fingerprint=f"tfds-{name}-{builder.info.version}", sources=sources,
+                  label_names=label_names)
+
+
+class _Records:
+  """Random access over a TFDS data source, as dicts of str / int with lm's field names."""
+
+  def __init__(self, source, fields):
+    self._source, self._fields = source, fields
+
+  def __len__(self):
+    return len(self._source)
+
+  def __getitem__(self, index):
+    record = self._source[index]
+    if self._fields is not None:
+      record = {ours: record[theirs] for ours, theirs in self._fields.items()}
+    return {k: v.decode("utf-8") if isinstance(v, bytes) else
+            (int(v) if k == "label" else v) for k, v in record.items()}

@@ -1,0 +1,66 @@
+"""Per-objective examples: masked-LM masking, classification rows, seq2seq pairs.
+
+Every function returns a dict of fixed-shape numpy arrays (one row of a batch); padding has
+segment id 0 and weight 0. Randomness (MLM masking) comes from a generator seeded by
+(seed, example index), so the same run always sees the same masks, resumed or not.
+"""
+
+import numpy as np
+
+MASK_RATE = 0.15
+
+
+def special_ids(tokenizer):
+  return np.array(sorted({tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id,
+                          tokenizer.unk_id, tokenizer.mask_id}), np.int32)
+
+
+def mlm_example(example, tokenizer, rng, rate=MASK_RATE):
+  """BERT masking of a packed window's `inputs`: `rate` of the ordinary tokens are chosen;
+  of those 80% become `mask`, 10% a random ordinary token, 10% stay. The loss counts the
+  chosen positions only (`weights`), whose `targets` are the original tokens."""
+  ids = example["inputs"]
+  specials = special_ids(tokenizer)
+  candidate = (example["segment_ids"] > 0) & ~np.isin(ids, specials)
+  chosen = candidate & (rng.random(ids.shape) < rate)
+  action = rng.random(ids.shape)
+  ordinary = np.setdiff1d(np.arange(tokenizer.vocab_size, dtype=np.int32), specials)
+  random_ids = ordinary[rng.integers(0, len(ordinary), ids.shape)]
+  masked = np.where(chosen & (action < 0.8), tokenizer.mask_id, ids)
+  masked = np.where(chosen & (action >= 0.8) & (action < 0.9), random_ids, masked)
+  return {"inputs": masked.astype(np.int32), "targets": ids.astype(np.int32),
+          "weights": chosen.astype(np.float32), "segment_ids": example["segment_ids"],
+          "positions": example["positions"]}
+
+
+def _padded(ids, length, pad_id):
+  out = np.full(length, pad_id, np.int32)
+  out[:len(ids)] = ids
+  mask = np.zeros(length, np.int32)
+  mask[:len(ids)] = 1
+  return out, mask
+
+
+def classification_example(record, tokenizer, seq_len):
+  """`bos` (BERT's [CLS]) + the text's tokens, cut to seq_len, padded; and the label."""
+  ids = np.concatenate([[tokenizer.bos_id], tokenizer.encode(record["text"])[:seq_len - 1]])
+  inputs, mask = _padded(ids, seq_len, tokenizer.pad_id)
+  return {"inputs": inputs, "segment_ids": mask, "positions": np.arange(seq_len, dtype=np.int32),
+          "label": np.int32(record["label"]), "example_weight": np.float32(1.0),
+          "length": np.int32(len(ids))}
+
+
+def seq2seq_example(record, tokenizer, source_len, target_len):
+  """Source `tokens + eos`; decoder inputs `bos + tokens`, targets `tokens + eos`; padded."""
+  src = np.concatenate([tokenizer.encode(record["source"])[:source_len - 1],
+                        [tokenizer.eos_id]])
+  tgt = tokenizer.encode(record["target"])[:target_len - 1]
+  source, source_mask = _padded(src, source_len, tokenizer.pad_id)
+  target_in, target_mask = _padded(np.concatenate([[tokenizer.bos_id], tgt]), target_len,
+                                   tokenizer.pad_id)
+  target_out, _ = _padded(np.concatenate([tgt, [tokenizer.eos_id]]), target_len,
+                          tokenizer.pad_id)
+  return {"source": source, "source_segment_ids": source_mask,
+          "inputs": target_in, "targets": target_out, "segment_ids": target_mask,
+          "weights": target_mask.astype(np.float32),
+          "source_length": np.int32(len(src)), "target_length": np.int32(len(tgt) + 1)}

@@ -45,17 +45,21 @@ def main(_):
   flat = {"/".join(k.key for k in path): np.asarray(v)
           for path, v in jax.tree_util.tree_flatten_with_path(params)[0]}
   batches = data.train_batches(config.train.batch_size, config.data.seq_len, config.train.seed)
-  lm_losses = []
+  lm_losses, windows = [], []
   for step in range(_STEPS.value):
-    state, metrics = trainer.train_step(state, trainer.shard_batch(batches.batch(step)))
+    batch = batches[step]
+    windows.append(np.concatenate([batch["inputs"], batch["targets"][:, -1:]], axis=1))
+    state, metrics = trainer.train_step(state, trainer.shard_batch(batch))
     lm_losses.append(float(metrics["loss"]))
 
   with tempfile.TemporaryDirectory() as tmp:
     init = os.path.join(tmp, "init.npz")
     np.savez(init, **flat)
+    given = os.path.join(tmp, "batches.npz")
+    np.savez(given, windows=np.stack(windows))
     out = subprocess.run(
         [_TORCH_PYTHON.value, os.path.join(HERE, "pytorch_reference.py"), f"--data={_DATA.value}",
-         f"--steps={_STEPS.value}", f"--decay_steps={config.train.num_steps}", f"--init={init}", f"--print_losses={_STEPS.value}",
+         f"--steps={_STEPS.value}", f"--decay_steps={config.train.num_steps}", f"--init={init}", f"--print_losses={_STEPS.value}", f"--batches={given}",
          f"--seed={config.train.seed}"], capture_output=True, text=True, check=True).stdout
   torch_losses = [json.loads(line)["loss"] for line in out.splitlines()
                   if '"loss"' in line and '"step"' in line]

@@ -4,9 +4,10 @@ that lm's speed and accuracy are compared with. Not part of lm; needs `pip insta
     python benchmarks/pytorch_reference.py --data=../shared/data/tiny_shakespeare/input.txt
 
 Same model (pre-norm GPT, LayerNorm without bias, exact GELU, tied embeddings, GPT-2 init),
-optimizer (AdamW, decay on >= 2-d weights, clip 1.0, warm-up + cosine), batches (windows
-drawn by numpy's default_rng([seed, step]) exactly as lm.data.TrainBatches draws them) and
-validation (every token of the last 10% once, as lm.data.EvalBatches). Prints JSON lines:
+optimizer (AdamW, decay on >= 2-d weights, clip 1.0, warm-up + cosine), batches (nanoGPT's:
+windows drawn at random, here by numpy's default_rng([seed, step]); or, with
+`--batches=FILE.npz`, lm's own batches) and validation (every token of the last 10% once, as
+lm's evaluation does). Prints JSON lines:
 per-step losses when --print_losses > 0, then ms/step, tokens/s and the final validation loss.
 `--init=FILE.npz` starts from lm's initial parameters (flattened names, see below) so that
 the two implementations can be compared step by step.
@@ -93,6 +94,7 @@ def main():
   ap.add_argument("--seed", type=int, default=0)
   ap.add_argument("--init", default="")
   ap.add_argument("--print_losses", type=int, default=0)
+  ap.add_argument("--batches", default="", help="npz of [steps, B, L+1] windows to train on")
   args = ap.parse_args()
   torch.manual_seed(args.seed)
   batch, length, layers, heads, d = 12, 64, 4, 4, 128
@@ -104,7 +106,11 @@ def main():
   index = {c: i for i, c in enumerate(chars)}
   ids = np.array([index.get(c, len(chars)) for c in text], dtype=np.int64)
   train, val = ids[:n_train], ids[n_train:]
-  model = GPT(len(chars) + 1, d, heads, layers, 4 * d, length)
+  vocab = len(chars) + 1
+  if args.init:  # lm's vocabulary: its char tokenizer adds special ids after the characters
+    vocab = np.load(args.init)["embed/embedding"].shape[0]
+  model = GPT(vocab, d, heads, layers, 4 * d, length)
+  given = np.load(args.batches)["windows"] if args.batches else None
   if args.init:
     load_lm_init(model, args.init, heads)
   decay = [p for p in model.parameters() if p.dim() >= 2]
@@ -120,8 +126,11 @@ def main():
 
   start = time.perf_counter()
   for step in range(args.steps):
-    starts = np.random.default_rng([args.seed, step]).integers(0, len(train) - length, batch)
-    window = torch.from_numpy(train[starts[:, None] + np.arange(length + 1)])
+    if given is not None:
+      window = torch.from_numpy(given[step].astype(np.int64))
+    else:
+      starts = np.random.default_rng([args.seed, step]).integers(0, len(train) - length, batch)
+      window = torch.from_numpy(train[starts[:, None] + np.arange(length + 1)])
     for group in opt.param_groups:
       group["lr"] = lr_at(step)
     logits = model(window[:, :-1])

@@ -44,7 +44,12 @@ def _eval_metrics(trainer, data, config, params, split, max_batches):
   if max_batches:
     batches = batches[:max_batches]
   loss, tokens = trainer.evaluate(params, data.iterator(batches))
-  return {"loss": loss, "perplexity": float(np.exp(min(loss, 80.0))), "tokens": tokens}
+  result = {"loss": loss, "perplexity": float(np.exp(min(loss, 80.0))), "tokens": tokens}
+  if not max_batches and data.format == "text" and data.streams[split].characters:
+    # Every target's loss, document ends included, per character of the split's text: a
+    # figure that compares models with different vocabularies.
+    result["nats_per_char"] = loss * tokens / data.streams[split].characters
+  return result
 
 
 def _latest_meta(checkpointer, config):
@@ -252,11 +257,13 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
         if data.size(split) > 1:
           final[split] = _eval_metrics(trainer, data, config, state.params, split, 0)
           prefix = "eval" if split == "validation" else "test"
-          writer.write(step, {f"{prefix}/loss": final[split]["loss"],
-                              f"{prefix}/perplexity": final[split]["perplexity"]})
+          writer.write(step, {f"{prefix}/{k}": v for k, v in final[split].items()
+                              if k != "tokens"})
+          per_char = (f" | {final[split]['nats_per_char']:.4f} nats per character"
+                      if "nats_per_char" in final[split] else "")
           metrics.log(f"final {split}: loss {final[split]['loss']:.4f} | perplexity "
                       f"{final[split]['perplexity']:.2f} over all "
-                      f"{int(final[split]['tokens']):,} tokens")
+                      f"{int(final[split]['tokens']):,} tokens{per_char}")
     sample = ""
     if config.sample.num_tokens and step == t.num_steps:
       prompt = config.sample.prompt

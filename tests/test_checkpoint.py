@@ -11,7 +11,8 @@ import pytest
 from conftest import tiny_config
 from lm import loop, sharding
 from lm.checkpoint import Checkpointer, abstract_like
-from lm.data import make_data
+from lm import data as data_lib
+from lm.data import SentencePieceTokenizer, make_data
 from lm.errors import UserError
 from lm.train import Trainer
 
@@ -46,6 +47,8 @@ def test_train_2n_equals_train_n_resume_train_n(tmp_path, one_device):
   assert first.final_step == 4 and first.eval == {}  # stopped early: no final eval
   second = loop.run(config, str(tmp_path / "b"), devices=one_device)
   assert sorted(first.train_losses) == [1, 2, 3, 4]
+  # The Grain iterator's position travels in the checkpoint: 4 batches consumed.
+  assert Checkpointer(str(tmp_path / "b"), 3).read_meta(4)["data_state"]["next_index"] == 4
   assert sorted(second.train_losses) == [5, 6, 7, 8]
   resumed = {**first.train_losses, **second.train_losses}
   assert resumed == straight.train_losses  # bit for bit, not approximately
@@ -147,3 +150,22 @@ def test_overwrite_with_bad_input_discards_nothing(tmp_path, one_device):
              devices=one_device, overwrite=True)
   assert sorted(os.listdir(workdir)) == before
   assert os.listdir(os.path.join(workdir, "checkpoints")) == ["3"]
+
+
+def test_resume_uses_the_checkpointed_sentencepiece_model(tmp_path, one_device, monkeypatch):
+  config = tiny_config(**{"data.tokenizer": "bpe", "data.vocab_size": 400,
+                          "train.num_steps": 4})
+  workdir = str(tmp_path / "run")
+  straight = loop.run(config, str(tmp_path / "straight"), devices=one_device)
+  loop.run(config, workdir, devices=one_device, stop_after=2)
+  with open(os.path.join(workdir, "tokenizer.model"), "rb") as f:
+    saved = SentencePieceTokenizer(f.read())  # a standard SentencePiece model file
+  assert saved.vocab_size == 400 and saved.decode(saved.encode("def f(x):\n")) == "def f(x):\n"
+
+  def no_training(*_):
+    raise AssertionError("a resumed run must not train a new tokenizer")
+
+  monkeypatch.setattr(data_lib, "train_tokenizer", no_training)
+  resumed = loop.run(config, workdir, devices=one_device)
+  assert resumed.train_losses == {s: v for s, v in straight.train_losses.items() if s > 2}
+  assert resumed.sample == straight.sample

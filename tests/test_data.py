@@ -199,7 +199,8 @@ def test_packed_windows_never_attend_across_documents():
   tok = ByteTokenizer()
   docs = ["first document", "2nd", "and a third, longer one"]
   stream = stream_of(docs, tok)
-  ex = pipeline.window(stream, 5, 32, tok.pad_id)  # starts inside the first document
+  batch = pipeline.windows(stream, [5], 32, tok.pad_id)  # starts inside the first document
+  ex = {k: v[0] for k, v in batch.items()}
   # Segments and positions restart at every bos.
   bos = np.flatnonzero(ex["inputs"] == tok.bos_id)
   assert list(np.flatnonzero(np.diff(ex["segment_ids"]) > 0) + 1) == list(bos)
@@ -233,17 +234,17 @@ def test_an_epoch_scores_every_token_once_and_seeds_fix_the_order():
     starts = sorted(windows.offset(epoch) + windows._order[epoch * n + j] * 8
                     for j in range(n))
     assert starts == [windows.offset(epoch) + 8 * j for j in range(n)]  # a permutation
-  a = pipeline.train_batches(windows.example, 4)
-  b = pipeline.train_batches(pipeline.StreamWindows(stream, 8, 3, tok.pad_id).example, 4)
-  c = pipeline.train_batches(pipeline.StreamWindows(stream, 8, 4, tok.pad_id).example, 4)
+  a = pipeline.train_batches(windows.batch, 4)
+  b = pipeline.train_batches(pipeline.StreamWindows(stream, 8, 3, tok.pad_id).batch, 4)
+  c = pipeline.train_batches(pipeline.StreamWindows(stream, 8, 4, tok.pad_id).batch, 4)
   for k in (0, 5, 17):
     np.testing.assert_array_equal(a[k]["inputs"], b[k]["inputs"])
   assert any(not np.array_equal(a[k]["inputs"], c[k]["inputs"]) for k in range(4))
   # Targets are the inputs shifted by one, taken from the stream.
-  ex = windows.example(0)
+  ex = windows.batch([0])
   start = windows.offset(0) + windows._order[0] * 8
-  np.testing.assert_array_equal(ex["inputs"], stream.tokens[start:start + 8])
-  np.testing.assert_array_equal(ex["targets"], stream.tokens[start + 1:start + 9])
+  np.testing.assert_array_equal(ex["inputs"][0], stream.tokens[start:start + 8])
+  np.testing.assert_array_equal(ex["targets"][0], stream.tokens[start + 1:start + 9])
 
 
 def test_two_hosts_split_every_global_batch_and_cover_the_epoch_once():
@@ -251,8 +252,8 @@ def test_two_hosts_split_every_global_batch_and_cover_the_epoch_once():
   rng = np.random.default_rng(0)  # random letters: no two windows are alike
   stream = stream_of(["".join(rng.choice(list("abcdefghij"), n)) for n in (400, 300)], tok)
   windows = pipeline.StreamWindows(stream, 8, seed=0, pad_id=tok.pad_id)
-  one = pipeline.train_batches(windows.example, 6)
-  hosts = [pipeline.train_batches(windows.example, 6, p, 2) for p in (0, 1)]
+  one = pipeline.train_batches(windows.batch, 6)
+  hosts = [pipeline.train_batches(windows.batch, 6, p, 2) for p in (0, 1)]
   num_batches = windows.per_epoch // 6
   seen = []
   for k in range(num_batches):

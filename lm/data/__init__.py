@@ -61,14 +61,14 @@ class Data:
     """Grain MapDataset: batch k is this process's rows of global training batch k."""
     if self.format == "text":
       self._require(("text",), f"objective {objective}")
-      windows = pipeline.StreamWindows(self.streams["train"], seq_len, seed,
-                                       self.tokenizer.pad_id)
-      example_fn = windows.example
+      batch_fn = pipeline.StreamWindows(self.streams["train"], seq_len, seed,
+                                        self.tokenizer.pad_id).batch
       if objective == "mlm":
-        example_fn = self._mlm(windows.example, seed)
+        batch_fn = self._mlm(batch_fn, seed)
     else:
-      example_fn = self._record_examples("train", seq_len, target_len, shuffle_seed=seed)
-    return pipeline.train_batches(example_fn, batch_size, process_index, process_count)
+      batch_fn = pipeline.rows(self._record_examples("train", seq_len, target_len,
+                                                     shuffle_seed=seed))
+    return pipeline.train_batches(batch_fn, batch_size, process_index, process_count)
 
   def eval_batches(self, split, batch_size, seq_len, process_index=0, process_count=1,
                    objective="causal", seed=0, target_len=None):
@@ -77,24 +77,28 @@ class Data:
       stream = self.streams[split]
       num_windows = -(-(len(stream) - 1) // seq_len) if len(stream) > 1 else 0
 
-      def example_fn(i):
-        return pipeline.window(stream, i * seq_len, seq_len, self.tokenizer.pad_id)
+      def batch_fn(indices):
+        return pipeline.windows(stream, indices * seq_len, seq_len, self.tokenizer.pad_id)
 
       if objective == "mlm":
-        example_fn = self._mlm(example_fn, seed)
-      return pipeline.eval_batches(num_windows, example_fn, batch_size, process_index,
+        batch_fn = self._mlm(batch_fn, seed)
+      return pipeline.eval_batches(num_windows, batch_fn, batch_size, process_index,
                                    process_count)
     num = self.prepared.num_examples(split)
-    return pipeline.eval_batches(num, self._record_examples(split, seq_len, target_len),
+    return pipeline.eval_batches(num, pipeline.rows(self._record_examples(split, seq_len,
+                                                                          target_len)),
                                  batch_size, process_index, process_count)
 
   def iterator(self, dataset, state=None):
     return pipeline.iterator(dataset, self.num_threads, state=state)
 
-  def _mlm(self, example_fn, seed):
-    def masked(i):
-      rng = np.random.default_rng([seed, MLM_SEED_SALT, i])
-      return examples.mlm_example(example_fn(i), self.tokenizer, rng)
+  def _mlm(self, batch_fn, seed):
+    def masked(indices):
+      batch = batch_fn(indices)
+      out = [examples.mlm_example({k: v[r] for k, v in batch.items()}, self.tokenizer,
+                                  np.random.default_rng([seed, MLM_SEED_SALT, int(i)]))
+             for r, i in enumerate(indices)]
+      return pipeline.stack(out)
     return masked
 
   def _record_examples(self, split, seq_len, target_len, shuffle_seed=None):

@@ -35,6 +35,7 @@ from lm.errors import UserError
 class TokenStream:
   tokens: np.ndarray  # [N] uint16 or int32, possibly memory-mapped
   doc_starts: np.ndarray  # [D] int64: index of each document's bos in `tokens`
+  characters: int = 0  # of the text it was made from: losses per character compare vocabularies
 
   def __len__(self):
     return len(self.tokens)
@@ -54,51 +55,60 @@ def token_stream(records, tokenizer, cache_prefix, num_threads=4):
   """Tokenizes `records` ({"text"} dicts, random access) once into a cached TokenStream."""
   dtype = np.uint16 if tokenizer.vocab_size <= np.iinfo(np.uint16).max + 1 else np.int32
   tokens_path, starts_path = cache_prefix + ".tokens.bin", cache_prefix + ".starts.npy"
+  chars_path = cache_prefix + ".characters.txt"
   os.makedirs(os.path.dirname(tokens_path), exist_ok=True)
   with _file_lock(cache_prefix):
     if not (os.path.exists(tokens_path) and os.path.exists(starts_path)):
       encoded = (grain.MapDataset.source(records)
-                 .map(lambda record: tokenizer.encode(record["text"]))
+                 .map(lambda record: (tokenizer.encode(record["text"]), len(record["text"])))
                  .to_iter_dataset(grain.ReadOptions(num_threads=num_threads,
                                                     prefetch_buffer_size=64)))
-      starts, n = [], 0
+      starts, n, characters = [], 0, 0
       bos = np.array([tokenizer.bos_id], dtype)
       tmp = f"{tokens_path}.{os.getpid()}.tmp"
       with open(tmp, "wb") as f:
-        for ids in encoded:
+        for ids, num_chars in encoded:
           starts.append(n)
+          characters += num_chars
           f.write(bos.tobytes())
           f.write(ids.astype(dtype).tobytes())
           n += 1 + len(ids)
       np.save(f"{starts_path}.{os.getpid()}.tmp.npy", np.asarray(starts, np.int64))
       os.replace(f"{starts_path}.{os.getpid()}.tmp.npy", starts_path)
+      with open(chars_path, "w", encoding="utf-8") as f:
+        f.write(str(characters))
       os.replace(tmp, tokens_path)  # last: its presence marks a complete cache
   size = os.path.getsize(tokens_path) // np.dtype(dtype).itemsize
   tokens = (np.memmap(tokens_path, dtype=dtype, mode="r", shape=(size,)) if size
             else np.zeros((0,), dtype))
-  return TokenStream(tokens=tokens, doc_starts=np.load(starts_path))
+  with open(chars_path, encoding="utf-8") as f:
+    characters = int(f.read())
+  return TokenStream(tokens=tokens, doc_starts=np.load(starts_path), characters=characters)
 
 
-def window(stream, start, seq_len, pad_id):
-  """The packed example at `start`: inputs, targets, weights, segment_ids, positions [L]."""
+def windows(stream, starts, seq_len, pad_id):
+  """Packed examples at `starts` [B]: inputs, targets, weights, segment_ids, positions [B, L].
+
+  Windows running past the stream's end are padded: pad tokens, weight 0, segment 0."""
+  starts = np.asarray(starts, np.int64)
   n = len(stream.tokens)
-  stop = min(start + seq_len + 1, n)
-  ids = np.full(seq_len + 1, pad_id, np.int32)
-  ids[:stop - start] = stream.tokens[start:stop]
-  valid = np.arange(seq_len) < stop - start - 1
-  t = start + np.arange(seq_len)
+  idx_BxL1 = starts[:, None] + np.arange(seq_len + 1)
+  ids_BxL1 = np.where(idx_BxL1 < n, stream.tokens[np.minimum(idx_BxL1, n - 1)],
+                      pad_id).astype(np.int32)
+  t_BxL = idx_BxL1[:, :-1]
+  valid_BxL = idx_BxL1[:, 1:] < n  # the target exists
   # Each position's document (index into doc_starts) and where that document starts, or the
   # window's start for the document the window cuts into.
-  doc = np.searchsorted(stream.doc_starts, t, side="right") - 1
-  doc_start = np.maximum(stream.doc_starts[np.maximum(doc, 0)], start)
-  first = doc[0]
-  return {"inputs": ids[:-1], "targets": ids[1:], "weights": valid.astype(np.float32),
-          "segment_ids": np.where(valid, doc - first + 1, 0).astype(np.int32),
-          "positions": np.where(valid, t - doc_start, 0).astype(np.int32)}
+  doc_BxL = np.searchsorted(stream.doc_starts, t_BxL, side="right") - 1
+  doc_start_BxL = np.maximum(stream.doc_starts[np.maximum(doc_BxL, 0)], starts[:, None])
+  return {"inputs": ids_BxL1[:, :-1], "targets": ids_BxL1[:, 1:],
+          "weights": valid_BxL.astype(np.float32),
+          "segment_ids": np.where(valid_BxL, doc_BxL - doc_BxL[:, :1] + 1, 0).astype(np.int32),
+          "positions": np.where(valid_BxL, t_BxL - doc_start_BxL, 0).astype(np.int32)}
 
 
 class StreamWindows:
-  """Training windows of a TokenStream: `example(i)` for the i-th window of the run."""
+  """Training windows of a TokenStream: `batch(indices)` holds the run's windows `indices`."""
 
   def __init__(self, stream, seq_len, seed, pad_id, split="train"):
     if len(stream) < seq_len + 1:
@@ -107,19 +117,31 @@ class StreamWindows:
     self.stream, self.seq_len, self.seed, self.pad_id = stream, seq_len, seed, pad_id
     self.per_epoch = (len(stream) - 1) // seq_len
     self._order = grain.MapDataset.range(self.per_epoch).shuffle(seed=seed).repeat(None)
+    self._offsets = {}
 
   def offset(self, epoch):
-    slack = len(self.stream) - 1 - self.per_epoch * self.seq_len
-    return int(np.random.default_rng([self.seed, epoch]).integers(0, slack + 1))
+    """Where epoch `epoch` starts cutting the stream: a fresh random phase every epoch."""
+    if epoch not in self._offsets:
+      slack = len(self.stream) - 1 - self.per_epoch * self.seq_len
+      self._offsets[epoch] = int(np.random.default_rng([self.seed, epoch]).integers(0, slack + 1))
+    return self._offsets[epoch]
 
-  def example(self, i):
-    epoch = i // self.per_epoch
-    start = self.offset(epoch) + self._order[i] * self.seq_len
-    return window(self.stream, start, self.seq_len, self.pad_id)
+  def start(self, i):
+    return self.offset(i // self.per_epoch) + self._order[i] * self.seq_len
+
+  def batch(self, indices):
+    return windows(self.stream, [self.start(int(i)) for i in indices], self.seq_len,
+                   self.pad_id)
 
 
-def _stack(examples):
+def stack(examples):
+  """One batch (a dict of [n, ...] arrays) from n examples (dicts of arrays)."""
   return {k: np.stack([e[k] for e in examples]) for k in examples[0]}
+
+
+def rows(example_fn):
+  """A batch function from a one-example function: stacks `example_fn(i)` over indices."""
+  return lambda indices: stack([example_fn(int(i)) for i in indices])
 
 
 def host_rows(batch_size, process_index, process_count):
@@ -130,28 +152,30 @@ def host_rows(batch_size, process_index, process_count):
   return process_index * per_host, per_host
 
 
-def train_batches(example_fn, batch_size, process_index=0, process_count=1):
-  """MapDataset: batch k = this process's rows of global examples [k*B, (k+1)*B)."""
+def train_batches(batch_fn, batch_size, process_index=0, process_count=1):
+  """MapDataset: batch k = this process's rows of global examples [k*B, (k+1)*B).
+
+  `batch_fn(indices)` returns the examples `indices` as a dict of stacked arrays."""
   first, per_host = host_rows(batch_size, process_index, process_count)
   return grain.MapDataset.range(sys.maxsize).map(
-      lambda k: _stack([example_fn(k * batch_size + first + r) for r in range(per_host)]))
+      lambda k: batch_fn(k * batch_size + first + np.arange(per_host)))
 
 
-def eval_batches(num_examples, example_fn, batch_size, process_index=0, process_count=1):
-  """MapDataset over every example once, in order; rows past the end are all padding."""
+def eval_batches(num_examples, batch_fn, batch_size, process_index=0, process_count=1):
+  """MapDataset over every example once, in order; rows past the end are all zeros."""
   first, per_host = host_rows(batch_size, process_index, process_count)
   num_batches = -(-num_examples // batch_size)
-  padding = _padding_like(example_fn(0)) if num_examples else None
 
   def batch(k):
-    ids = (k * batch_size + first + r for r in range(per_host))
-    return _stack([example_fn(i) if i < num_examples else padding for i in ids])
+    ids = k * batch_size + first + np.arange(per_host)
+    ids = ids[ids < num_examples]
+    count = len(ids)
+    real = batch_fn(ids if count else np.zeros(1, ids.dtype))  # example 0 gives the shapes
+    return {key: np.concatenate([v[:count], np.zeros((per_host - count,) + v.shape[1:],
+                                                     v.dtype)])
+            for key, v in real.items()}
 
   return grain.MapDataset.range(num_batches).map(batch)
-
-
-def _padding_like(example):
-  return {k: np.zeros_like(v) for k, v in example.items()}
 
 
 def iterator(dataset, num_threads=2, prefetch=8, state=None):

@@ -9,7 +9,8 @@ whole validation split.
     python -m lm.main --config=experiments/shakespeare_char.py \
         --config.data.path=../shared/data/tiny_shakespeare/input.txt
 
-Without data.path the corpus is downloaded once (needs internet).
+Without data.path it reads the TFDS catalog's tiny_shakespeare (downloaded once; TFDS splits
+it 90/5/5 into train/validation/test).
 """
 
 import os

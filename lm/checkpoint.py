@@ -24,7 +24,8 @@ from lm.errors import UserError
 # they change how long and how visibly a run goes, not what it computes.
 RESUMABLE_CHANGES = ("train.num_steps", "train.eval_every", "train.eval_steps",
                      "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-                     "train.nonfinite", "log.", "sample.", "mesh.")
+                     "train.nonfinite", "log.", "sample.", "mesh.", "data.num_threads",
+                     "data.data_dir")
 
 
 class CheckpointError(UserError):

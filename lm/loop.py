@@ -143,6 +143,9 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
     start_step, meta = _latest_meta(checkpointer, config)
 
   data = make_data(config, tokenizer_spec=meta and meta["tokenizer"])
+  if data.format != "text":
+    raise UserError(f"config.data.format: lm.main trains causal language models on text; "
+                    f"{data.source} is a {data.format} dataset")
   if meta and meta["data_fingerprint"] != data.fingerprint:
     raise UserError(f"config.data: the corpus at {data.source} changed since the checkpoint "
                     "in this workdir was written; resuming would train on other data")
@@ -244,6 +247,8 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
           paused += time.perf_counter() - eval_start
         if step % t.checkpoint_every == 0 or step == end_step or preempted:
           _check_finite(jax.device_get(pending), t.nonfinite, last_checkpoint)
+          # Every process's iterator is at the same batch index, so the primary's state (the
+          # one Orbax writes) restores every process.
           checkpointer.save(step, state, {**meta, "data_state": train_batches.get_state()})
           last_checkpoint = step
         if preempted:

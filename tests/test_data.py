@@ -359,3 +359,28 @@ def test_make_data_restores_the_checkpointed_tokenizer(tmp_path):
   assert isinstance(again.tokenizer, SentencePieceTokenizer)
   assert again.tokenizer.model_proto == first.tokenizer.model_proto
   np.testing.assert_array_equal(again.streams["train"].tokens, first.streams["train"].tokens)
+
+
+@pytest.mark.parametrize("name,fmt", [("tiny_shakespeare", "text"), ("glue/sst2", "labelled"),
+                                      ("wmt14_translate", "parallel"), ("lm1b", "text"),
+                                      ("imdb_reviews", "labelled")])
+def test_catalog_datasets_by_name_through_tfds(tmp_path, name, fmt):
+  """The catalog path end to end on TFDS's generated stand-in records (no download)."""
+  import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
+  c = tiny_config(**{"data.path": "", "data.name": name, "data.data_dir": str(tmp_path),
+                     "data.tokenizer": "byte"})
+  with tfds.testing.mock_data(num_examples=6, policy=tfds.testing.MockPolicy.USE_CODE):
+    data = make_data(c)
+    assert data.format == fmt and data.source.startswith(f"tfds:{name}")
+    record = data.prepared.sources["validation"][0]
+    if fmt == "text":
+      assert isinstance(record["text"], str) and data.size("train") > 6
+      batch = data.train_batches(2, 4, seed=0)[0]
+      assert batch["inputs"].shape == (2, 4)
+    elif fmt == "labelled":
+      assert isinstance(record["text"], str) and record["label"] in (0, 1)
+      assert len(data.prepared.label_names) == 2
+      assert data.train_batches(2, 16, seed=0)[0]["label"].shape == (2,)
+    else:
+      assert set(record) == {"source", "target"}  # en -> de by default
+      assert data.train_batches(2, 16, seed=0)[0]["source"].shape == (2, 16)

@@ -26,6 +26,7 @@ import dataclasses
 import fcntl
 import gzip
 import hashlib
+import importlib
 import io
 import json
 import logging
@@ -39,13 +40,15 @@ VERSION = "1.0.0"
 SPLITS = ("train", "validation", "test")
 _SPLIT_PREFIXES = (("train", "train"), ("validation", "val"), ("validation", "dev"),
                    ("test", "test"))
-# TFDS catalog datasets: name -> (format, {our field: their feature}).
+# TFDS catalog datasets: name -> (format, {our field: their feature}, the TFDS module that
+# registers the builder; without TensorFlow, TFDS imports some of them only on request).
 CATALOG = {
-    "tiny_shakespeare": ("text", {"text": "text"}),
-    "lm1b": ("text", {"text": "text"}),
-    "wmt14_translate/de-en": ("parallel", {"source": "{source}", "target": "{target}"}),
-    "glue/sst2": ("labelled", {"text": "sentence", "label": "label"}),
-    "imdb_reviews": ("labelled", {"text": "text", "label": "label"}),
+    "tiny_shakespeare": ("text", {"text": "text"}, "text.tiny_shakespeare"),
+    "lm1b": ("text", {"text": "text"}, "text.lm1b"),
+    "wmt14_translate/de-en": ("parallel", {"source": "{source}", "target": "{target}"},
+                              "translate.wmt14"),
+    "glue/sst2": ("labelled", {"text": "sentence", "label": "label"}, "text.glue"),
+    "imdb_reviews": ("labelled", {"text": "text", "label": "label"}, "text.imdb"),
 }
 _ALIASES = {"wmt14_translate": "wmt14_translate/de-en"}
 LOCAL_NAMES = ("python_stdlib",)
@@ -367,7 +370,8 @@ def _prepare_catalog(name, data_config, data_dir):
                     f"({', '.join(LOCAL_NAMES)}) nor a supported TFDS dataset "
                     f"({', '.join(CATALOG)}); or set config.data.path")
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
-  fmt, fields = CATALOG[name]
+  fmt, fields, module = CATALOG[name]
+  importlib.import_module(f"tensorflow_datasets.{module}")
   fields = {k: v.format(source=data_config.source_language, target=data_config.target_language)
             for k, v in fields.items()}
   try:
@@ -380,8 +384,15 @@ def _prepare_catalog(name, data_config, data_dir):
     raise UserError(f"config.data.name: cannot prepare TFDS dataset {name!r} in {data_dir} "
                     f"({type(e).__name__}: {e}); it downloads once and needs internet for "
                     "that; offline, point config.data.path at local files") from None
-  sources = {split: _Records(builder.as_data_source(split=split), fields)
-             for split in SPLITS if split in builder.info.splits}
+  sources = {}
+  for split in SPLITS:
+    try:
+      sources[split] = _Records(builder.as_data_source(split=split), fields)
+    except (ValueError, KeyError):  # the dataset has no such split
+      continue
+  if "train" not in sources or "validation" not in sources:
+    raise UserError(f"config.data.name: TFDS dataset {name!r} lacks a train or validation "
+                    "split")
   if fmt == "labelled" and "test" in sources:  # GLUE hides its test labels (-1)
     first = sources["test"][0] if len(sources["test"]) else {"label": 0}
     if first["label"] < 0:

@@ -6,7 +6,8 @@ followed by its tokens, back to back (nanoGPT's train.bin, plus the document sta
 
 Training examples are windows of seq_len + 1 tokens of that stream. Each epoch cuts the
 stream at a fresh random offset into (n - 1) // seq_len windows and visits them in a fresh
-seeded order (Grain's index shuffle), so every token is a target once per epoch. A window
+seeded order (Grain's index shuffle), so each token is a target at most once per epoch (all
+but the fewer than seq_len cut off at the ends, which differ from epoch to epoch). A window
 packs the pieces of all documents it covers: `segment_ids` number them (1, 2, ...) and
 `positions` restart at each document start, so attention never crosses a document boundary
 (the model's mask compares segment ids). Evaluation walks the stream in consecutive windows,

@@ -10,21 +10,24 @@ setup(
     python_requires=">=3.11",
     install_requires=[
         "absl-py>=2.1",
+        "array_record>=0.5",  # the on-disk format of every built dataset
         "chex>=0.1.88",
+        "fastapi>=0.110",  # lm.serve
         "flax>=0.10.4",
         "grain>=0.2.10",
         "importlib_resources>=6",  # tensorflow-datasets uses it for local builders, undeclared
         "jax>=0.6",
         "ml_collections>=1.0",
         "numpy>=1.26",
-        "array_record>=0.5",  # the on-disk format of every built dataset
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
+        "prometheus-client>=0.20",  # lm.serve /metrics
         "sentencepiece>=0.2",
         "tensorboardX>=2.6",
         "tensorflow-datasets>=4.9.8",
+        "uvicorn>=0.29",  # lm.serve
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5"],
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "openai>=1.0", "httpx>=0.27"],
     },
 )

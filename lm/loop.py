@@ -272,12 +272,11 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
     sample = ""
     if config.sample.num_tokens and step == t.num_steps:
       prompt = config.sample.prompt
-      ids = decode.generate(trainer.model, jax.device_get(state.params),
-                            np.concatenate([[data.tokenizer.bos_id],
-                                            data.tokenizer.encode(prompt)])[None],
+      prompt_ids = [data.tokenizer.bos_id, *data.tokenizer.encode(prompt).tolist()]
+      ids = decode.generate(trainer.model, jax.device_get(state.params), [prompt_ids],
                             config.sample.num_tokens,
-                            trainer.sample_key, config.sample.temperature,
-                            config.sample.top_k)
+                            decode.Sampling(temperature=config.sample.temperature,
+                                            top_k=config.sample.top_k, seed=t.seed))
       sample = prompt + data.tokenizer.decode(ids[0])
       writer.write_text(step, "sample", sample)
       metrics.log(f"sample (temperature {config.sample.temperature}, top-k "

@@ -66,7 +66,8 @@ class Trainer:
     self.schedule = learning_rate_schedule(config.train)
     self.seq_len = config.data.seq_len
     seed_key = jax.random.key(config.train.seed)
-    self.init_key, self.dropout_key, self.sample_key = jax.random.split(seed_key, 3)
+    # (A third key once seeded sampling; kept so that init and dropout keys stay the same.)
+    self.init_key, self.dropout_key, _ = jax.random.split(seed_key, 3)
 
     abstract_boxed = jax.eval_shape(self._init_boxed_params, self.init_key)
     param_shardings = sharding.logical_shardings(abstract_boxed, mesh)

@@ -1,4 +1,6 @@
-"""Sampling: the on-device loop against a plain host loop, and the sampling rules."""
+"""Cached decoding against full recomputation, padding, sampling rules, stops and seeds."""
+
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -6,67 +8,144 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lm.decode import generate, sample_logits
+from lm.decode import Sampling, decode, filter_logits, generate, outputs, prefill, sample_logits
 from lm.models import Decoder, ModelConfig
+from lm.models.transformer import init_cache
+
+GREEDY = Sampling(temperature=0.0)
 
 
-@pytest.fixture(scope="module")
-def model_and_params():
-  cfg = ModelConfig(vocab_size=40, num_layers=2, num_heads=2, num_kv_heads=1, d_model=32,
-                    d_ff=64, max_len=12)
+def make_model(positions="rope", sharpen=30.0, **kw):
+  cfg = ModelConfig(vocab_size=40, num_layers=2, num_heads=4, num_kv_heads=2, d_model=32,
+                    d_ff=64, max_len=16, positions=positions, **kw)
   model = Decoder(cfg)
-  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 12), jnp.int32))["params"])
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 16), jnp.int32))["params"])
   # Sharpen the output so greedy choices are well separated from ties.
-  params["embed"]["embedding"] = params["embed"]["embedding"] * 30
+  params["embed"]["embedding"] = params["embed"]["embedding"] * sharpen
   return model, params
 
 
+def full_logits(model, params, tokens):
+  return np.asarray(model.apply({"params": params}, np.asarray(tokens)[None]))[0]
+
+
 def host_greedy(model, params, prompt, num_tokens):
-  """One full forward pass per token over the last max_len tokens, argmax on the host."""
-  tokens = list(prompt)
+  """A full forward pass per token; the context keeps growing until max_len, then restarts
+  from its last half (the rule `generate` documents)."""
+  max_len = model.cfg.max_len
+  ctx, out = list(prompt)[-max_len:], []
   for _ in range(num_tokens):
-    window = np.asarray(tokens[-model.cfg.max_len:])[None]
-    logits = np.asarray(model.apply({"params": params}, window))
-    tokens.append(int(logits[0, -1].argmax()))
-  return tokens[len(prompt):]
+    if len(ctx) == max_len:
+      ctx = ctx[-(max_len // 2):]
+    ctx.append(int(full_logits(model, params, ctx)[-1].argmax()))
+    out.append(ctx[-1])
+  return out
 
 
-@pytest.mark.parametrize("num_tokens", [5, 20])  # 20 runs past max_len = 12
-def test_greedy_equals_a_host_loop(model_and_params, num_tokens):
-  model, params = model_and_params
+@pytest.mark.parametrize("positions", ["rope", "learned"])
+def test_cached_logits_equal_full_recomputation(positions):
+  model, params = make_model(positions, sharpen=1.0)
+  tokens = [5, 3, 9, 1, 7, 2, 8, 6, 4, 11]
+  cache = init_cache(model.cfg, 1, 16)
+  logits, cache = model.apply({"params": params}, jnp.asarray([tokens[:4]]), cache=cache)
+  cached = list(np.asarray(logits)[0])
+  for t in tokens[4:]:  # then one token at a time
+    logits, cache = model.apply({"params": params}, jnp.asarray([[t]]), cache=cache)
+    cached.append(np.asarray(logits)[0, 0])
+  np.testing.assert_allclose(np.stack(cached), full_logits(model, params, tokens), atol=2e-5)
+
+
+@pytest.mark.parametrize("num_tokens", [6, 30])  # 30 runs past max_len = 16
+def test_greedy_generation_equals_a_host_loop(num_tokens):
+  model, params = make_model()
   prompt = [3, 1, 4, 1, 5]
-  out = generate(model, params, np.asarray([prompt]), num_tokens, jax.random.key(0),
-                 temperature=0.0)
-  assert out.shape == (1, num_tokens)
-  assert list(out[0]) == host_greedy(model, params, prompt, num_tokens)
+  out = generate(model, params, [prompt], num_tokens, GREEDY)
+  assert out == [host_greedy(model, params, prompt, num_tokens)]
 
 
-def test_top_k_one_is_greedy_and_seeds_repeat(model_and_params):
-  model, params = model_and_params
-  prompt = np.asarray([[7, 8, 9], [1, 2, 3]])
-  greedy = generate(model, params, prompt, 10, jax.random.key(0), temperature=0.0)
-  top1 = generate(model, params, prompt, 10, jax.random.key(5), temperature=1.0, top_k=1)
-  np.testing.assert_array_equal(greedy, top1)
-  flat = {**params, "embed": {"embedding": params["embed"]["embedding"] / 30}}
-  a = generate(model, flat, prompt, 10, jax.random.key(1), temperature=1.5)
-  b = generate(model, flat, prompt, 10, jax.random.key(1), temperature=1.5)
-  c = generate(model, flat, prompt, 10, jax.random.key(2), temperature=1.5)
-  np.testing.assert_array_equal(a, b)
-  assert not np.array_equal(a, c)
+def test_left_padding_changes_no_row():
+  model, params = make_model("learned")
+  prompts = [[7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [4, 4, 2]]
+  together = generate(model, params, prompts, 5, GREEDY)
+  assert together == [generate(model, params, [p], 5, GREEDY)[0] for p in prompts]
+  # The logits too: a left-padded row's last position equals the row run alone.
+  cache = init_cache(model.cfg, 2, 12, start_B=jnp.asarray([6, 0]))
+  batch = jnp.asarray([[0, 0, 0, 0, 0, 0, 4, 4, 2, 9, 9, 9], list(range(12))])
+  logits, _ = model.apply({"params": params}, batch[:, :9], cache=cache)
+  np.testing.assert_allclose(np.asarray(logits)[0, -1],
+                             full_logits(model, params, [4, 4, 2])[-1], atol=2e-5)
 
 
-def test_sample_logits_respects_top_k_and_temperature():
-  logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]]))
-  keys = jax.random.split(jax.random.key(0), 4000)
-  draws = np.asarray(jax.vmap(lambda k: sample_logits(logits, k, 1.0, 2))(keys))[:, 0]
-  assert set(np.unique(draws)) == {0, 1}
-  assert np.mean(draws == 0) == pytest.approx(0.5 / 0.8, abs=0.03)  # renormalised top-2
-  draws = np.asarray(jax.vmap(lambda k: sample_logits(logits, k, 1.0, 0))(keys))[:, 0]
-  np.testing.assert_allclose(np.bincount(draws, minlength=4) / 4000, [0.5, 0.3, 0.15, 0.05],
-                             atol=0.03)
+def test_filter_logits_keeps_exactly_the_top_k_and_nucleus():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(3, 50)).astype(np.float32) * 3
+  top_k, top_p = np.array([5, 0, 3]), np.array([1.0, 0.7, 0.9])
+  kept = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits), jnp.asarray(top_k),
+                                              jnp.asarray(top_p, jnp.float32))))
+  for row in range(3):  # numpy reference: sort, keep the smallest prefix with mass >= p
+    order = np.argsort(-logits[row])
+    probs = np.exp(logits[row][order] - logits[row].max())
+    probs /= probs.sum()
+    n_p = int(np.searchsorted(np.cumsum(probs), top_p[row] - 1e-6) + 1) if top_p[row] < 1 else 50
+    n = min(n_p, top_k[row] or 50)
+    assert set(np.flatnonzero(kept[row])) == set(order[:n])
 
 
-def test_empty_prompt_is_rejected(model_and_params):
-  model, params = model_and_params
-  with pytest.raises(ValueError, match="prompt is empty"):
-    generate(model, params, np.zeros((1, 0), np.int32), 3, jax.random.key(0))
+def test_samples_never_leave_the_allowed_set():
+  logits = jnp.log(jnp.asarray([[0.4, 0.3, 0.15, 0.1, 0.05]] * 2))
+  keys = jax.random.split(jax.random.key(0), 3000)
+  draw = jax.vmap(lambda k: sample_logits(logits, jnp.stack([k, k]), jnp.ones(2),
+                                          jnp.asarray([2, 0]), jnp.asarray([1.0, 0.65])))
+  draws = np.asarray(draw(keys))
+  assert set(np.unique(draws[:, 0])) == {0, 1}  # top-k 2
+  assert set(np.unique(draws[:, 1])) == {0, 1}  # top-p 0.65: 0.4 + 0.3 covers it
+  assert np.mean(draws[:, 0] == 0) == pytest.approx(0.4 / 0.7, abs=0.03)
+  greedy = sample_logits(logits, jnp.stack([keys[0]] * 2), jnp.zeros(2), jnp.zeros(2, int),
+                         jnp.ones(2))
+  assert list(np.asarray(greedy)) == [0, 0]
+
+
+def test_repetition_penalty_follows_the_ctrl_rule():
+  model, params = make_model(sharpen=3.0)
+  prompt = [3, 1, 4, 1, 5]
+  logits = full_logits(model, params, prompt)[-1]
+  penalised = np.where(np.isin(np.arange(40), prompt),
+                       np.where(logits > 0, logits / 4.0, logits * 4.0), logits)
+  out = generate(model, params, [prompt], 1, Sampling(temperature=0.0, repetition_penalty=4.0))
+  assert out == [[int(penalised.argmax())]]
+
+
+def test_stop_tokens_end_their_row_only():
+  model, params = make_model()
+  prompts = [[3, 1, 4], [9, 9, 2]]
+  free = generate(model, params, prompts, 8, GREEDY)
+  stop = free[0][2]
+  stopped = generate(model, params, prompts, 8, GREEDY, stop_ids=(stop,))
+  first = free[0].index(stop)
+  assert stopped[0] == free[0][:first + 1]
+  assert stopped[1] == (free[1][:free[1].index(stop) + 1] if stop in free[1] else free[1])
+
+
+def test_each_row_has_its_own_seed():
+  model, params = make_model(sharpen=0.3)
+  hot = Sampling(temperature=1.5, top_p=0.95)
+  alone = generate(model, params, [[1, 2]], 10, dataclasses.replace(hot, seed=7))
+  batch = generate(model, params, [[5, 6, 7], [1, 2]], 10,
+                   [dataclasses.replace(hot, seed=3), dataclasses.replace(hot, seed=7)])
+  assert batch[1] == alone[0]
+  other = generate(model, params, [[1, 2]], 10, dataclasses.replace(hot, seed=8))
+  assert other != alone
+
+
+def test_chunked_decoding_equals_one_call():
+  model, params = make_model()
+  state = prefill(model, params, [[3, 1, 4]], 8, [GREEDY])
+  for _ in range(7):
+    state = decode(model, params, state, 1)
+  assert outputs(state, 1) == generate(model, params, [[3, 1, 4]], 8, GREEDY)
+
+
+def test_empty_prompt_is_rejected():
+  model, params = make_model()
+  with pytest.raises(ValueError, match="at least one token"):
+    generate(model, params, [[]], 3)

@@ -150,7 +150,10 @@ class Attention(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask, deterministic):
+  def __call__(self, x_BxLxD, positions_BxL, mask, deterministic, cache=None, cache_index=None):
+    """Returns (output, cache). With a `cache` ({"k", "v"}: [B, S, K, Dh]), this call's keys
+    and values are written at slots cache_index.. and the queries attend over all S slots
+    (`mask` [B, 1, 1, L, S] says which); the updated cache is returned."""
     cfg = self.cfg
     dh = cfg.head_dim
     q_BxLxHxDh = Dense((cfg.num_heads, dh), ("embed", "heads", "kv"), cfg, name="query")(x_BxLxD)
@@ -162,6 +165,11 @@ class Attention(nn.Module):
       q_BxLxHxDh = rotary(q_BxLxHxDh, positions_BxL, cfg.rope_theta)
       k_BxLxKxDh = rotary(k_BxLxKxDh, positions_BxL, cfg.rope_theta)
     q_BxLxHxDh = constrain(q_BxLxHxDh, ("batch", "length", "heads", "kv"))
+    if cache is not None:
+      write = lambda c, x: constrain(jax.lax.dynamic_update_slice_in_dim(
+          c, x.astype(c.dtype), cache_index, axis=1), ("batch", "length", "kv_heads", "kv"))
+      cache = {"k": write(cache["k"], k_BxLxKxDh), "v": write(cache["v"], v_BxLxKxDh)}
+      k_BxLxKxDh, v_BxLxKxDh = cache["k"], cache["v"]
 
     use_dropout = cfg.dropout > 0.0 and not deterministic
     out_BxLxHxDh = dot_product_attention(
@@ -169,7 +177,7 @@ class Attention(nn.Module):
         dropout_rate=cfg.dropout if use_dropout else 0.0,
         dropout_rng=self.make_rng("dropout") if use_dropout else None)
     return Dense((cfg.d_model,), ("heads", "kv", "embed"), cfg, std=residual_std(cfg),
-                 name="out")(out_BxLxHxDh)
+                 name="out")(out_BxLxHxDh), cache
 
 
 def residual_std(cfg):

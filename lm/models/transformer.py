@@ -12,35 +12,45 @@ import jax.numpy as jnp
 from lm.models.layers import Attention, Dense, Mlp, ModelConfig, attention_mask, constrain
 from lm.models.layers import lp, make_norm
 
-__all__ = ["Block", "Decoder", "ModelConfig"]
+__all__ = ["Block", "Decoder", "ModelConfig", "init_cache"]
 
 
 class Block(nn.Module):
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask, deterministic):
+  def __call__(self, x_BxLxD, positions_BxL, mask, deterministic, cache=None, cache_index=None):
     cfg = self.cfg
     drop = nn.Dropout(cfg.dropout)
     h_BxLxD = make_norm(cfg, "ln_1")(x_BxLxD)
-    h_BxLxD = Attention(cfg, name="attn")(h_BxLxD, positions_BxL, mask, deterministic)
+    h_BxLxD, cache = Attention(cfg, name="attn")(h_BxLxD, positions_BxL, mask, deterministic,
+                                                 cache, cache_index)
     x_BxLxD = x_BxLxD + drop(h_BxLxD, deterministic=deterministic)
     h_BxLxD = make_norm(cfg, "ln_2")(x_BxLxD)
     h_BxLxD = Mlp(cfg, name="mlp")(h_BxLxD)
     x_BxLxD = x_BxLxD + drop(h_BxLxD, deterministic=deterministic)
-    return constrain(x_BxLxD, ("batch", "length", "embed"))
+    return constrain(x_BxLxD, ("batch", "length", "embed")), cache
 
 
 class Decoder(nn.Module):
-  """Causal language model: int tokens [B, L] -> float32 logits [B, L, V]."""
+  """Causal language model: int tokens [B, L] -> float32 logits [B, L, V].
+
+  With a KV `cache` (see `init_cache`) it returns (logits, cache): the tokens fill slots
+  cache["index"].. of the cache and attend to every earlier slot of their row from
+  cache["start"][b] on (slots before it are left padding); positions count from that start.
+  """
 
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None,
-               deterministic=True):
+               deterministic=True, cache=None):
     cfg = self.cfg
     b, length = tokens_BxL.shape
+    if cache is not None:
+      slots_L = cache["index"] + jnp.arange(length, dtype=jnp.int32)
+      if positions_BxL is None:
+        positions_BxL = jnp.maximum(slots_L[None, :] - cache["start"][:, None], 0)
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
 
@@ -56,13 +66,38 @@ class Decoder(nn.Module):
     x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
     x_BxLxD = constrain(x_BxLxD, ("batch", "length", "embed"))
 
-    mask = attention_mask(length, segment_ids_BxL)
+    if cache is None:
+      mask = attention_mask(length, segment_ids_BxL)
+    else:
+      slots_S = jnp.arange(cache["layers"][0]["k"].shape[1], dtype=jnp.int32)
+      mask_BxLxS = ((slots_S[None, None, :] <= slots_L[None, :, None]) &
+                    (slots_S[None, None, :] >= cache["start"][:, None, None]))
+      mask = mask_BxLxS[:, None, None]
+    layers = []
     for i in range(cfg.num_layers):
-      x_BxLxD = Block(cfg, name=f"layer_{i}")(x_BxLxD, positions_BxL, mask, deterministic)
+      x_BxLxD, layer_cache = Block(cfg, name=f"layer_{i}")(
+          x_BxLxD, positions_BxL, mask, deterministic,
+          None if cache is None else cache["layers"][i],
+          None if cache is None else cache["index"])
+      layers.append(layer_cache)
     x_BxLxD = make_norm(cfg, "ln_f")(x_BxLxD)
 
     if cfg.tie_embeddings:
       logits_BxLxV = embed.attend(x_BxLxD)
     else:
       logits_BxLxV = Dense((cfg.vocab_size,), ("embed", "vocab"), cfg, name="lm_head")(x_BxLxD)
-    return logits_BxLxV.astype(jnp.float32)
+    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    if cache is None:
+      return logits_BxLxV
+    return logits_BxLxV, {"index": cache["index"] + length, "start": cache["start"],
+                          "layers": tuple(layers)}
+
+
+def init_cache(cfg, batch, length, start_B=None):
+  """An empty KV cache of `length` slots per row; rows begin at slot `start_B` (default 0)."""
+  shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+  layer = lambda: {"k": jnp.zeros(shape, cfg.compute_dtype),
+                   "v": jnp.zeros(shape, cfg.compute_dtype)}
+  start_B = jnp.zeros((batch,), jnp.int32) if start_B is None else start_B
+  return {"index": jnp.zeros((), jnp.int32), "start": jnp.asarray(start_B, jnp.int32),
+          "layers": tuple(layer() for _ in range(cfg.num_layers))}

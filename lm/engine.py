@@ -1,0 +1,193 @@
+"""The serving engine: requests in, batched cached decoding on device, text events out.
+
+A worker thread takes requests from a bounded queue. It waits for the first, collects more
+for `window_s` (up to `max_batch` rows; a request with n choices is n rows), and decodes them
+as one batch: one prefill, then `chunk` tokens per jitted call, so text streams out every
+chunk and rows that finish (stop token, stop string, max_tokens, client gone) stop counting.
+New requests wait for the next batch (static batching with a collection window).
+
+Events go to each request's `emit(event)` callback from the worker thread:
+  ("delta", choice_index, text)           new text for a choice
+  ("done", choice_index, finish_reason, completion_tokens)
+  ("error", message)                      the whole request failed
+"""
+
+import dataclasses
+import queue
+import threading
+import time
+
+from lm import decode
+
+
+class QueueFull(Exception):
+  """More rows are waiting than the engine's queue limit allows."""
+
+
+@dataclasses.dataclass
+class Request:
+  prompt_ids: list
+  max_tokens: int
+  sampling: list  # one decode.Sampling per choice
+  stop: list  # stop strings
+  emit: object  # callable(event), called from the worker thread
+  cancelled: bool = False
+  submitted: float = dataclasses.field(default_factory=time.perf_counter)
+  first_token: float = 0.0
+
+  @property
+  def rows(self):
+    return len(self.sampling)
+
+
+@dataclasses.dataclass
+class _Row:
+  request: Request
+  choice: int
+  ids: list = dataclasses.field(default_factory=list)
+  sent: int = 0  # characters of text already emitted
+  finished: str = ""  # finish reason once done
+
+
+class Engine:
+
+  def __init__(self, loaded, max_batch=16, window_s=0.01, queue_limit=64, chunk=16,
+               metrics=None):
+    self.loaded, self.max_batch, self.window_s = loaded, max_batch, window_s
+    self.queue_limit, self.chunk, self.metrics = queue_limit, chunk, metrics
+    self._queue = queue.Queue()
+    self._waiting_rows = 0
+    self._lock = threading.Lock()
+    self._thread = threading.Thread(target=self._serve, name="lm-engine", daemon=True)
+    self._stopped = threading.Event()
+
+  def start(self, warmup=True):
+    if warmup:  # compile the smallest batch now rather than in the first request
+      self.loaded.complete(["\n"], 2, decode.Sampling(temperature=0.0))
+    self._thread.start()
+
+  def stop(self):
+    self._stopped.set()
+    self._queue.put(None)
+    self._thread.join(timeout=30)
+
+  @property
+  def queue_depth(self):
+    return self._waiting_rows
+
+  def submit(self, request):
+    with self._lock:
+      if self._waiting_rows + request.rows > self.queue_limit:
+        raise QueueFull(f"{self._waiting_rows} completions are queued (limit "
+                        f"{self.queue_limit}); retry later")
+      self._waiting_rows += request.rows
+      self._gauge()
+    self._queue.put(request)
+
+  def _gauge(self):
+    if self.metrics:
+      self.metrics.queue_depth.set(self._waiting_rows)
+
+  def _take(self, request):
+    with self._lock:
+      self._waiting_rows -= request.rows
+      self._gauge()
+
+  def _serve(self):
+    pending = None
+    while not self._stopped.is_set():
+      first = pending or self._queue.get()
+      pending = None
+      if first is None:
+        return
+      batch, rows = [first], first.rows
+      deadline = time.perf_counter() + self.window_s
+      while rows < self.max_batch:
+        try:
+          nxt = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+        except queue.Empty:
+          break
+        if nxt is None:
+          self._stopped.set()
+          break
+        if rows + nxt.rows > self.max_batch:
+          pending = nxt  # first in the next batch
+          break
+        batch.append(nxt)
+        rows += nxt.rows
+      for request in batch:
+        self._take(request)
+      try:
+        self._run(batch)
+      except Exception as e:  # pylint: disable=broad-except
+        for request in batch:
+          request.emit(("error", f"{type(e).__name__}: {e}"))
+
+  def _run(self, batch):
+    loaded = self.loaded
+    rows = [_Row(request, i) for request in batch for i in range(request.rows)]
+    live = [r for r in rows if not r.request.cancelled]
+    for r in rows:
+      if r.request.cancelled:
+        r.finished = "cancelled"
+    if not live:
+      return
+    limits = [r.request.max_tokens for r in live]
+    if self.metrics:
+      self.metrics.batch_rows.observe(len(live))
+    with loaded.on_mesh():
+      state = decode.prefill(loaded.model, loaded.params, [r.request.prompt_ids for r in live],
+                             decode.bucket(max(limits)),
+                             [r.request.sampling[r.choice] for r in live], loaded.stop_ids,
+                             limits=limits)
+      while True:
+        tokens = decode.outputs(state, len(live))
+        ended = self._publish(live, tokens, limits)
+        if all(r.finished for r in live):
+          return
+        if ended:  # rows the host ended (stop string, client gone) stop decoding
+          done = state.done_B.at[[i for i, r in enumerate(live) if r.finished]].set(True)
+          state = state._replace(done_B=done)
+        state = decode.decode(loaded.model, loaded.params, state, self.chunk)
+
+  def _publish(self, live, tokens, limits):
+    """Emits new text per row; returns whether the host ended any row just now."""
+    now = time.perf_counter()
+    tokenizer, ended = self.loaded.tokenizer, False
+    for r, ids, limit in zip(live, tokens, limits):
+      if r.finished:
+        continue
+      request = r.request
+      new = ids[len(r.ids):]
+      r.ids = ids
+      if new and not request.first_token:
+        request.first_token = now
+        if self.metrics:
+          self.metrics.time_to_first_token.observe(now - request.submitted)
+      if self.metrics and new:
+        self.metrics.generated_tokens.inc(len(new))
+      text = tokenizer.decode(ids)
+      reason = ""
+      cut = min((i for i in (text.find(s) for s in request.stop) if i >= 0), default=-1)
+      if cut >= 0:
+        text, reason, ended = text[:cut], "stop", True
+      elif ids and ids[-1] in self.loaded.stop_ids:
+        reason = "stop"
+      elif len(ids) >= limit:
+        reason = "length"
+      elif request.cancelled:
+        reason, ended = "cancelled", True
+      if not reason:  # hold back what may still change: a partial character or stop string
+        text = text.rstrip("\ufffd")
+        hold = max((len(s) for s in request.stop), default=1) - 1
+        text = text[:max(r.sent, len(text) - hold)]
+      if len(text) > r.sent:
+        request.emit(("delta", r.choice, text[r.sent:]))
+        r.sent = len(text)
+      if reason:
+        r.finished = reason
+        if reason != "cancelled":
+          request.emit(("done", r.choice, reason, len(ids)))
+        if self.metrics and len(ids) > 1 and request.first_token:
+          self.metrics.time_per_token.observe((now - request.first_token) / (len(ids) - 1))
+    return ended

@@ -1,0 +1,81 @@
+"""A trained model, ready to decode: loaded from a workdir's checkpoint.
+
+`load(workdir)` reads the newest complete checkpoint (or `step`), rebuilds the model from the
+config stored with it, restores the parameters onto one device (or a mesh), and restores the
+exact tokenizer the run trained with. `Generator` wraps lm/decode.py for text in, text out.
+"""
+
+import contextlib
+import dataclasses
+import os
+
+import flax.linen as nn
+import jax
+import ml_collections
+
+from lm import decode, sharding
+from lm.checkpoint import Checkpointer, abstract_like
+from lm.data.tokenizers import from_dict
+from lm.errors import UserError
+
+
+@dataclasses.dataclass
+class Loaded:
+  model: object
+  params: dict
+  tokenizer: object
+  config: ml_collections.ConfigDict
+  step: int
+  mesh: object
+
+  @contextlib.contextmanager
+  def on_mesh(self):
+    """Activates the mesh and logical axis rules, so the KV cache is sharded by them."""
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.RULES):
+      yield
+
+  def encode_prompt(self, text):
+    """Token ids of a prompt, after `bos` (training documents start with it)."""
+    return [self.tokenizer.bos_id, *self.tokenizer.encode(text).tolist()]
+
+  @property
+  def stop_ids(self):
+    """A new document (`bos`) or `eos` ends a completion."""
+    return (self.tokenizer.bos_id, self.tokenizer.eos_id)
+
+  def complete(self, prompts, max_tokens, sampling):
+    """Texts continuing each prompt text (decoding is cut at a stop token)."""
+    with self.on_mesh():
+      ids = decode.generate(self.model, self.params, [self.encode_prompt(p) for p in prompts],
+                            max_tokens, sampling, self.stop_ids)
+    return [self.tokenizer.decode(x) for x in ids]
+
+
+def load(workdir, step=None, devices=None):
+  """The model of `workdir`'s newest complete checkpoint (or checkpoint `step`)."""
+  from lm.train import Trainer  # pylint: disable=import-outside-toplevel
+  if not os.path.isdir(os.path.join(workdir, "checkpoints")):
+    raise UserError(f"--workdir: {workdir} holds no checkpoints (train with lm.main first)")
+  checkpointer = Checkpointer(workdir, keep=None)
+  try:
+    steps = checkpointer.all_steps()
+    if not steps:
+      raise UserError(f"--workdir: {workdir} holds no complete checkpoint")
+    if step is not None and step not in steps:
+      raise UserError(f"--step: no checkpoint {step} in {workdir} (there are "
+                      f"{', '.join(map(str, sorted(steps)))})")
+    step = steps[0] if step is None else step
+    meta = checkpointer.read_meta(step)
+    config = ml_collections.ConfigDict(meta["config"])
+    tokenizer = from_dict(meta["tokenizer"])
+    devices = list(devices or jax.devices()[:1])
+    config.mesh.data, config.mesh.fsdp, config.mesh.tensor = len(devices), 1, 1
+    mesh = sharding.make_mesh(config.mesh, devices)
+    trainer = Trainer(config, tokenizer.vocab_size, mesh)
+    checkpointer.check_shapes(step, trainer.abstract_state)
+    state = checkpointer.restore_state(step, abstract_like(trainer.abstract_state,
+                                                           trainer.state_shardings))
+  finally:
+    checkpointer.close()
+  return Loaded(model=trainer.model, params=state.params, tokenizer=tokenizer, config=config,
+                step=step, mesh=mesh)

@@ -1,0 +1,200 @@
+"""The OpenAI-compatible server: the official client, streaming, batching, bad requests."""
+
+import asyncio
+import json
+import socket
+import threading
+import time
+
+import flax.linen as nn
+import httpx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import openai
+import pytest
+import uvicorn
+
+from conftest import tiny_config
+from lm import decode, sharding
+from lm.data import CharTokenizer
+from lm.inference import Loaded
+from lm.models import Decoder, ModelConfig
+from lm.serve import make_app
+
+TEXT = "the quick brown fox jumps over the lazy dog.\n"
+
+
+@pytest.fixture(scope="module")
+def loaded():
+  tokenizer = CharTokenizer.train([TEXT])
+  cfg = ModelConfig(vocab_size=tokenizer.vocab_size, num_layers=2, num_heads=2,
+                    num_kv_heads=1, d_model=32, d_ff=64, max_len=48, positions="rope")
+  model = Decoder(cfg)
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  params["embed"]["embedding"] = params["embed"]["embedding"] * 20  # no near-ties
+  config = tiny_config()
+  mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  return Loaded(model=model, params=params, tokenizer=tokenizer, config=config, step=7,
+                mesh=mesh)
+
+
+class Server:
+  """uvicorn in a thread on a free port."""
+
+  def __init__(self, api):
+    with socket.socket() as s:
+      s.bind(("127.0.0.1", 0))
+      self.port = s.getsockname()[1]
+    self.server = uvicorn.Server(uvicorn.Config(api, host="127.0.0.1", port=self.port,
+                                                log_level="warning"))
+    self.thread = threading.Thread(target=self.server.run, daemon=True)
+    self.thread.start()
+    deadline = time.time() + 120
+    while not self.server.started:
+      assert time.time() < deadline and self.thread.is_alive(), "server did not start"
+      time.sleep(0.05)
+    self.url = f"http://127.0.0.1:{self.port}"
+
+  def close(self):
+    self.server.should_exit = True
+    self.thread.join(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def server(loaded):
+  s = Server(make_app(loaded, "tiny", max_batch=8, window_s=0.02, queue_limit=64, chunk=4))
+  yield s
+  s.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+  return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", max_retries=0)
+
+
+def expected(loaded, prompt, max_tokens, **sampling):
+  """The completion computed directly, without the server."""
+  s = decode.Sampling(**{"temperature": 0.0, **sampling})
+  return loaded.complete([prompt], max_tokens, s)[0]
+
+
+def test_the_openai_client_gets_completions(client, loaded):
+  out = client.completions.create(model="tiny", prompt="the quick", max_tokens=12,
+                                  temperature=0)
+  assert out.object == "text_completion" and out.model == "tiny"
+  assert out.choices[0].text == expected(loaded, "the quick", 12)
+  assert out.choices[0].finish_reason in ("length", "stop")
+  assert out.usage.prompt_tokens == 10  # bos + 9 characters
+  assert out.usage.completion_tokens >= len(out.choices[0].text)
+  assert [m.id for m in client.models.list().data] == ["tiny"]
+
+
+def test_streaming_sends_the_same_text_in_pieces(client, loaded):
+  stream = client.completions.create(model="tiny", prompt="lazy", max_tokens=20,
+                                     temperature=0, stream=True)
+  pieces, reasons = [], []
+  for chunk in stream:
+    pieces.append(chunk.choices[0].text)
+    reasons.append(chunk.choices[0].finish_reason)
+  assert len([p for p in pieces if p]) > 1  # more than one chunk of text
+  assert "".join(pieces) == expected(loaded, "lazy", 20)
+  assert reasons[-1] in ("length", "stop") and not any(reasons[:-1])
+
+
+def test_several_prompts_n_choices_seeds_and_stop_strings(client, loaded):
+  out = client.completions.create(model="tiny", prompt=["fox", "dog"], n=2, max_tokens=10,
+                                  temperature=1.0, seed=5)
+  assert [c.index for c in out.choices] == [0, 1, 2, 3]
+  again = client.completions.create(model="tiny", prompt=["fox", "dog"], n=2, max_tokens=10,
+                                    temperature=1.0, seed=5)
+  assert [c.text for c in again.choices] == [c.text for c in out.choices]
+  full = expected(loaded, "the", 16)
+  stop = full[3:5]
+  cut = client.completions.create(model="tiny", prompt="the", max_tokens=16, temperature=0,
+                                  stop=[stop])
+  assert cut.choices[0].text == full[:full.index(stop)]
+  assert cut.choices[0].finish_reason == "stop"
+
+
+@pytest.mark.parametrize("body,status,fragment", [
+    ('{"model": "tiny", "prompt": "a", "max_tokens": ', 400, "not valid JSON"),
+    ({"model": "tiny", "prompt": "a", "max_tokens": "5"}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "a", "max_tokens": -3}, 400, "max_tokens"),
+    ({"model": "tiny", "prompt": "a", "max_tokens": 10**9}, 400, "maximum context length"),
+    ({"model": "tiny", "prompt": "a", "temperature": 3}, 400, "temperature"),
+    ({"model": "tiny", "prompt": "a", "n": 100}, 400, "n"),
+    ({"model": "tiny", "prompt": "a", "frequency_penalty": 1}, 400, "frequency_penalty"),
+    ({"model": "tiny", "prompt": 5}, 400, "prompt"),
+    ({"model": "tiny", "prompt": "a", "stop": ["x"] * 5}, 400, "stop"),
+    ({"prompt": "a"}, 400, "model"),
+    ({"model": "gpt-4", "prompt": "a"}, 404, "does not exist"),
+])
+def test_bad_requests_get_openai_shaped_4xx_errors(server, body, status, fragment):
+  content = body if isinstance(body, str) else json.dumps(body)
+  r = httpx.post(f"{server.url}/v1/completions", content=content,
+                 headers={"content-type": "application/json"}, timeout=60)
+  assert r.status_code == status, r.text
+  error = r.json()["error"]
+  assert set(error) == {"message", "type", "param", "code"}
+  assert fragment in error["message"]
+  assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"  # still serving
+
+
+def test_32_concurrent_clients_all_get_their_answers(server, loaded):
+  prompts = [TEXT[i:i + 3 + i % 5] for i in range(32)]
+
+  async def ask(c, prompt):
+    r = await c.post(f"{server.url}/v1/completions", json={
+        "model": "tiny", "prompt": prompt, "max_tokens": 8, "temperature": 0})
+    assert r.status_code == 200, r.text
+    return r.json()["choices"][0]["text"]
+
+  async def main():
+    async with httpx.AsyncClient(timeout=300) as c:
+      return await asyncio.gather(*(ask(c, p) for p in prompts))
+
+  def batches_so_far():
+    metrics = httpx.get(f"{server.url}/metrics").text
+    return next(float(line.split()[-1]) for line in metrics.splitlines()
+                if line.startswith("lm_batch_rows_count"))
+
+  before = batches_so_far()
+  answers = asyncio.run(main())
+  assert answers == [expected(loaded, p, 8) for p in prompts]
+  assert batches_so_far() - before <= 16  # decoded together (up to 8 a batch), not one by one
+
+
+def test_metrics_count_requests_errors_and_latency(server, client):
+  client.completions.create(model="tiny", prompt="a", max_tokens=3)
+  httpx.post(f"{server.url}/v1/completions", json={"model": "tiny", "prompt": "a", "n": 0})
+  text = httpx.get(f"{server.url}/metrics").text
+  for name in ("lm_requests_total", "lm_request_errors_total", "lm_queue_depth",
+               "lm_time_to_first_token_seconds_bucket",
+               "lm_time_per_output_token_seconds_bucket", "lm_generated_tokens_total"):
+    assert name in text, name
+  assert 'lm_requests_total{endpoint="/v1/completions",status="400"}' in text
+
+
+def test_a_full_queue_answers_429_and_recovers(loaded):
+  s = Server(make_app(loaded, "tiny", max_batch=1, window_s=0.0, queue_limit=2, chunk=1))
+  try:
+    async def ask(c):
+      r = await c.post(f"{s.url}/v1/completions", json={
+          "model": "tiny", "prompt": "the", "max_tokens": 40, "temperature": 0})
+      return r.status_code, r.json()
+
+    async def main():
+      async with httpx.AsyncClient(timeout=300) as c:
+        return await asyncio.gather(*(ask(c) for _ in range(12)))
+
+    results = asyncio.run(main())
+    codes = [code for code, _ in results]
+    assert 429 in codes and 200 in codes
+    refused = next(body for code, body in results if code == 429)
+    assert refused["error"]["code"] == "queue_full"
+    r = httpx.post(f"{s.url}/v1/completions", json={"model": "tiny", "prompt": "a",
+                                                    "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200
+  finally:
+    s.close()

@@ -73,12 +73,17 @@ def filter_logits(logits_BxV, top_k_B, top_p_B):
 def sample_logits(logits_BxV, keys_B, temperature_B, top_k_B, top_p_B):
   """One token per row: argmax where temperature == 0, else a filtered softmax sample."""
   greedy_B = jnp.argmax(logits_BxV, axis=-1).astype(jnp.int32)
-  scaled_BxV = logits_BxV / jnp.maximum(temperature_B, 1e-6)[:, None]
-  needs_filter = jnp.any((top_k_B > 0) | (top_p_B < 1.0))
-  scaled_BxV = jax.lax.cond(needs_filter, filter_logits, lambda x, *_: x, scaled_BxV,
-                            top_k_B, top_p_B)
-  sampled_B = jax.vmap(jax.random.categorical)(keys_B, scaled_BxV).astype(jnp.int32)
-  return jnp.where(temperature_B == 0.0, greedy_B, sampled_B)
+
+  def sample(_):
+    scaled_BxV = logits_BxV / jnp.maximum(temperature_B, 1e-6)[:, None]
+    needs_filter = jnp.any((top_k_B > 0) | (top_p_B < 1.0))
+    scaled_BxV = jax.lax.cond(needs_filter, filter_logits, lambda x, *_: x, scaled_BxV,
+                              top_k_B, top_p_B)
+    sampled_B = jax.vmap(jax.random.categorical)(keys_B, scaled_BxV).astype(jnp.int32)
+    return jnp.where(temperature_B == 0.0, greedy_B, sampled_B)
+
+  # An all-greedy batch skips drawing a Gumbel variate for every vocabulary entry.
+  return jax.lax.cond(jnp.all(temperature_B == 0.0), lambda _: greedy_B, sample, None)
 
 
 def _penalise(logits_BxV, seen_BxV, penalty_B):

@@ -87,9 +87,11 @@ def sample_logits(logits_BxV, keys_B, temperature_B, top_k_B, top_p_B):
 
 
 def _penalise(logits_BxV, seen_BxV, penalty_B):
-  p = penalty_B[:, None]
-  return jnp.where(seen_BxV, jnp.where(logits_BxV > 0, logits_BxV / p, logits_BxV * p),
-                   logits_BxV)
+  def apply(logits_BxV):
+    p = penalty_B[:, None]
+    return jnp.where(seen_BxV, jnp.where(logits_BxV > 0, logits_BxV / p, logits_BxV * p),
+                     logits_BxV)
+  return jax.lax.cond(jnp.all(penalty_B == 1.0), lambda x: x, apply, logits_BxV)
 
 
 def _next(state, logits_BxV):

@@ -111,6 +111,21 @@ def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask, dropout_rate
   return out_BxLxKxGxDh.reshape(b, length, h, dh)
 
 
+def cached_attention(q_BxLxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask):
+  """dot_product_attention over a KV cache stored heads-first ([B, K, S, Dh]): both products
+  are then plain batched matmuls over (B, K), and the cache is never transposed."""
+  b, length, h, dh = q_BxLxHxDh.shape
+  k = k_BxKxSxDh.shape[1]
+  q_BxKxGxLxDh = q_BxLxHxDh.reshape(b, length, k, h // k, dh).transpose(0, 2, 3, 1, 4)
+  logits_BxKxGxLxS = jnp.einsum("bkgld,bksd->bkgls", q_BxKxGxLxDh, k_BxKxSxDh,
+                                preferred_element_type=jnp.float32) * (dh ** -0.5)
+  logits_BxKxGxLxS = jnp.where(mask, logits_BxKxGxLxS, jnp.finfo(jnp.float32).min)
+  probs_BxKxGxLxS = jax.nn.softmax(logits_BxKxGxLxS, axis=-1)
+  out_BxKxGxLxDh = jnp.einsum("bkgls,bksd->bkgld", probs_BxKxGxLxS.astype(v_BxKxSxDh.dtype),
+                              v_BxKxSxDh)
+  return out_BxKxGxLxDh.transpose(0, 3, 1, 2, 4).reshape(b, length, h, dh)
+
+
 class Dense(nn.Module):
   """y = x @ kernel (+ bias), contracting x's last `len(axes) - len(features)` axes.
 
@@ -151,7 +166,7 @@ class Attention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, mask, deterministic, cache=None, cache_index=None):
-    """Returns (output, cache). With a `cache` ({"k", "v"}: [B, S, K, Dh]), this call's keys
+    """Returns (output, cache). With a `cache` ({"k", "v"}: [B, K, S, Dh]), this call's keys
     and values are written at slots cache_index.. and the queries attend over all S slots
     (`mask` [B, 1, 1, L, S] says which); the updated cache is returned."""
     cfg = self.cfg
@@ -167,15 +182,16 @@ class Attention(nn.Module):
     q_BxLxHxDh = constrain(q_BxLxHxDh, ("batch", "length", "heads", "kv"))
     if cache is not None:
       write = lambda c, x: constrain(jax.lax.dynamic_update_slice_in_dim(
-          c, x.astype(c.dtype), cache_index, axis=1), ("batch", "length", "kv_heads", "kv"))
+          c, x.transpose(0, 2, 1, 3).astype(c.dtype), cache_index, axis=2),
+                                     ("batch", "kv_heads", "length", "kv"))
       cache = {"k": write(cache["k"], k_BxLxKxDh), "v": write(cache["v"], v_BxLxKxDh)}
-      k_BxLxKxDh, v_BxLxKxDh = cache["k"], cache["v"]
-
-    use_dropout = cfg.dropout > 0.0 and not deterministic
-    out_BxLxHxDh = dot_product_attention(
-        q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask,
-        dropout_rate=cfg.dropout if use_dropout else 0.0,
-        dropout_rng=self.make_rng("dropout") if use_dropout else None)
+      out_BxLxHxDh = cached_attention(q_BxLxHxDh, cache["k"], cache["v"], mask)
+    else:
+      use_dropout = cfg.dropout > 0.0 and not deterministic
+      out_BxLxHxDh = dot_product_attention(
+          q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask,
+          dropout_rate=cfg.dropout if use_dropout else 0.0,
+          dropout_rng=self.make_rng("dropout") if use_dropout else None)
     return Dense((cfg.d_model,), ("heads", "kv", "embed"), cfg, std=residual_std(cfg),
                  name="out")(out_BxLxHxDh), cache
 

@@ -69,7 +69,7 @@ class Decoder(nn.Module):
     if cache is None:
       mask = attention_mask(length, segment_ids_BxL)
     else:
-      slots_S = jnp.arange(cache["layers"][0]["k"].shape[1], dtype=jnp.int32)
+      slots_S = jnp.arange(cache["layers"][0]["k"].shape[2], dtype=jnp.int32)
       mask_BxLxS = ((slots_S[None, None, :] <= slots_L[None, :, None]) &
                     (slots_S[None, None, :] >= cache["start"][:, None, None]))
       mask = mask_BxLxS[:, None, None]
@@ -95,7 +95,7 @@ class Decoder(nn.Module):
 
 def init_cache(cfg, batch, length, start_B=None):
   """An empty KV cache of `length` slots per row; rows begin at slot `start_B` (default 0)."""
-  shape = (batch, length, cfg.num_kv_heads, cfg.head_dim)
+  shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)  # heads first: see cached_attention
   layer = lambda: {"k": jnp.zeros(shape, cfg.compute_dtype),
                    "v": jnp.zeros(shape, cfg.compute_dtype)}
   start_B = jnp.zeros((batch,), jnp.int32) if start_B is None else start_B

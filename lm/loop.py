@@ -98,8 +98,11 @@ def _discard_earlier_run(workdir):
 def _stop_signals():
   """Turns the first SIGTERM/SIGINT into a flag the loop checks after every step."""
   received = []
-  if threading.current_thread() is not threading.main_thread():
-    yield received  # Python delivers signals to the main thread only
+  if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
+    # Python delivers signals to the main thread only. With several processes, JAX's
+    # preemption service catches SIGTERM and all processes agree on the step to stop at
+    # (reached_preemption below); a local flag could stop one process alone.
+    yield received
     return
 
   def handler(signum, _):
@@ -273,7 +276,8 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
     if config.sample.num_tokens and step == t.num_steps:
       prompt = config.sample.prompt
       prompt_ids = [data.tokenizer.bos_id, *data.tokenizer.encode(prompt).tolist()]
-      ids = decode.generate(trainer.model, jax.device_get(state.params), [prompt_ids],
+      params = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(state.params)
+      ids = decode.generate(trainer.model, jax.device_get(params), [prompt_ids],
                             config.sample.num_tokens,
                             decode.Sampling(temperature=config.sample.temperature,
                                             top_k=config.sample.top_k, seed=t.seed))

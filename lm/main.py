@@ -20,6 +20,14 @@ _WORKDIR = flags.DEFINE_string("workdir", None,
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "Discard what an earlier run left in --workdir (checkpoints, "
                                "metrics) instead of resuming from it.")
+# Several processes (hosts) train one model through JAX's own distributed runtime. Give the
+# three flags, or --distributed alone where JAX finds them itself (Cloud TPU VMs, SLURM).
+_COORDINATOR = flags.DEFINE_string("coordinator_address", None,
+                                   "host:port of process 0's coordination service.")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_DISTRIBUTED = flags.DEFINE_bool("distributed", False,
+                                 "Initialise jax.distributed from the environment.")
 
 # Exit statuses: 0 done; 2 bad input (config, data, checkpoint, workdir); 3 the loss or
 # gradients became NaN/Inf (train.nonfinite=stop); 75 preempted (SIGTERM/SIGINT): a
@@ -77,6 +85,18 @@ def main(argv):
       cause = e.__cause__ or e
       reason = " ".join(str(cause).splitlines()[-1].split())
     fail(f"--config={path}: cannot load the experiment: {reason}")
+  given = [f for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID) if f.value is not None]
+  if given and len(given) < 3:
+    fail("--coordinator_address, --num_processes and --process_id go together")
+  if given or _DISTRIBUTED.value:
+    import jax  # pylint: disable=import-outside-toplevel
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")  # CPU-only jobs
+    try:
+      jax.distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    except Exception as e:  # pylint: disable=broad-except
+      fail(f"jax.distributed.initialize failed: {' '.join(str(e).split())[:300]}")
+  if _WORKDIR.value is None and (given or _DISTRIBUTED.value):
+    fail("--workdir is required with several processes (they must share it)")
   workdir = _WORKDIR.value or default_workdir(
       config_flags.get_config_filename(flags.FLAGS["config"]))
   try:

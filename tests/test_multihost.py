@@ -1,0 +1,95 @@
+"""Two processes (4 fake CPU devices each, gloo collectives) train as one 8-device job
+through jax.distributed: the same losses as one process with 8 devices, Orbax checkpoints
+written together, and a SIGTERM to both handled at one agreed step, then resumed."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import numpy as np
+
+from conftest import REPO, user_env
+
+ARGS = ["--config.data.path=" + os.path.join(os.path.dirname(os.__file__), "argparse.py"),
+        "--config.data.tokenizer=char", "--config.data.seq_len=16", "--config.model.max_len=16",
+        "--config.model.num_layers=1", "--config.model.d_model=32", "--config.model.d_ff=64",
+        "--config.train.batch_size=16", "--config.train.warmup_steps=2",
+        "--config.train.log_every=1", "--config.train.eval_every=1000",
+        "--config.train.eval_steps=2", "--config.sample.num_tokens=8",
+        "--config.mesh.data=4", "--config.mesh.fsdp=2"]
+
+
+def launch(workdir, devices, *args, process=None):
+  cmd = [sys.executable, "-m", "lm.main", f"--config={REPO}/experiments/base.py",
+         f"--workdir={workdir}", *ARGS, *args]
+  if process is not None:
+    cmd += [f"--coordinator_address=127.0.0.1:{process[0]}", "--num_processes=2",
+            f"--process_id={process[1]}"]
+  env = user_env(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                 JAX_PLATFORMS="cpu", PYTHONPATH=REPO)
+  return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, text=True)
+
+
+def two_processes(workdir, *args):
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    port = s.getsockname()[1]
+  return [launch(workdir, 4, *args, process=(port, i)) for i in range(2)]
+
+
+def losses(workdir):
+  out = {}
+  for line in open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8"):
+    record = json.loads(line)
+    if "train/loss" in record:
+      out[record["step"]] = record["train/loss"]
+  return out
+
+
+def finish(process, timeout=300):
+  stdout, stderr = process.communicate(timeout=timeout)
+  return process.returncode, stdout, stderr
+
+
+def test_two_processes_equal_one_process_and_survive_sigterm(tmp_path):
+  steps = ["--config.train.num_steps=6", "--config.train.checkpoint_every=3"]
+  single = launch(str(tmp_path / "single"), 8, *steps)
+  code, _, err = finish(single)
+  assert code == 0, err[-3000:]
+  multi = two_processes(str(tmp_path / "multi"), *steps)
+  results = [finish(p) for p in multi]
+  assert [r[0] for r in results] == [0, 0], results[0][2][-3000:] + results[1][2][-3000:]
+  want, got = losses(str(tmp_path / "single")), losses(str(tmp_path / "multi"))
+  assert sorted(got) == [1, 2, 3, 4, 5, 6]
+  np.testing.assert_allclose([got[s] for s in sorted(got)], [want[s] for s in sorted(want)],
+                             rtol=1e-5)
+  assert sorted(os.listdir(tmp_path / "multi" / "checkpoints")) == ["3", "6"]
+  assert "final validation" in results[0][1] and "sample (" in results[0][1]
+
+  # Preemption: SIGTERM to both; they stop at one agreed step, save it, and exit 75.
+  workdir = str(tmp_path / "preempted")
+  long = ["--config.train.num_steps=100000", "--config.train.checkpoint_every=1000"]
+  procs = two_processes(workdir, *long)
+  deadline = time.time() + 240
+  while time.time() < deadline:
+    if os.path.exists(os.path.join(workdir, "metrics.jsonl")) and len(losses(workdir)) >= 3:
+      break
+    time.sleep(0.2)
+  for p in procs:
+    p.send_signal(signal.SIGTERM)
+  results = [finish(p) for p in procs]
+  assert [r[0] for r in results] == [75, 75], results[0][2][-2000:] + results[1][2][-2000:]
+  saved = [int(r[2].split("saved a checkpoint at step ")[1].split(";")[0]) for r in results]
+  assert saved[0] == saved[1]
+  assert os.listdir(os.path.join(workdir, "checkpoints")) == [str(saved[0])]
+  resumed = two_processes(workdir, f"--config.train.num_steps={saved[0] + 2}",
+                          "--config.train.checkpoint_every=1000")
+  results = [finish(p) for p in resumed]
+  assert [r[0] for r in results] == [0, 0], results[0][2][-3000:]
+  assert f"resumed from step {saved[0]}" in results[0][1]
+  assert max(losses(workdir)) == saved[0] + 2

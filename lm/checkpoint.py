@@ -24,8 +24,8 @@ from lm.errors import UserError
 # they change how long and how visibly a run goes, not what it computes.
 RESUMABLE_CHANGES = ("train.num_steps", "train.eval_every", "train.eval_steps",
                      "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-                     "train.nonfinite", "log.", "sample.", "mesh.", "data.num_threads",
-                     "data.data_dir")
+                     "train.nonfinite", "train.profile_steps", "log.", "sample.", "mesh.",
+                     "data.num_threads", "data.data_dir", "model.remat")
 
 
 class CheckpointError(UserError):

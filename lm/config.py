@@ -58,9 +58,15 @@ def defaults():
   c.model.mlp = "gelu"  # gelu (exact, erf) | gelu_tanh (GPT-2's approximation) | swiglu
   c.model.use_bias = False
   c.model.tie_embeddings = True
+  # Activation rematerialisation per block: none | full (recompute the whole block in the
+  # backward pass) | dots (keep matmul outputs, recompute the rest).
+  c.model.remat = "none"
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 12
+  # Micro-batches per step: the same update as one batch of batch_size, in 1/n the
+  # activation memory (the micro-batches run one after another inside the jitted step).
+  c.train.grad_accum_steps = 1
   c.train.num_steps = 1000
   c.train.learning_rate = 1e-3
   c.train.min_learning_rate = 1e-4  # end of the cosine decay
@@ -79,6 +85,9 @@ def defaults():
   # in train/skipped_steps.
   c.train.nonfinite = "stop"  # stop | skip
   c.train.seed = 0  # the one seed: initialisation, data order, dropout and sampling
+  # > 0: write a jax.profiler trace of this many steps (from the third step of the run) to
+  # workdir/profile, for TensorBoard's profile plugin.
+  c.train.profile_steps = 0
 
   c.data = ml_collections.ConfigDict()
   # Used when `path` is empty: python_stdlib (built in, offline) or a TFDS catalog dataset:
@@ -122,6 +131,7 @@ _CHOICES = {
     "model.norm": ("layernorm", "rmsnorm"),
     "model.positions": ("learned", "rope"),
     "model.mlp": ("gelu", "gelu_tanh", "swiglu"),
+    "model.remat": ("none", "full", "dots"),
     "data.format": ("text", "parallel", "labelled"),
     "data.tokenizer": ("byte", "char", "unigram", "bpe"),
     "train.nonfinite": ("stop", "skip"),
@@ -130,6 +140,7 @@ _CHOICES = {
 _POSITIVE = (
     "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.d_model",
     "model.d_ff", "model.max_len", "train.batch_size", "train.num_steps",
+    "train.grad_accum_steps",
     "train.learning_rate", "train.eval_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.log_every", "data.seq_len", "data.vocab_size",
     "data.num_threads",
@@ -137,7 +148,8 @@ _POSITIVE = (
 
 _NON_NEGATIVE = (
     "train.min_learning_rate", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
-    "train.eval_steps", "log.peak_flops", "sample.num_tokens", "sample.temperature",
+    "train.eval_steps", "train.profile_steps", "log.peak_flops", "sample.num_tokens",
+    "sample.temperature",
     "sample.top_k", "data.validation_fraction", "data.test_fraction",
 )
 
@@ -242,6 +254,11 @@ def validate(config, num_devices):
   if t.batch_size % data_shards:
     raise ConfigError("train.batch_size",
                       f"{t.batch_size} is not divisible by mesh.data*mesh.fsdp={data_shards}")
+  if t.batch_size % (t.grad_accum_steps * data_shards):
+    raise ConfigError("train.grad_accum_steps",
+                      f"train.batch_size={t.batch_size} does not split into "
+                      f"{t.grad_accum_steps} micro-batches of a multiple of "
+                      f"mesh.data*mesh.fsdp={data_shards} rows")
   return config
 
 

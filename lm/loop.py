@@ -26,7 +26,7 @@ from lm.errors import NonFiniteLoss, Preempted, UserError
 from lm.train import Trainer
 
 WORKDIR_FILES = ("checkpoints", "corrupt_checkpoints", "metrics.jsonl", "tensorboard",
-                 "config.json")
+                 "config.json", "profile", "tokenizer.model")
 
 
 @dataclasses.dataclass
@@ -115,6 +115,33 @@ def _stop_signals():
   finally:
     for s, h in previous.items():
       signal.signal(s, h)
+
+
+class _Profiler:
+  """A jax.profiler trace of `count` steps from step `first` (past compilation)."""
+
+  def __init__(self, log_dir, first, count):
+    self.log_dir, self.first, self.last = log_dir, first, first + count - 1
+    self.active = False
+    self.enabled = count > 0
+
+  def before(self, step, state):
+    if self.enabled and step == self.first:
+      jax.block_until_ready(state)
+      jax.profiler.start_trace(self.log_dir)
+      self.active = True
+
+  def after(self, step, state):
+    if self.active and step == self.last:
+      jax.block_until_ready(state)
+      self.close()
+      metrics.log(f"lm: profile of steps {self.first}-{self.last} in {self.log_dir} "
+                  "(tensorboard --logdir there, Profile tab)")
+
+  def close(self):
+    if self.active:
+      jax.profiler.stop_trace()
+      self.active = False
 
 
 def _check_finite(fetched, policy, last_checkpoint):
@@ -207,12 +234,15 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
   paused = 0.0  # seconds spent evaluating since the last log line, not training
   last_checkpoint = start_step
   step = start_step
+  profiler = _Profiler(os.path.join(workdir, "profile"), start_step + 3, t.profile_steps)
   try:
     with _stop_signals() as stop_signal:
       for step in range(start_step + 1, end_step + 1):
+        profiler.before(step, state)
         batch = trainer.shard_batch(next(train_batches))
         state, step_metrics = trainer.train_step(state, batch)
         pending.append((step, step_metrics))
+        profiler.after(step, state)
         preempted = bool(stop_signal) or (jax.process_count() > 1 and
                                           checkpointer.manager.reached_preemption(step))
         if step % t.log_every == 0 or step == end_step or preempted:
@@ -286,6 +316,7 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
       metrics.log(f"sample (temperature {config.sample.temperature}, top-k "
                   f"{config.sample.top_k}):\n{sample}")
   finally:
+    profiler.close()
     writer.close()
     with contextlib.suppress(Exception):  # an earlier error says more
       checkpointer.close()

@@ -113,12 +113,32 @@ class Trainer:
 
   def _train_step_fn(self, state, batch):
     dropout_key = jax.random.fold_in(self.dropout_key, state.step)
+    n = self.config.train.grad_accum_steps
+    total_weight = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
 
-    def mean_loss(params):
-      loss_sum, weight_sum = self._loss(params, batch, dropout_key)
-      return loss_sum / jnp.maximum(weight_sum, 1.0)
+    def mean_loss(params, micro_batch, key):
+      loss_sum, _ = self._loss(params, micro_batch, key)
+      return loss_sum / total_weight  # each micro-batch's share of the batch's mean loss
 
-    loss, grads = jax.value_and_grad(mean_loss)(state.params)
+    if n == 1:
+      loss, grads = jax.value_and_grad(mean_loss)(state.params, batch, dropout_key)
+    else:
+      # Micro-batch i takes rows i, i+n, i+2n, ...: spread over every data shard alike.
+      def split(x):
+        x = x.reshape((x.shape[0] // n, n) + x.shape[1:]).swapaxes(0, 1)
+        return nn.with_logical_constraint(x, (None, "batch") + (None,) * (x.ndim - 2))
+
+      def accumulate(carry, inputs):
+        micro_batch, i = inputs
+        loss, grads = jax.value_and_grad(mean_loss)(state.params, micro_batch,
+                                                     jax.random.fold_in(dropout_key, i))
+        return jax.tree.map(jnp.add, carry, (loss, grads)), None
+
+      zeros = (jnp.zeros((), jnp.float32),
+               jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), state.params))
+      (loss, grads), _ = jax.lax.scan(accumulate, zeros,
+                                      (jax.tree.map(split, batch), jnp.arange(n)))
+      grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)

@@ -38,6 +38,7 @@ class ModelConfig:
   mlp: str = "gelu"
   use_bias: bool = False
   tie_embeddings: bool = True
+  remat: str = "none"  # none | full | dots
 
   @classmethod
   def from_config(cls, model_config, vocab_size):

@@ -7,6 +7,7 @@
 """
 
 import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from lm.models.layers import Attention, Dense, Mlp, ModelConfig, attention_mask, constrain
@@ -73,9 +74,14 @@ class Decoder(nn.Module):
       mask_BxLxS = ((slots_S[None, None, :] <= slots_L[None, :, None]) &
                     (slots_S[None, None, :] >= cache["start"][:, None, None]))
       mask = mask_BxLxS[:, None, None]
+    block = Block
+    if cfg.remat != "none" and cache is None:
+      policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+                if cfg.remat == "dots" else None)
+      block = nn.remat(Block, policy=policy, static_argnums=(4,))  # 4: deterministic
     layers = []
     for i in range(cfg.num_layers):
-      x_BxLxD, layer_cache = Block(cfg, name=f"layer_{i}")(
+      x_BxLxD, layer_cache = block(cfg, name=f"layer_{i}")(
           x_BxLxD, positions_BxL, mask, deterministic,
           None if cache is None else cache["layers"][i],
           None if cache is None else cache["index"])

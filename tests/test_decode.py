@@ -4,10 +4,12 @@ import dataclasses
 
 import flax.linen as nn
 import jax
+import ml_collections
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from lm import sharding
 from lm.decode import Sampling, decode, filter_logits, generate, outputs, prefill, sample_logits
 from lm.models import Decoder, ModelConfig
 from lm.models.transformer import init_cache
@@ -149,3 +151,16 @@ def test_empty_prompt_is_rejected():
   model, params = make_model()
   with pytest.raises(ValueError, match="at least one token"):
     generate(model, params, [[]], 3)
+
+
+def test_kv_cache_is_sharded_by_the_logical_rules():
+  model, params = make_model()  # 2 kv heads
+  prompts = [[3, 1, 4], [9, 2], [5, 5, 5, 5], [7]]
+  alone = generate(model, params, prompts, 6, GREEDY)
+  mesh = sharding.make_mesh(ml_collections.ConfigDict({"data": 2, "fsdp": 1, "tensor": 2}),
+                            jax.devices()[:4])
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sharding.RULES):
+    state = prefill(model, params, prompts, 8, [GREEDY] * 4)
+    spec = state.cache["layers"][0]["k"].sharding.spec  # [B, K, S, Dh]
+    assert spec[0] in ("data", ("data", "fsdp"), ("data",)) and spec[1] == "tensor"
+    assert generate(model, params, prompts, 6, GREEDY) == alone

@@ -17,6 +17,7 @@ setup(
         "grain>=0.2.10",
         "importlib_resources>=6",  # tensorflow-datasets uses it for local builders, undeclared
         "jax>=0.6",
+        "matplotlib>=3.8",  # lm.inspect figures
         "ml_collections>=1.0",
         "numpy>=1.26",
         "optax>=0.2.4",

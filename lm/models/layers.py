@@ -94,8 +94,10 @@ def attention_mask(length, segment_ids_BxL=None):
 
 
 def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask, dropout_rate=0.0,
-                          dropout_rng=None):
-  """Grouped-query attention; softmax in float32. mask broadcasts to [B, K, G, L, S]."""
+                          dropout_rng=None, sow=None):
+  """Grouped-query attention; softmax in float32. mask broadcasts to [B, K, G, L, S].
+
+  `sow(probs_BxHxLxS)`, if given, receives the attention weights (before dropout)."""
   b, length, h, dh = q_BxLxHxDh.shape
   k = k_BxSxKxDh.shape[2]
   q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, length, k, h // k, dh)
@@ -104,6 +106,8 @@ def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask, dropout_rate
   logits_BxKxGxLxS = logits_BxKxGxLxS * (dh ** -0.5)
   logits_BxKxGxLxS = jnp.where(mask, logits_BxKxGxLxS, jnp.finfo(jnp.float32).min)
   probs_BxKxGxLxS = jax.nn.softmax(logits_BxKxGxLxS, axis=-1)
+  if sow is not None:
+    sow(probs_BxKxGxLxS.reshape(b, h, length, -1))
   if dropout_rate > 0.0 and dropout_rng is not None:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BxKxGxLxS.shape)
     probs_BxKxGxLxS = jnp.where(keep, probs_BxKxGxLxS / (1.0 - dropout_rate), 0.0)
@@ -192,7 +196,9 @@ class Attention(nn.Module):
       out_BxLxHxDh = dot_product_attention(
           q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask,
           dropout_rate=cfg.dropout if use_dropout else 0.0,
-          dropout_rng=self.make_rng("dropout") if use_dropout else None)
+          dropout_rng=self.make_rng("dropout") if use_dropout else None,
+          # Kept only when the caller asks for the "intermediates" collection (lm/inspect.py).
+          sow=lambda probs: self.sow("intermediates", "attention", probs))
     return Dense((cfg.d_model,), ("heads", "kv", "embed"), cfg, std=residual_std(cfg),
                  name="out")(out_BxLxHxDh), cache
 

@@ -86,6 +86,7 @@ class Decoder(nn.Module):
           None if cache is None else cache["layers"][i],
           None if cache is None else cache["index"])
       layers.append(layer_cache)
+      self.sow("intermediates", f"residual_{i}", x_BxLxD)  # the residual stream, for inspection
     x_BxLxD = make_norm(cfg, "ln_f")(x_BxLxD)
 
     if cfg.tie_embeddings:

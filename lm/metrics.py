@@ -46,7 +46,8 @@ def decoder_train_flops_per_token(params, cfg, seq_len):
     names = [getattr(p, "key", "") for p in path]
     if names[-1] == "kernel":
       matmul_params += math.prod(leaf.shape)
-  matmul_params += cfg.vocab_size * cfg.d_model  # output projection (tied or not)
+  if cfg.tie_embeddings:  # the output projection reuses the embedding (untied: a kernel)
+    matmul_params += cfg.vocab_size * cfg.d_model
   return 6 * matmul_params + 12 * cfg.num_layers * cfg.d_model * seq_len
 
 

@@ -1,0 +1,159 @@
+"""`python -m lm.plan --config=experiments/base.py --hardware=h200 --devices=8 [--mfu=0.4]`
+
+Sizes a run before running it: parameter count, training FLOPs per token, memory per device
+(parameters, Adam state, gradients, activations under the remat policy) and the step time
+and tokens/s that a given MFU implies on the named hardware. Nothing is compiled or run.
+
+Conventions. FLOPs are model FLOPs as lm's MFU counts them (lm/metrics.py, PaLM's appendix
+B): 6 per weight-matrix entry per token (the output projection included) plus
+12 * layers * d_model * seq_len for attention. Parameters and optimizer state are assumed
+sharded over fsdp x tensor (what the logical rules do for every large matrix). Activation
+memory per token per layer, in the compute dtype's bytes c, is an estimate of what the
+backward pass keeps: none: c * (12 d + 3 f + 2 H S) (block inputs, norms, q/k/v, attention
+output, MLP input/hidden/activation, attention probabilities and scores); dots: the matmul
+outputs only, c * (5 d + f + H S); full: the block input only, c * d, plus one block
+recomputed at a time.
+"""
+
+import dataclasses
+import json
+import math
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+GIB = 2 ** 30
+# Dense peak FLOP/s per device (bfloat16 with float32 accumulation; float32 as noted) and
+# memory per device, from the vendors' data sheets; cpu: this project's measured machines.
+HARDWARE = {
+    "tpu_v5e": {"bfloat16": 197e12, "float32": 98.5e12, "memory": 16 * GIB},
+    "tpu_v5p": {"bfloat16": 459e12, "float32": 229.5e12, "memory": 95 * GIB},
+    "h100": {"bfloat16": 989e12, "float32": 494.5e12, "memory": 80 * GIB},  # f32: TF32
+    "h200": {"bfloat16": 989e12, "float32": 494.5e12, "memory": 141 * GIB},
+    "cpu": {"bfloat16": 350e9, "float32": 185e9, "memory": 24 * GIB},  # 2-core EPYC
+}
+_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+_CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file.")
+_HARDWARE = flags.DEFINE_enum("hardware", "cpu", list(HARDWARE), "Device kind.")
+_DEVICES = flags.DEFINE_integer("devices", 1, "Number of devices.")
+_MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation to assume.")
+_VOCAB = flags.DEFINE_integer("vocab_size", None,
+                              "Vocabulary size when the config leaves it to the tokenizer.")
+
+
+@dataclasses.dataclass
+class Plan:
+  params: int
+  flops_per_token: float
+  params_bytes: float  # per device
+  optimizer_bytes: float
+  gradient_bytes: float
+  activation_bytes: float
+  total_bytes: float
+  fits: bool
+  step_seconds: float
+  tokens_per_s: float
+
+  def as_dict(self):
+    return dataclasses.asdict(self)
+
+
+def vocab_size(config, override=None):
+  if override:
+    return override
+  if config.model.vocab_size:
+    return config.model.vocab_size
+  tokenizer = config.data.tokenizer
+  if tokenizer == "byte":
+    return 261  # 256 bytes + 5 specials
+  if tokenizer in ("unigram", "bpe"):
+    return config.data.vocab_size
+  raise ValueError("the char tokenizer's vocabulary depends on the data: give --vocab_size")
+
+
+def count_params(m, vocab):
+  """Parameters of lm's Decoder for config.model `m`, counted from the architecture."""
+  d, f, h, k = m.d_model, m.d_ff, m.num_heads, m.num_kv_heads
+  dh = d // h
+  bias = m.use_bias
+  attention = d * h * dh + 2 * d * k * dh + h * dh * d
+  if bias:
+    attention += h * dh + 2 * k * dh + d
+  up = 2 if m.mlp == "swiglu" else 1
+  mlp = up * d * f + f * d + (bias * (up * f + d))
+  norm = d * (2 if m.norm == "layernorm" and bias else 1)
+  total = m.num_layers * (attention + mlp + 2 * norm) + norm + vocab * d
+  if m.positions == "learned":
+    total += m.max_len * d
+  if not m.tie_embeddings:
+    total += d * vocab + (vocab if bias else 0)
+  return total
+
+
+def train_flops_per_token(m, vocab, seq_len):
+  d, f, h, k = m.d_model, m.d_ff, m.num_heads, m.num_kv_heads
+  dh = d // h
+  matrices = m.num_layers * (d * h * dh + 2 * d * k * dh + h * dh * d +
+                             (3 if m.mlp == "swiglu" else 2) * d * f)
+  return 6 * (matrices + vocab * d) + 12 * m.num_layers * d * seq_len
+
+
+def make_plan(config, hardware, devices, mfu, vocab=None):
+  m, t, s = config.model, config.train, config.data.seq_len
+  v = vocab_size(config, vocab)
+  hw = HARDWARE[hardware]
+  n = count_params(m, v)
+  flops = train_flops_per_token(m, v, s)
+  mesh = config.mesh
+  shard = max(mesh.fsdp, 1) * max(mesh.tensor, 1)
+  data_shards = devices // max(mesh.tensor, 1)
+  params_bytes = n * _BYTES[m.param_dtype] / shard
+  optimizer_bytes = 2 * n * 4 / shard
+  gradient_bytes = n * 4 / shard
+  c = _BYTES[m.dtype]
+  per_layer = {"none": 12 * m.d_model + 3 * m.d_ff + 2 * m.num_heads * s,
+               "dots": 5 * m.d_model + m.d_ff + m.num_heads * s,
+               "full": m.d_model}[m.remat] * c
+  tokens = t.batch_size * s / max(data_shards, 1) / t.grad_accum_steps
+  activation_bytes = tokens * per_layer * m.num_layers
+  if m.remat == "full":  # one block recomputed at a time
+    activation_bytes += tokens * (12 * m.d_model + 3 * m.d_ff + 2 * m.num_heads * s) * c
+  activation_bytes += tokens * v * 4 * 2  # float32 logits and their gradient
+  total = params_bytes + optimizer_bytes + gradient_bytes + activation_bytes
+  peak = hw[m.dtype if m.dtype in hw else "bfloat16"]
+  step_seconds = flops * t.batch_size * s / (devices * peak * mfu)
+  return Plan(params=n, flops_per_token=flops, params_bytes=params_bytes,
+              optimizer_bytes=optimizer_bytes, gradient_bytes=gradient_bytes,
+              activation_bytes=activation_bytes, total_bytes=total,
+              fits=total <= hw["memory"], step_seconds=step_seconds,
+              tokens_per_s=t.batch_size * s / step_seconds)
+
+
+def main(argv):
+  if len(argv) > 1 or _CONFIG.value is None:
+    print("lm: error: usage: python -m lm.plan --config=FILE [--hardware=h200] [--devices=8]",
+          file=sys.stderr)
+    sys.exit(2)
+  config = _CONFIG.value
+  try:
+    p = make_plan(config, _HARDWARE.value, _DEVICES.value, _MFU.value, _VOCAB.value)
+  except ValueError as e:
+    print(f"lm: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  g = lambda b: f"{b / GIB:,.2f} GiB"
+  print(f"parameters        {p.params:,} ({p.params / 1e6:,.1f}M)")
+  print(f"FLOPs per token   {p.flops_per_token / 1e9:,.3f} GFLOP (training, model FLOPs)")
+  print(f"memory per device params {g(p.params_bytes)} + Adam {g(p.optimizer_bytes)} + "
+        f"gradients {g(p.gradient_bytes)} + activations {g(p.activation_bytes)} "
+        f"(remat {config.model.remat}) = {g(p.total_bytes)}; "
+        f"{'fits' if p.fits else 'does NOT fit'} in {g(HARDWARE[_HARDWARE.value]['memory'])}")
+  print(f"at {_MFU.value:.0%} MFU on {_DEVICES.value} x {_HARDWARE.value}: "
+        f"{p.step_seconds * 1000:,.3f} ms per step, {p.tokens_per_s:,.0f} tokens/s")
+  print(json.dumps({"plan": p.as_dict(), "hardware": _HARDWARE.value,
+                    "devices": _DEVICES.value, "mfu": _MFU.value}))
+
+
+if __name__ == "__main__":
+  app.run(main)

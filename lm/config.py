@@ -61,6 +61,7 @@ def defaults():
   # Activation rematerialisation per block: none | full (recompute the whole block in the
   # backward pass) | dots (keep matmul outputs, recompute the rest).
   c.model.remat = "none"
+  c.model.scan_layers = False  # one nn.scan over stacked layers: compile time flat in depth
 
   c.train = ml_collections.ConfigDict()
   c.train.batch_size = 12

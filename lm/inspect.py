@@ -20,18 +20,32 @@ def _intermediates(model, params, tokens):
   return np.asarray(logits[0]), jax.device_get(state["intermediates"])
 
 
+def _per_layer(model, inter, path):
+  """[layers, ...] of a value sown under `path` in each block (looped or scanned layers)."""
+  if model.cfg.scan_layers:  # sown once inside nn.scan: stacked on a leading layers axis
+    node = inter["layers"]
+    for key in path:
+      node = node[key]
+    return np.asarray(node[0])[:, 0]
+  out = []
+  for i in range(model.cfg.num_layers):
+    node = inter
+    for key in ((f"layer_{i}",) + path[1:] if path[0] == "block" else (f"{path[0]}_{i}",)):
+      node = node[key]
+    out.append(np.asarray(node[0])[0])
+  return np.stack(out)
+
+
 def attention_maps(model, params, tokens):
   """Attention weights [layers, heads, L, L] for one token sequence (rows sum to 1)."""
   _, inter = _intermediates(model, params, tokens)
-  return np.stack([np.asarray(inter[f"layer_{i}"]["attn"]["attention"][0][0])
-                   for i in range(model.cfg.num_layers)])
+  return _per_layer(model, inter, ("block", "attn", "attention"))
 
 
 def residual_stream(model, params, tokens):
   """The residual stream after every block: [layers, L, d_model]."""
   _, inter = _intermediates(model, params, tokens)
-  return np.stack([np.asarray(inter[f"residual_{i}"][0][0])
-                   for i in range(model.cfg.num_layers)])
+  return _per_layer(model, inter, ("residual",))
 
 
 def _final_norm(cfg, params, x):

@@ -30,6 +30,7 @@ RULES = (
     ("vocab", "tensor"),
     ("kv", None),
     ("length", None),
+    ("layers", None),  # the stacked-layers axis of nn.scan (model.scan_layers)
 )
 
 

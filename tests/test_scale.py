@@ -75,3 +75,52 @@ def test_profile_steps_writes_a_trace(tmp_path, one_device):
   traces = glob.glob(os.path.join(tmp_path, "run", "profile", "**", "*.xplane.pb"),
                      recursive=True)
   assert len(traces) == 1 and os.path.getsize(traces[0]) > 0
+
+
+def stack_layers(params, num_layers):
+  """Looped-layer parameters in the scanned layout: layer_i -> layers/block[i]."""
+  out = {k: v for k, v in params.items() if not k.startswith("layer_")}
+  out["layers"] = {"block": jax.tree.map(lambda *a: np.stack(a),
+                                         *[params[f"layer_{i}"] for i in range(num_layers)])}
+  return out
+
+
+def test_scanned_layers_compute_what_the_loop_computes():
+  import flax.linen as nn  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+
+  from lm import decode, inspect  # pylint: disable=import-outside-toplevel
+  from lm.models import Decoder, ModelConfig  # pylint: disable=import-outside-toplevel
+  base = dict(vocab_size=50, num_layers=3, num_heads=4, num_kv_heads=2, d_model=32, d_ff=64,
+              max_len=16, positions="rope", dropout=0.0)
+  loop_model = Decoder(ModelConfig(**base))
+  scan_model = Decoder(ModelConfig(**base, scan_layers=True, remat="full"))
+  tokens = jnp.asarray([[3, 1, 4, 1, 5, 9, 2, 6]])
+  params = nn.unbox(loop_model.init(jax.random.key(0), tokens)["params"])
+  stacked = stack_layers(params, 3)
+  np.testing.assert_allclose(scan_model.apply({"params": stacked}, tokens),
+                             loop_model.apply({"params": params}, tokens), atol=1e-5)
+  loss = lambda m, p: m.apply({"params": p}, tokens).astype(jnp.float32).std()
+  g_loop = jax.grad(lambda p: loss(loop_model, p))(params)
+  g_scan = jax.grad(lambda p: loss(scan_model, p))(stacked)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, atol=1e-6),
+               g_scan, stack_layers(g_loop, 3))
+  greedy = decode.Sampling(temperature=0.0)
+  assert (decode.generate(scan_model, stacked, [[1, 2, 3], [7]], 9, greedy) ==
+          decode.generate(loop_model, params, [[1, 2, 3], [7]], 9, greedy))
+  np.testing.assert_allclose(inspect.attention_maps(scan_model, stacked, [3, 1, 4]),
+                             inspect.attention_maps(loop_model, params, [3, 1, 4]), atol=1e-6)
+
+
+def test_scanned_training_shards_the_stacked_parameters(tmp_path):
+  config = tiny_config(**{"model.scan_layers": True, "mesh.data": 2, "mesh.fsdp": 2,
+                          "mesh.tensor": 2, "train.num_steps": 4, "sample.num_tokens": 4})
+  data = make_data(config)
+  trainer = Trainer(config, data.tokenizer.vocab_size,
+                    sharding.make_mesh(config.mesh, jax.devices()))
+  state = trainer.init_state()
+  kernel = state.params["layers"]["block"]["attn"]["query"]["kernel"]
+  assert kernel.shape[0] == config.model.num_layers
+  assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
+  result = loop.run(config, str(tmp_path / "run"), devices=jax.devices())
+  assert result.train_losses[4] < result.train_losses[1] and result.sample

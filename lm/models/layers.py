@@ -39,6 +39,7 @@ class ModelConfig:
   use_bias: bool = False
   tie_embeddings: bool = True
   remat: str = "none"  # none | full | dots
+  scan_layers: bool = False  # one nn.scan over stacked layers: compile time independent of depth
 
   @classmethod
   def from_config(cls, model_config, vocab_size):

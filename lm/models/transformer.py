@@ -33,6 +33,20 @@ class Block(nn.Module):
     return constrain(x_BxLxD, ("batch", "length", "embed")), cache
 
 
+class _ScanBody(nn.Module):
+  """One layer as nn.scan's body: carries the residual stream, scans the layer's cache."""
+
+  cfg: ModelConfig
+  block: type = Block
+
+  @nn.compact
+  def __call__(self, x_BxLxD, layer_cache, positions_BxL, mask, cache_index, deterministic):
+    x_BxLxD, layer_cache = self.block(self.cfg, name="block")(
+        x_BxLxD, positions_BxL, mask, deterministic, layer_cache, cache_index)
+    self.sow("intermediates", "residual", x_BxLxD)
+    return x_BxLxD, layer_cache
+
+
 class Decoder(nn.Module):
   """Causal language model: int tokens [B, L] -> float32 logits [B, L, V].
 
@@ -70,7 +84,7 @@ class Decoder(nn.Module):
     if cache is None:
       mask = attention_mask(length, segment_ids_BxL)
     else:
-      slots_S = jnp.arange(cache["layers"][0]["k"].shape[2], dtype=jnp.int32)
+      slots_S = jnp.arange(jax.tree.leaves(cache["layers"])[0].shape[-2], dtype=jnp.int32)
       mask_BxLxS = ((slots_S[None, None, :] <= slots_L[None, :, None]) &
                     (slots_S[None, None, :] >= cache["start"][:, None, None]))
       mask = mask_BxLxS[:, None, None]
@@ -79,14 +93,24 @@ class Decoder(nn.Module):
       policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
                 if cfg.remat == "dots" else None)
       block = nn.remat(Block, policy=policy, static_argnums=(4,))  # 4: deterministic
-    layers = []
-    for i in range(cfg.num_layers):
-      x_BxLxD, layer_cache = block(cfg, name=f"layer_{i}")(
-          x_BxLxD, positions_BxL, mask, deterministic,
-          None if cache is None else cache["layers"][i],
-          None if cache is None else cache["index"])
-      layers.append(layer_cache)
-      self.sow("intermediates", f"residual_{i}", x_BxLxD)  # the residual stream, for inspection
+    cache_index = None if cache is None else cache["index"]
+    if cfg.scan_layers:  # parameters (and cache) stacked on a leading "layers" axis
+      stack = nn.scan(_ScanBody, variable_axes={"params": 0, "intermediates": 0},
+                      split_rngs={"params": True, "dropout": True},
+                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+      x_BxLxD, layers = stack(cfg, block, name="layers")(
+          x_BxLxD, None if cache is None else cache["layers"], positions_BxL, mask,
+          cache_index, deterministic)
+    else:
+      layers = []
+      for i in range(cfg.num_layers):
+        x_BxLxD, layer_cache = block(cfg, name=f"layer_{i}")(
+            x_BxLxD, positions_BxL, mask, deterministic,
+            None if cache is None else cache["layers"][i], cache_index)
+        layers.append(layer_cache)
+        self.sow("intermediates", f"residual_{i}", x_BxLxD)  # the residual stream
+      layers = tuple(layers)
     x_BxLxD = make_norm(cfg, "ln_f")(x_BxLxD)
 
     if cfg.tie_embeddings:
@@ -97,7 +121,7 @@ class Decoder(nn.Module):
     if cache is None:
       return logits_BxLxV
     return logits_BxLxV, {"index": cache["index"] + length, "start": cache["start"],
-                          "layers": tuple(layers)}
+                          "layers": layers}
 
 
 def init_cache(cfg, batch, length, start_B=None):
@@ -106,5 +130,9 @@ def init_cache(cfg, batch, length, start_B=None):
   layer = lambda: {"k": jnp.zeros(shape, cfg.compute_dtype),
                    "v": jnp.zeros(shape, cfg.compute_dtype)}
   start_B = jnp.zeros((batch,), jnp.int32) if start_B is None else start_B
+  if cfg.scan_layers:
+    layers = {k: jnp.zeros((cfg.num_layers,) + shape, cfg.compute_dtype) for k in ("k", "v")}
+  else:
+    layers = tuple(layer() for _ in range(cfg.num_layers))
   return {"index": jnp.zeros((), jnp.int32), "start": jnp.asarray(start_B, jnp.int32),
-          "layers": tuple(layer() for _ in range(cfg.num_layers))}
+          "layers": layers}

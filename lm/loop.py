@@ -176,6 +176,10 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
   if data.format != "text":
     raise UserError(f"config.data.format: lm.main trains causal language models on text; "
                     f"{data.source} is a {data.format} dataset")
+  if data.size("validation") < 2:
+    raise UserError(f"config.data.validation_fraction: no text of {data.source} landed in the "
+                    "validation split (folders are split by whole documents); raise the "
+                    "fraction or add documents")
   if meta and meta["data_fingerprint"] != data.fingerprint:
     raise UserError(f"config.data: the corpus at {data.source} changed since the checkpoint "
                     "in this workdir was written; resuming would train on other data")

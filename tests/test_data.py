@@ -384,3 +384,16 @@ def test_catalog_datasets_by_name_through_tfds(tmp_path, name, fmt):
     else:
       assert set(record) == {"source", "target"}  # en -> de by default
       assert data.train_batches(2, 16, seed=0)[0]["source"].shape == (2, 16)
+
+
+def test_a_run_without_validation_text_stops_with_one_line(tmp_path, one_device):
+  from lm import loop  # pylint: disable=import-outside-toplevel
+  folder = tmp_path / "docs"
+  folder.mkdir()
+  for name in ("a.txt", "b.txt"):  # neither hashes below 1e-6
+    (folder / name).write_text("some text " * 50)
+  config = tiny_config(**{"data.path": str(folder), "data.validation_fraction": 1e-6,
+                          "data.test_fraction": 0.0})
+  with pytest.raises(UserError, match=r"config\.data\.validation_fraction: no text"):
+    loop.run(config, str(tmp_path / "run"), devices=one_device)
+  assert not (tmp_path / "run").exists()

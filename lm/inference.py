@@ -8,6 +8,7 @@ exact tokenizer the run trained with. `Generator` wraps lm/decode.py for text in
 import contextlib
 import dataclasses
 import os
+import sys
 
 import flax.linen as nn
 import jax
@@ -79,3 +80,20 @@ def load(workdir, step=None, devices=None):
     checkpointer.close()
   return Loaded(model=trainer.model, params=state.params, tokenizer=tokenizer, config=config,
                 step=step, mesh=mesh)
+
+
+def load_or_exit(argv, workdir, step=None):
+  """The command lines' common start (lm.sample, lm.serve): load `workdir`, or print one
+  `lm: error:` line and exit with status 2."""
+  def fail(message):
+    print(f"lm: error: {message}", file=sys.stderr)
+    sys.exit(2)
+
+  if len(argv) > 1:
+    fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  if not workdir:
+    fail("--workdir is required")
+  try:
+    return load(workdir, step)
+  except UserError as e:
+    fail(str(e))

@@ -17,7 +17,6 @@ recomputed at a time.
 
 import dataclasses
 import json
-import math
 import sys
 
 from absl import app, flags

@@ -20,15 +20,8 @@ _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest
 
 
 def main(argv):
-  if len(argv) > 1:
-    print(f"lm: error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-    sys.exit(2)
   logging.set_verbosity(logging.WARNING)
   from lm import decode, inference  # pylint: disable=import-outside-toplevel
-  from lm.errors import UserError  # pylint: disable=import-outside-toplevel
-  if not _WORKDIR.value:
-    print("lm: error: --workdir is required", file=sys.stderr)
-    sys.exit(2)
   problems = [m for bad, m in ((_MAX_TOKENS.value < 1, "--max_tokens must be >= 1"),
                                (_TEMPERATURE.value < 0, "--temperature must be >= 0"),
                                (not 0 < _TOP_P.value <= 1, "--top_p must be in (0, 1]"),
@@ -38,11 +31,7 @@ def main(argv):
   if problems:
     print(f"lm: error: {problems[0]}", file=sys.stderr)
     sys.exit(2)
-  try:
-    loaded = inference.load(_WORKDIR.value, _STEP.value)
-  except UserError as e:
-    print(f"lm: error: {e}", file=sys.stderr)
-    sys.exit(2)
+  loaded = inference.load_or_exit(argv, _WORKDIR.value, _STEP.value)
   sampling = [decode.Sampling(temperature=_TEMPERATURE.value, top_k=_TOP_K.value,
                               top_p=_TOP_P.value, repetition_penalty=_PENALTY.value,
                               seed=_SEED.value + i) for i in range(len(_PROMPT.value))]

@@ -15,7 +15,6 @@ max_tokens beyond the model's context (400), an unknown model (404), a full queu
 import asyncio
 import json
 import os
-import sys
 import time
 import uuid
 from typing import Literal, Optional, Union
@@ -284,22 +283,11 @@ def _choice(index, text, finish_reason):
 
 
 def main(argv):
-  if len(argv) > 1:
-    print(f"lm: error: unexpected arguments: {' '.join(argv[1:])}", file=sys.stderr)
-    sys.exit(2)
   logging.set_verbosity(logging.WARNING)
   import uvicorn  # pylint: disable=import-outside-toplevel
 
   from lm import inference  # pylint: disable=import-outside-toplevel
-  from lm.errors import UserError  # pylint: disable=import-outside-toplevel
-  if not _WORKDIR.value:
-    print("lm: error: --workdir is required", file=sys.stderr)
-    sys.exit(2)
-  try:
-    loaded = inference.load(_WORKDIR.value, _STEP.value)
-  except UserError as e:
-    print(f"lm: error: {e}", file=sys.stderr)
-    sys.exit(2)
+  loaded = inference.load_or_exit(argv, _WORKDIR.value, _STEP.value)
   name = _MODEL_NAME.value or os.path.basename(os.path.abspath(_WORKDIR.value))
   api = make_app(loaded, name, max_batch=_MAX_BATCH.value, window_s=_WINDOW_MS.value / 1000,
                  queue_limit=_QUEUE_LIMIT.value)

@@ -10,7 +10,6 @@ import flax.linen as nn
 import httpx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import openai
 import pytest
 import uvicorn

@@ -190,11 +190,14 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
   state = None
   data_state = None
   if start_step is not None:
-    start_step, state = _restore(checkpointer, trainer, start_step)
+    newest = start_step
+    start_step, state = _restore(checkpointer, trainer, newest)
     if state is None:
       metrics.log("lm: warning: no checkpoint in the workdir could be restored; starting over")
     else:
-      data_state = checkpointer.read_meta(start_step).get("data_state")
+      if start_step != newest:  # fell back to an older checkpoint: its own data position
+        meta = checkpointer.read_meta(start_step)
+      data_state = meta.get("data_state")
       if data_state is None:
         raise UserError(f"checkpoint {start_step} in {workdir} has no data pipeline state; "
                         "it was written by an older lm and cannot resume exactly")

@@ -6,17 +6,25 @@ import os
 
 import jax
 
-# Dense peak FLOP/s per device for the compute dtype, from vendor data sheets
-# (bfloat16 / float16 with float32 accumulation; float32 halves it on TPUs and
-# is far lower on GPUs, where we count TF32 tensor-core peak).
-_ACCELERATOR_PEAKS = (
+# Dense peak FLOP/s per device with bfloat16 / float16 inputs and float32 accumulation, from
+# the vendors' data sheets. float32 counts half of it: TPUs run it at half rate, and on GPUs
+# we count the TF32 tensor-core peak, which is half the bf16 one (H100/H200 494.5 TFLOP/s).
+ACCELERATOR_PEAKS = (
     ("TPU v6", 918e12), ("TPU v5p", 459e12), ("TPU v5", 197e12), ("TPU v4", 275e12),
     ("TPU v3", 123e12), ("H200", 989e12), ("H100", 989e12), ("A100", 312e12),
     ("L4", 121e12), ("V100", 125e12),
 )
 # The 2-core AMD EPYC machines this project is developed on reach about 185 GFLOP/s in
 # float32 and 350 GFLOP/s with bfloat16 inputs (DESIGN.md): about 92 / 175 GFLOP/s a core.
-_CPU_PEAK_PER_CORE = {"float32": 92.5e9, "bfloat16": 175e9, "float16": 92.5e9}
+CPU_PEAK_PER_CORE = {"float32": 92.5e9, "bfloat16": 175e9, "float16": 92.5e9}
+
+
+def accelerator_peak(device_kind, dtype):
+  """Peak FLOP/s of one device whose kind contains a name in ACCELERATOR_PEAKS, or None."""
+  for name, peak in ACCELERATOR_PEAKS:
+    if name.lower() in device_kind.lower():
+      return peak / 2 if dtype == "float32" else peak
+  return None
 
 
 def peak_flops_per_device(dtype, configured=0.0):
@@ -26,11 +34,11 @@ def peak_flops_per_device(dtype, configured=0.0):
   device = jax.devices()[0]
   if device.platform == "cpu":
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    total = _CPU_PEAK_PER_CORE[dtype] * cores
+    total = CPU_PEAK_PER_CORE[dtype] * cores
     return total / jax.local_device_count(), f"{cores} CPU cores x {dtype} estimate"
-  for name, peak in _ACCELERATOR_PEAKS:
-    if name.lower() in device.device_kind.lower():
-      return (peak if dtype != "float32" or "TPU" not in name else peak / 2), device.device_kind
+  peak = accelerator_peak(device.device_kind, dtype)
+  if peak is not None:
+    return peak, device.device_kind
   return float("nan"), f"unknown device kind {device.device_kind!r}; set config.log.peak_flops"
 
 

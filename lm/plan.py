@@ -22,16 +22,28 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from lm import metrics
+
 GIB = 2 ** 30
-# Dense peak FLOP/s per device (bfloat16 with float32 accumulation; float32 as noted) and
-# memory per device, from the vendors' data sheets; cpu: this project's measured machines.
+# Device kind (as lm/metrics.py's peak table names it) and memory per device, from the
+# vendors' data sheets; cpu: the 2-core machines this project is measured on.
 HARDWARE = {
-    "tpu_v5e": {"bfloat16": 197e12, "float32": 98.5e12, "memory": 16 * GIB},
-    "tpu_v5p": {"bfloat16": 459e12, "float32": 229.5e12, "memory": 95 * GIB},
-    "h100": {"bfloat16": 989e12, "float32": 494.5e12, "memory": 80 * GIB},  # f32: TF32
-    "h200": {"bfloat16": 989e12, "float32": 494.5e12, "memory": 141 * GIB},
-    "cpu": {"bfloat16": 350e9, "float32": 185e9, "memory": 24 * GIB},  # 2-core EPYC
+    "tpu_v5e": ("TPU v5 lite", 16 * GIB),
+    "tpu_v5p": ("TPU v5p", 95 * GIB),
+    "h100": ("H100", 80 * GIB),
+    "h200": ("H200", 141 * GIB),
+    "cpu": ("cpu", 24 * GIB),
 }
+CPU_CORES = 2
+
+
+def peak_flops(hardware, dtype):
+  kind = HARDWARE[hardware][0]
+  if kind == "cpu":
+    return metrics.CPU_PEAK_PER_CORE[dtype] * CPU_CORES
+  return metrics.accelerator_peak(kind, dtype)
+
+
 _BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file.")
@@ -102,7 +114,7 @@ def train_flops_per_token(m, vocab, seq_len):
 def make_plan(config, hardware, devices, mfu, vocab=None):
   m, t, s = config.model, config.train, config.data.seq_len
   v = vocab_size(config, vocab)
-  hw = HARDWARE[hardware]
+  memory = HARDWARE[hardware][1]
   n = count_params(m, v)
   flops = train_flops_per_token(m, v, s)
   mesh = config.mesh
@@ -121,12 +133,12 @@ def make_plan(config, hardware, devices, mfu, vocab=None):
     activation_bytes += tokens * (12 * m.d_model + 3 * m.d_ff + 2 * m.num_heads * s) * c
   activation_bytes += tokens * v * 4 * 2  # float32 logits and their gradient
   total = params_bytes + optimizer_bytes + gradient_bytes + activation_bytes
-  peak = hw[m.dtype if m.dtype in hw else "bfloat16"]
+  peak = peak_flops(hardware, m.dtype)
   step_seconds = flops * t.batch_size * s / (devices * peak * mfu)
   return Plan(params=n, flops_per_token=flops, params_bytes=params_bytes,
               optimizer_bytes=optimizer_bytes, gradient_bytes=gradient_bytes,
               activation_bytes=activation_bytes, total_bytes=total,
-              fits=total <= hw["memory"], step_seconds=step_seconds,
+              fits=total <= memory, step_seconds=step_seconds,
               tokens_per_s=t.batch_size * s / step_seconds)
 
 
@@ -147,7 +159,7 @@ def main(argv):
   print(f"memory per device params {g(p.params_bytes)} + Adam {g(p.optimizer_bytes)} + "
         f"gradients {g(p.gradient_bytes)} + activations {g(p.activation_bytes)} "
         f"(remat {config.model.remat}) = {g(p.total_bytes)}; "
-        f"{'fits' if p.fits else 'does NOT fit'} in {g(HARDWARE[_HARDWARE.value]['memory'])}")
+        f"{'fits' if p.fits else 'does NOT fit'} in {g(HARDWARE[_HARDWARE.value][1])}")
   print(f"at {_MFU.value:.0%} MFU on {_DEVICES.value} x {_HARDWARE.value}: "
         f"{p.step_seconds * 1000:,.3f} ms per step, {p.tokens_per_s:,.0f} tokens/s")
   print(json.dumps({"plan": p.as_dict(), "hardware": _HARDWARE.value,

@@ -17,7 +17,6 @@ import numpy as np
 from lm.errors import UserError
 
 SPECIALS = ("pad", "bos", "eos", "unk", "mask")
-TOKENIZERS = ("byte", "char", "unigram", "bpe")
 
 
 class _AppendedSpecials:
@@ -189,11 +188,3 @@ def train_tokenizer(data_config, train_texts):
     return SentencePieceTokenizer.train(train_texts, kind, data_config.vocab_size)
   raise UserError(f"config.data.tokenizer: unknown tokenizer {kind!r}")
 
-
-def load_sentencepiece(path):
-  """A SentencePiece `.model` file trained by lm (e.g. `workdir/tokenizer.model`)."""
-  try:
-    with open(path, "rb") as f:
-      return SentencePieceTokenizer(f.read())
-  except OSError as e:
-    raise UserError(f"cannot read tokenizer {path}: {e.strerror}") from None

@@ -52,7 +52,7 @@ def main(_):
 
   seconds = statistics.median(windows)
   tokens_per_step = t.batch_size * config.data.seq_len
-  flops_per_token = metrics.decoder_train_flops_per_token(
+  flops_per_token = metrics.train_flops_per_token(
       trainer.abstract_state.params, trainer.model_cfg, config.data.seq_len)
   peak, peak_source = metrics.peak_flops_per_device(config.model.dtype, config.log.peak_flops)
   tokens_per_s = tokens_per_step / seconds

@@ -25,7 +25,8 @@ from lm.errors import UserError
 RESUMABLE_CHANGES = ("train.num_steps", "train.eval_every", "train.eval_steps",
                      "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
                      "train.nonfinite", "train.profile_steps", "log.", "sample.", "mesh.",
-                     "data.num_threads", "data.data_dir", "model.remat")
+                     "data.num_threads", "data.data_dir", "model.remat",
+                     "train.early_stopping", "init_from")
 
 
 class CheckpointError(UserError):
@@ -44,9 +45,10 @@ def _is_disk_full(error):
 
 class Checkpointer:
 
-  def __init__(self, workdir, keep):
+  def __init__(self, workdir, keep, folder="checkpoints"):
+    """Checkpoints in workdir/folder: "checkpoints" for resuming, "best" for the best one."""
     self.workdir = os.path.abspath(workdir)
-    self.directory = os.path.join(self.workdir, "checkpoints")
+    self.directory = os.path.join(self.workdir, folder)
     self.manager = ocp.CheckpointManager(
         self.directory,
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True,

@@ -38,6 +38,20 @@ def load_experiment(path):
 def defaults():
   """Every field lm knows, with its default. Experiments override these."""
   c = ml_collections.ConfigDict()
+  # Start from a pretrained lm workdir (its best checkpoint, else its latest): its model
+  # architecture and tokenizer are used, its parameters loaded, and a task head that it lacks
+  # is initialised afresh. "": train from scratch.
+  c.init_from = ""
+
+  c.task = ml_collections.ConfigDict()
+  # causal: decoder LM on text | mlm: encoder, masked LM on text | classification /
+  # regression: encoder + pooled head on a labelled dataset | tagging: encoder + per-token
+  # head on a tagged dataset. See lm/tasks.py.
+  c.task.objective = "causal"
+  c.task.num_labels = 0  # classification / tagging; 0: as many as the dataset has
+  # cls: the first token (the tokenizer's bos, BERT's [CLS]), through the encoder's pooler
+  # with model.pooler | mean: the mean over non-padding tokens
+  c.task.pooling = "cls"
 
   c.model = ml_collections.ConfigDict()
   c.model.num_layers = 4
@@ -53,11 +67,14 @@ def defaults():
   c.model.param_dtype = "float32"
   c.model.norm = "layernorm"  # layernorm | rmsnorm
   c.model.norm_eps = 1e-5
+  c.model.norm_position = "pre"  # pre (GPT-2, Llama) | post (BERT: norm after each residual)
   c.model.positions = "learned"  # learned | rope
   c.model.rope_theta = 10000.0
   c.model.mlp = "gelu"  # gelu (exact, erf) | gelu_tanh (GPT-2's approximation) | swiglu
   c.model.use_bias = False
   c.model.tie_embeddings = True
+  c.model.type_vocab_size = 0  # > 0: BERT's token-type (sentence A/B) embeddings
+  c.model.pooler = False  # encoders: BERT's pooler, tanh(dense(first token)), for task heads
   # Activation rematerialisation per block: none | full (recompute the whole block in the
   # backward pass) | dots (keep matmul outputs, recompute the rest).
   c.model.remat = "none"
@@ -76,8 +93,14 @@ def defaults():
   c.train.b2 = 0.99
   c.train.weight_decay = 0.1  # applied to matrices and embeddings, not to norms or biases
   c.train.grad_clip = 1.0  # global norm; 0 disables clipping
+  c.train.head_learning_rate = 0.0  # > 0: the task head's own peak rate (same schedule)
+  # > 0: stop after this many evaluations in a row without a better validation score
+  # (lm/tasks.py says which score). The best checkpoint is kept in workdir/best either way.
+  c.train.early_stopping = 0
   c.train.eval_every = 250
-  c.train.eval_steps = 20  # batches per periodic eval; 0: the whole validation split
+  # Batches per periodic eval of a language model; 0: the whole validation split. Task
+  # scores (accuracy, F1, correlations) always cover the whole split.
+  c.train.eval_steps = 20
   c.train.checkpoint_every = 500
   c.train.keep_checkpoints = 3
   c.train.log_every = 50
@@ -130,10 +153,13 @@ _CHOICES = {
     "model.dtype": DTYPES,
     "model.param_dtype": DTYPES,
     "model.norm": ("layernorm", "rmsnorm"),
+    "model.norm_position": ("pre", "post"),
+    "task.objective": ("causal", "mlm", "classification", "regression", "tagging"),
+    "task.pooling": ("cls", "mean"),
     "model.positions": ("learned", "rope"),
     "model.mlp": ("gelu", "gelu_tanh", "swiglu"),
     "model.remat": ("none", "full", "dots"),
-    "data.format": ("text", "parallel", "labelled"),
+    "data.format": ("text", "parallel", "labelled", "tagged"),
     "data.tokenizer": ("byte", "char", "unigram", "bpe"),
     "train.nonfinite": ("stop", "skip"),
 }
@@ -148,7 +174,8 @@ _POSITIVE = (
 )
 
 _NON_NEGATIVE = (
-    "train.min_learning_rate", "train.warmup_steps", "train.weight_decay", "train.grad_clip",
+    "train.min_learning_rate", "train.warmup_steps", "train.head_learning_rate",
+    "train.early_stopping", "task.num_labels", "model.type_vocab_size", "train.weight_decay", "train.grad_clip",
     "train.eval_steps", "train.profile_steps", "log.peak_flops", "sample.num_tokens",
     "sample.temperature",
     "sample.top_k", "data.validation_fraction", "data.test_fraction",
@@ -246,6 +273,9 @@ def validate(config, num_devices):
                       f"{t.warmup_steps} exceeds train.num_steps={t.num_steps}")
   if not (0 <= t.b1 < 1 and 0 <= t.b2 < 1):
     raise ConfigError("train.b1" if not 0 <= t.b1 < 1 else "train.b2", "must be in [0, 1)")
+
+  if m.pooler and config.task.pooling != "cls":
+    raise ConfigError("task.pooling", "model.pooler pools the first token; use cls with it")
 
   if config.sample.num_tokens and not config.sample.prompt:
     raise ConfigError("sample.prompt", "must not be empty when sample.num_tokens > 0")

@@ -1,9 +1,11 @@
 """The training loop: data -> train steps -> eval -> checkpoints -> a sample.
 
-`run(config, workdir)` is what `python -m lm.main` calls. Re-running it on the same workdir
-resumes from the latest complete checkpoint and continues with the losses an uninterrupted
-run has. SIGTERM/SIGINT save a checkpoint at the current step and raise Preempted; a NaN/Inf
-step raises NonFiniteLoss (or is skipped, by config) without touching the checkpoints.
+`run(config, workdir)` is what `python -m lm.main` calls; config.task.objective says what it
+trains (lm/tasks.py). Re-running it on the same workdir resumes from the latest complete
+checkpoint and continues with the losses an uninterrupted run has. SIGTERM/SIGINT save a
+checkpoint at the current step and raise Preempted; a NaN/Inf step raises NonFiniteLoss (or
+is skipped, by config) without touching the checkpoints. The checkpoint with the best
+validation score is kept in workdir/best (and can end the run early: train.early_stopping).
 """
 
 import contextlib
@@ -11,21 +13,19 @@ import dataclasses
 import json
 import os
 import shutil
-import signal
-import threading
 import time
 
 import jax
-import numpy as np
 
 from lm import config as config_lib
-from lm import decode, metrics, sharding
+from lm import decode, metrics, pretrained, sharding
 from lm.checkpoint import Checkpointer, abstract_like, config_differences
 from lm.data import make_data
-from lm.errors import NonFiniteLoss, Preempted, UserError
+from lm.errors import Preempted, UserError
+from lm.runtime import Profiler, check_finite, stop_signals
 from lm.train import Trainer
 
-WORKDIR_FILES = ("checkpoints", "corrupt_checkpoints", "metrics.jsonl", "tensorboard",
+WORKDIR_FILES = ("checkpoints", "best", "corrupt_checkpoints", "metrics.jsonl", "tensorboard",
                  "config.json", "profile", "tokenizer.model")
 
 
@@ -34,22 +34,31 @@ class RunResult:
   workdir: str
   final_step: int
   train_losses: dict  # step -> loss, for the steps that were logged
-  eval: dict  # split -> {"loss", "perplexity", "tokens"} from the final evaluation
+  eval: dict  # split -> metrics of the final evaluation: the last step's parameters (language
+  # models) or the best checkpoint's (tasks)
   sample: str
+  best: dict = dataclasses.field(default_factory=dict)  # {"step", "validation"}: best eval
 
 
 def _eval_metrics(trainer, data, config, params, split, max_batches):
+  task = trainer.task
   batches = data.eval_batches(split, config.train.batch_size, config.data.seq_len,
-                              jax.process_index(), jax.process_count())
-  if max_batches:
+                              jax.process_index(), jax.process_count(),
+                              objective=task.objective, seed=config.train.seed)
+  if max_batches and task.is_language_model:
     batches = batches[:max_batches]
-  loss, tokens = trainer.evaluate(params, data.iterator(batches))
-  result = {"loss": loss, "perplexity": float(np.exp(min(loss, 80.0))), "tokens": tokens}
-  if not max_batches and data.format == "text" and data.streams[split].characters:
+  result = trainer.evaluate(params, data.iterator(batches))
+  if (task.objective == "causal" and not (max_batches and len(batches) >= max_batches)
+      and data.streams[split].characters):
     # Every target's loss, document ends included, per character of the split's text: a
     # figure that compares models with different vocabularies.
-    result["nats_per_char"] = loss * tokens / data.streams[split].characters
+    result["nats_per_char"] = result["loss"] * result["tokens"] / data.streams[split].characters
   return result
+
+
+def _describe(result):
+  return " | ".join(f"{k} {v:.4f}" for k, v in result.items()
+                    if k not in ("tokens", "examples"))
 
 
 def _latest_meta(checkpointer, config):
@@ -60,6 +69,8 @@ def _latest_meta(checkpointer, config):
     except Exception as e:  # pylint: disable=broad-except
       metrics.log(f"lm: warning: {checkpointer.quarantine(step, e)}")
       continue
+    if config.init_from:  # the architecture came from the pretrained run: keep it
+      pretrained.adopt_architecture(config, meta["config"])
     changed = config_differences(meta["config"], config.to_dict())
     if changed:
       raise UserError(f"workdir {checkpointer.workdir} holds a checkpoint of a different "
@@ -94,65 +105,33 @@ def _discard_earlier_run(workdir):
       os.remove(path)
 
 
-@contextlib.contextmanager
-def _stop_signals():
-  """Turns the first SIGTERM/SIGINT into a flag the loop checks after every step."""
-  received = []
-  if threading.current_thread() is not threading.main_thread() or jax.process_count() > 1:
-    # Python delivers signals to the main thread only. With several processes, JAX's
-    # preemption service catches SIGTERM and all processes agree on the step to stop at
-    # (reached_preemption below); a local flag could stop one process alone.
-    yield received
-    return
-
-  def handler(signum, _):
-    received.append(signal.Signals(signum).name)
-    signal.signal(signum, previous[signum])  # a second one ends the process at once
-
-  previous = {s: signal.signal(s, handler) for s in (signal.SIGTERM, signal.SIGINT)}
-  try:
-    yield received
-  finally:
-    for s, h in previous.items():
-      signal.signal(s, h)
+def _num_labels(config, data):
+  objective = config.task.objective
+  if objective in ("causal", "mlm"):
+    return 0
+  if objective == "regression":
+    return 1
+  have = len(data.prepared.label_names)
+  wanted = config.task.num_labels or have
+  if wanted < have:
+    raise UserError(f"config.task.num_labels: {wanted} is fewer than the {have} labels of "
+                    f"{data.source}")
+  if wanted < 2:
+    raise UserError(f"config.task.num_labels: {data.source} has {have} label(s); "
+                    f"{objective} needs at least 2")
+  return wanted
 
 
-class _Profiler:
-  """A jax.profiler trace of `count` steps from step `first` (past compilation)."""
-
-  def __init__(self, log_dir, first, count):
-    self.log_dir, self.first, self.last = log_dir, first, first + count - 1
-    self.active = False
-    self.enabled = count > 0
-
-  def before(self, step, state):
-    if self.enabled and step == self.first:
-      jax.block_until_ready(state)
-      jax.profiler.start_trace(self.log_dir)
-      self.active = True
-
-  def after(self, step, state):
-    if self.active and step == self.last:
-      jax.block_until_ready(state)
-      self.close()
-      metrics.log(f"lm: profile of steps {self.first}-{self.last} in {self.log_dir} "
-                  "(tensorboard --logdir there, Profile tab)")
-
-  def close(self):
-    if self.active:
-      jax.profiler.stop_trace()
-      self.active = False
-
-
-def _check_finite(fetched, policy, last_checkpoint):
-  for step, m in fetched:
-    if m["nonfinite"] and policy == "stop":
-      where = (f"checkpoint {last_checkpoint} is the last good one" if last_checkpoint
-               else "no checkpoint was written")
-      raise NonFiniteLoss(
-          f"step {step}: loss {float(m['loss'])}, gradient norm {float(m['grad_norm'])}: "
-          f"not finite; stopped without applying it ({where}). Lower train.learning_rate, "
-          "check the data, or set train.nonfinite=skip")
+def _check_data(config, data, task):
+  if data.format not in task.data_formats:
+    raise UserError(f"config.task.objective: {task.objective} trains on a "
+                    f"{' or '.join(task.data_formats)} dataset; {data.source} is a "
+                    f"{data.format} dataset (config.data.format)")
+  if data.size("validation") < (2 if data.streams else 1):
+    raise UserError(f"config.data.validation_fraction: no {'text' if data.streams else 'data'} "
+                    f"of {data.source} landed in the "
+                    "validation split (folders are split by whole documents); raise the "
+                    "fraction or add documents")
 
 
 def run(config, workdir, devices=None, stop_after=None, overwrite=False):
@@ -167,26 +146,27 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
   metrics.log(f"lm: workdir {os.path.abspath(workdir)}")
   # Nothing is written to (or, with --overwrite, removed from) the workdir until the config,
   # the data and any checkpoint there have been checked.
-  checkpointer = start_step = meta = None
+  checkpointer = start_step = meta = source = None
   if not overwrite and os.path.isdir(os.path.join(workdir, "checkpoints")):
     checkpointer = Checkpointer(workdir, t.keep_checkpoints)
     start_step, meta = _latest_meta(checkpointer, config)
+  if config.init_from and meta is None:
+    source = pretrained.open_pretrained(config.init_from)
+    for change in pretrained.adopt_architecture(config, source.meta["config"]):
+      metrics.log(f"lm: from init_from: {change}")
+    config_lib.validate(config, len(devices))
 
-  data = make_data(config, tokenizer_spec=meta and meta["tokenizer"])
-  if data.format != "text":
-    raise UserError(f"config.data.format: lm.main trains causal language models on text; "
-                    f"{data.source} is a {data.format} dataset")
-  if data.size("validation") < 2:
-    raise UserError(f"config.data.validation_fraction: no text of {data.source} landed in the "
-                    "validation split (folders are split by whole documents); raise the "
-                    "fraction or add documents")
+  tokenizer_spec = meta["tokenizer"] if meta else source.meta["tokenizer"] if source else None
+  data = make_data(config, tokenizer_spec=tokenizer_spec)
   if meta and meta["data_fingerprint"] != data.fingerprint:
     raise UserError(f"config.data: the corpus at {data.source} changed since the checkpoint "
                     "in this workdir was written; resuming would train on other data")
   if config.model.vocab_size is not None and config.model.vocab_size < data.tokenizer.vocab_size:
     raise UserError(f"config.model.vocab_size: {config.model.vocab_size} is smaller than the "
                     f"tokenizer's vocabulary ({data.tokenizer.vocab_size})")
-  trainer = Trainer(config, data.tokenizer.vocab_size, mesh)
+  trainer = Trainer(config, data.tokenizer.vocab_size, mesh, _num_labels(config, data))
+  task = trainer.task
+  _check_data(config, data, task)
   state = None
   data_state = None
   if start_step is not None:
@@ -201,10 +181,21 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
       if data_state is None:
         raise UserError(f"checkpoint {start_step} in {workdir} has no data pipeline state; "
                         "it was written by an older lm and cannot resume exactly")
+  best = meta.get("best") if state is not None else None  # {"step", "validation", "bad_evals"}
+  if state is None:
+    if config.init_from and source is None:  # a restart of a run that began from init_from
+      source = pretrained.open_pretrained(config.init_from)
+    initial = trainer.init_state()
+    if source is not None:
+      params = pretrained.load_params(source, jax.device_get(initial.params), task.head_keys,
+                                      sharding.replicated(mesh))
+      initial = trainer.state_from_params(params)
+    state, start_step = initial, 0
   if overwrite and jax.process_index() == 0:
     _discard_earlier_run(workdir)
   os.makedirs(workdir, exist_ok=True)
   checkpointer = checkpointer or Checkpointer(workdir, t.keep_checkpoints)
+  best_checkpointer = Checkpointer(workdir, 1, folder="best")
   meta = {"config": config.to_dict(), "tokenizer": data.tokenizer.to_dict(),
           "data_fingerprint": data.fingerprint}
   if jax.process_index() == 0:
@@ -213,18 +204,17 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
     if hasattr(data.tokenizer, "model_proto"):  # SentencePiece: usable by other tools too
       with open(os.path.join(workdir, "tokenizer.model"), "wb") as f:
         f.write(data.tokenizer.model_proto)
-  if state is None:
-    state, start_step = trainer.init_state(), 0
 
   writer = metrics.MetricWriter(workdir, resume_step=start_step)
-  flops_per_token = metrics.decoder_train_flops_per_token(
-      trainer.abstract_state.params, trainer.model_cfg, config.data.seq_len)
+  flops_per_token = metrics.train_flops_per_token(
+      trainer.abstract_state.params, trainer.model_cfg, config.data.seq_len, task.tied_output)
   peak, peak_source = metrics.peak_flops_per_device(config.model.dtype, config.log.peak_flops)
   tokens_per_step = t.batch_size * config.data.seq_len
+  unit = "tokens" if data.streams else "examples"
   metrics.log(f"lm: data {data.source}: train {data.size('train'):,} / validation "
-              f"{data.size('validation'):,} / test {data.size('test'):,} tokens, "
+              f"{data.size('validation'):,} / test {data.size('test'):,} {unit}, "
               f"{data.tokenizer.kind} tokenizer, vocab {trainer.model_cfg.vocab_size}")
-  metrics.log(f"lm: model {trainer.num_params:,} parameters, "
+  metrics.log(f"lm: {task.objective} model {trainer.num_params:,} parameters, "
               f"{flops_per_token * tokens_per_step / 1e9:.2f} GFLOP per step; mesh "
               f"{dict(mesh.shape)}; MFU against {peak / 1e9:,.0f} GFLOP/s a device "
               f"({peak_source})")
@@ -233,17 +223,22 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
 
   train_batches = data.iterator(
       data.train_batches(t.batch_size, config.data.seq_len, t.seed, jax.process_index(),
-                         jax.process_count()), state=data_state)
+                         jax.process_count(), objective=task.objective), state=data_state)
   end_step = t.num_steps if stop_after is None else min(t.num_steps, stop_after)
+  # A rerun of a run that stopped early does not train on.
+  stopped_early = bool(t.early_stopping and best and best["bad_evals"] >= t.early_stopping)
+  if stopped_early:
+    end_step = start_step
   train_losses = {}
   pending = []  # (step, metrics on device) since the last log line
   last_log_time, last_log_step = time.perf_counter(), start_step
   paused = 0.0  # seconds spent evaluating since the last log line, not training
   last_checkpoint = start_step
   step = start_step
-  profiler = _Profiler(os.path.join(workdir, "profile"), start_step + 3, t.profile_steps)
+  last_validation = None  # the whole split's metrics at the last step, if evaluated there
+  profiler = Profiler(os.path.join(workdir, "profile"), start_step + 3, t.profile_steps)
   try:
-    with _stop_signals() as stop_signal:
+    with stop_signals() as stop_signal:
       for step in range(start_step + 1, end_step + 1):
         profiler.before(step, state)
         batch = trainer.shard_batch(next(train_batches))
@@ -254,7 +249,7 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
                                           checkpointer.manager.reached_preemption(step))
         if step % t.log_every == 0 or step == end_step or preempted:
           fetched = jax.device_get(pending)
-          _check_finite(fetched, t.nonfinite, last_checkpoint)
+          check_finite(fetched, t.nonfinite, last_checkpoint)
           now = time.perf_counter()
           elapsed = now - last_log_time - paused
           if last_log_step == start_step:  # the first interval includes compilation
@@ -277,55 +272,114 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
                       f"{tokens_per_s:,.0f} tok/s | {step_ms:.1f} ms/step | MFU {mfu:.2%}"
                       f"{skipped}")
           pending, last_log_time, last_log_step, paused = [], time.perf_counter(), step, 0.0
-        if step % t.eval_every == 0 and step != t.num_steps and not preempted:
+        # Task scores, and language-model losses with eval_steps=0, cover the whole
+        # validation split: the last step's evaluation is then the final one, and may be
+        # the best. Otherwise the final evaluation over the whole split comes after the loop.
+        at_end = step == t.num_steps
+        full = not task.is_language_model or not t.eval_steps
+        if (step % t.eval_every == 0 and not at_end or at_end and full) and not preempted:
           jax.block_until_ready(state)  # so the pause excludes queued train steps
           eval_start = time.perf_counter()
           result = _eval_metrics(trainer, data, config, state.params, "validation", t.eval_steps)
-          writer.write(step, {"eval/loss": result["loss"], "eval/perplexity": result["perplexity"]})
-          metrics.log(f"step {step:>6} | eval loss {result['loss']:.4f} | "
-                      f"perplexity {result['perplexity']:.2f}")
+          if at_end:
+            last_validation = result
+          writer.write(step, {f"eval/{k}": v for k, v in result.items()
+                              if k not in ("tokens", "examples")})
+          if task.better(result, best and best["validation"]):
+            best = {"step": step, "validation": result, "bad_evals": 0}
+            best_checkpointer.save(step, state, {**meta, "best": dict(best)})
+            mark = " | best so far"
+          else:
+            best["bad_evals"] += 1
+            mark = f" | no better than step {best['step']}"
+          metrics.log(f"step {step:>6} | eval {_describe(result)}{mark}")
+          stopped_early = (bool(t.early_stopping) and best["bad_evals"] >= t.early_stopping
+                           and step < t.num_steps)
+          if stopped_early:
+            metrics.log(f"lm: stopping early: {t.early_stopping} evaluations without a better "
+                        f"validation {task.selection[0]} than step {best['step']}")
           paused += time.perf_counter() - eval_start
-        if step % t.checkpoint_every == 0 or step == end_step or preempted:
-          _check_finite(jax.device_get(pending), t.nonfinite, last_checkpoint)
+        if (step % t.checkpoint_every == 0 or step == end_step or preempted or stopped_early):
+          check_finite(jax.device_get(pending), t.nonfinite, last_checkpoint)
           # Every process's iterator is at the same batch index, so the primary's state (the
           # one Orbax writes) restores every process.
-          checkpointer.save(step, state, {**meta, "data_state": train_batches.get_state()})
+          checkpointer.save(step, state, {**meta, "data_state": train_batches.get_state(),
+                                          "best": best and dict(best)})
           last_checkpoint = step
         if preempted:
           checkpointer.wait()
           raise Preempted(step, stop_signal[0] if stop_signal else "preemption notice")
+        if stopped_early:
+          break
     checkpointer.wait()
+    best_checkpointer.wait()
 
     final = {}
-    if step == t.num_steps:
-      for split in ("validation", "test"):
-        if data.size(split) > 1:
-          final[split] = _eval_metrics(trainer, data, config, state.params, split, 0)
-          prefix = "eval" if split == "validation" else "test"
-          writer.write(step, {f"{prefix}/{k}": v for k, v in final[split].items()
-                              if k != "tokens"})
-          per_char = (f" | {final[split]['nats_per_char']:.4f} nats per character"
-                      if "nats_per_char" in final[split] else "")
-          metrics.log(f"final {split}: loss {final[split]['loss']:.4f} | perplexity "
-                      f"{final[split]['perplexity']:.2f} over all "
-                      f"{int(final[split]['tokens']):,} tokens{per_char}")
+    finished = step == t.num_steps or stopped_early
+    if finished:
+      final = _final_evaluations(trainer, data, config, state, best, best_checkpointer, writer,
+                                 step, last_validation)
     sample = ""
-    if config.sample.num_tokens and step == t.num_steps:
-      prompt = config.sample.prompt
-      prompt_ids = [data.tokenizer.bos_id, *data.tokenizer.encode(prompt).tolist()]
-      params = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(state.params)
-      ids = decode.generate(trainer.model, jax.device_get(params), [prompt_ids],
-                            config.sample.num_tokens,
-                            decode.Sampling(temperature=config.sample.temperature,
-                                            top_k=config.sample.top_k, seed=t.seed))
-      sample = prompt + data.tokenizer.decode(ids[0])
-      writer.write_text(step, "sample", sample)
-      metrics.log(f"sample (temperature {config.sample.temperature}, top-k "
-                  f"{config.sample.top_k}):\n{sample}")
+    if config.sample.num_tokens and finished and task.objective == "causal":
+      sample = _sample(config, data, trainer, mesh, state, writer, step)
   finally:
     profiler.close()
     writer.close()
     with contextlib.suppress(Exception):  # an earlier error says more
       checkpointer.close()
+      best_checkpointer.close()
   return RunResult(workdir=workdir, final_step=step, train_losses=train_losses, eval=final,
-                   sample=sample)
+                   sample=sample, best=best or {})
+
+
+def _final_evaluations(trainer, data, config, state, best, best_checkpointer, writer, step,
+                       last_validation):
+  """Language models: the last step's parameters on the whole validation and test splits.
+  Tasks: the best checkpoint's (already evaluated on validation), on test too."""
+  params = state.params
+  final = {}
+  if trainer.task.is_language_model and last_validation is not None:
+    final["validation"] = last_validation
+  if not trainer.task.is_language_model and best is not None:
+    final["validation"] = best["validation"]
+    if best["step"] != step:
+      abstract = abstract_like(trainer.abstract_state, trainer.state_shardings)
+      params = best_checkpointer.restore_state(best["step"], abstract).params
+    metrics.log(f"best validation (step {best['step']}): {_describe(best['validation'])}")
+  for split in ("validation", "test"):
+    if data.size(split) < (2 if data.streams else 1) or (
+        split in final and not trainer.task.is_language_model):
+      continue
+    if split not in final:
+      final[split] = _eval_metrics(trainer, data, config, params, split, 0)
+      prefix = "eval" if split == "validation" else "test"
+      writer.write(step, {f"{prefix}/{k}": v for k, v in final[split].items()
+                          if k not in ("tokens", "examples")})
+    if trainer.task.is_language_model:
+      per_char = (f" | {final[split]['nats_per_char']:.4f} nats per character"
+                  if "nats_per_char" in final[split] else "")
+      accuracy = (f" | accuracy {final[split]['accuracy']:.4f}"
+                  if "accuracy" in final[split] else "")
+      metrics.log(f"final {split}: loss {final[split]['loss']:.4f} | perplexity "
+                  f"{final[split]['perplexity']:.2f}{accuracy} over all "
+                  f"{int(final[split]['tokens']):,} {'masked ' if accuracy else ''}tokens"
+                  f"{per_char}")
+    else:
+      metrics.log(f"{split} (step {best['step'] if best else step}): "
+                  f"{_describe(final[split])} over all {final[split]['examples']:,} examples")
+  return final
+
+
+def _sample(config, data, trainer, mesh, state, writer, step):
+  prompt = config.sample.prompt
+  prompt_ids = [data.tokenizer.bos_id, *data.tokenizer.encode(prompt).tolist()]
+  params = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(state.params)
+  ids = decode.generate(trainer.model, jax.device_get(params), [prompt_ids],
+                        config.sample.num_tokens,
+                        decode.Sampling(temperature=config.sample.temperature,
+                                        top_k=config.sample.top_k, seed=config.train.seed))
+  sample = prompt + data.tokenizer.decode(ids[0])
+  writer.write_text(step, "sample", sample)
+  metrics.log(f"sample (temperature {config.sample.temperature}, top-k "
+              f"{config.sample.top_k}):\n{sample}")
+  return sample

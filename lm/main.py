@@ -65,14 +65,8 @@ def default_workdir(config_path):
   return path
 
 
-def main(argv):
-  if len(argv) > 1:
-    fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
-  # A failed background save is reported by lm in one line; asyncio would add a traceback.
-  std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
-  from lm.errors import NonFiniteLoss, Preempted, UserError  # late: --help stays fast
-  from lm.loop import run
+def loaded_config():
+  """The --config experiment with its --config.* overrides, or one line and exit 2."""
   config = _CONFIG.value
   if config is None:
     fail("--config is required, e.g. --config=experiments/base.py")
@@ -85,6 +79,18 @@ def main(argv):
       cause = e.__cause__ or e
       reason = " ".join(str(cause).splitlines()[-1].split())
     fail(f"--config={path}: cannot load the experiment: {reason}")
+  return config
+
+
+def main(argv):
+  if len(argv) > 1:
+    fail(f"unexpected arguments: {' '.join(argv[1:])}")
+  logging.set_verbosity(logging.WARNING)  # Orbax logs every save step at INFO
+  # A failed background save is reported by lm in one line; asyncio would add a traceback.
+  std_logging.getLogger("asyncio").setLevel(std_logging.CRITICAL)
+  from lm.errors import NonFiniteLoss, Preempted, UserError  # late: --help stays fast
+  from lm.loop import run
+  config = loaded_config()
   given = [f for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID) if f.value is not None]
   if given and len(given) < 3:
     fail("--coordinator_address, --num_processes and --process_id go together")

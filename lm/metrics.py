@@ -42,19 +42,22 @@ def peak_flops_per_device(dtype, configured=0.0):
   return float("nan"), f"unknown device kind {device.device_kind!r}; set config.log.peak_flops"
 
 
-def decoder_train_flops_per_token(params, cfg, seq_len):
+def train_flops_per_token(params, cfg, seq_len, tied_output=None):
   """Model FLOPs of one training token (forward + backward), PaLM appendix B convention.
 
   6 per parameter that multiplies an activation (all weight matrices and the output
   projection; not the embedding lookups, norms or biases), plus 12 * layers * d_model *
-  seq_len for the attention scores and their weighted sum.
+  seq_len for the attention scores and their weighted sum. `tied_output`: whether the
+  output layer multiplies by the token embedding (default: cfg.tie_embeddings, a decoder's).
   """
   matmul_params = 0
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
     names = [getattr(p, "key", "") for p in path]
     if names[-1] == "kernel":
       matmul_params += math.prod(leaf.shape)
-  if cfg.tie_embeddings:  # the output projection reuses the embedding (untied: a kernel)
+  if tied_output is None:
+    tied_output = cfg.tie_embeddings
+  if tied_output:  # the output projection reuses the embedding (untied: a kernel)
     matmul_params += cfg.vocab_size * cfg.d_model
   return 6 * matmul_params + 12 * cfg.num_layers * cfg.d_model * seq_len
 

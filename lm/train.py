@@ -1,7 +1,7 @@
 """Train state and the pure, jitted train/eval steps on a mesh.
 
     state, metrics = trainer.train_step(state, batch)   # (state, batch) -> (state, metrics)
-    sums = trainer.eval_step(state.params, batch)        # {"loss_sum", "weight_sum"}
+    outputs = trainer.eval_step(state.params, batch)     # the task's sums / predictions
 
 Both are compiled once with explicit in/out shardings from lm/sharding.py. The dropout key
 of step s is fold_in(key(seed), s), so nothing random lives outside the state's step count:
@@ -19,8 +19,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lm import objectives, sharding
-from lm.models import Decoder, ModelConfig
+from lm import sharding
+from lm.models import ModelConfig
+from lm.tasks import Task
 
 
 @flax.struct.dataclass
@@ -45,24 +46,33 @@ def learning_rate_schedule(t):
   return schedule
 
 
-def make_optimizer(t):
-  """AdamW with global-norm clipping; weight decay on matrices and embeddings only."""
+def make_optimizer(t, head_keys=()):
+  """AdamW with global-norm clipping; weight decay on matrices and embeddings only.
+
+  With train.head_learning_rate > 0, the updates of the parameters under `head_keys` are
+  scaled by head_learning_rate / learning_rate: AdamW's update (weight decay included) is
+  linear in the learning rate, so that is AdamW at the head's rate on the same schedule."""
   decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)
-  adamw = optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, eps=1e-8,
-                      weight_decay=t.weight_decay, mask=decay_mask)
+  parts = [optax.adamw(learning_rate_schedule(t), b1=t.b1, b2=t.b2, eps=1e-8,
+                       weight_decay=t.weight_decay, mask=decay_mask)]
   if t.grad_clip > 0:
-    return optax.chain(optax.clip_by_global_norm(t.grad_clip), adamw)
-  return adamw
+    parts.insert(0, optax.clip_by_global_norm(t.grad_clip))
+  if t.head_learning_rate > 0 and head_keys:
+    head_mask = lambda params: {k: jax.tree.map(lambda _, head=k in head_keys: head, v)
+                                for k, v in params.items()}
+    parts.append(optax.masked(optax.scale(t.head_learning_rate / t.learning_rate), head_mask))
+  return parts[0] if len(parts) == 1 else optax.chain(*parts)
 
 
 class Trainer:
   """Builds the model, optimizer and shardings from a config; owns the compiled steps."""
 
-  def __init__(self, config, vocab_size, mesh):
+  def __init__(self, config, vocab_size, mesh, num_labels=0):
     self.config, self.mesh = config, mesh
     self.model_cfg = ModelConfig.from_config(config.model, vocab_size)
-    self.model = Decoder(self.model_cfg)
-    self.optimizer = make_optimizer(config.train)
+    self.task = Task(config.task.objective, self.model_cfg, num_labels, config.task.pooling)
+    self.model = self.task.model
+    self.optimizer = make_optimizer(config.train, self.task.head_keys)
     self.schedule = learning_rate_schedule(config.train)
     self.seq_len = config.data.seq_len
     seed_key = jax.random.key(config.train.seed)
@@ -96,7 +106,7 @@ class Trainer:
 
   def _init_boxed_params(self, key):
     tokens_BxL = jnp.zeros((1, self.seq_len), jnp.int32)
-    return self.model.init({"params": key}, tokens_BxL)["params"]
+    return self.task.init(key, tokens_BxL)
 
   def _init_state(self, key):
     params = nn.unbox(self._init_boxed_params(key))
@@ -104,17 +114,13 @@ class Trainer:
                       opt_state=self.optimizer.init(params), skipped=jnp.zeros((), jnp.int32))
 
   def _loss(self, params, batch, dropout_key):
-    deterministic = dropout_key is None
-    logits_BxLxV = self.model.apply(
-        {"params": params}, batch["inputs"], batch.get("positions"), batch.get("segment_ids"),
-        deterministic=deterministic,
-        rngs=None if deterministic else {"dropout": dropout_key})
-    return objectives.causal_lm_loss(logits_BxLxV, batch["targets"], batch["weights"])
+    return self.task.loss(params, batch, dropout_key)
 
   def _train_step_fn(self, state, batch):
     dropout_key = jax.random.fold_in(self.dropout_key, state.step)
     n = self.config.train.grad_accum_steps
-    total_weight = jnp.maximum(jnp.sum(batch["weights"].astype(jnp.float32)), 1.0)
+    weights = batch["example_weight" if "example_weight" in batch else "weights"]
+    total_weight = jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1.0)
 
     def mean_loss(params, micro_batch, key):
       loss_sum, _ = self._loss(params, micro_batch, key)
@@ -154,8 +160,7 @@ class Trainer:
                       skipped=state.skipped + (~finite).astype(jnp.int32)), metrics
 
   def _eval_step_fn(self, params, batch):
-    loss_sum, weight_sum = self._loss(params, batch, None)
-    return {"loss_sum": loss_sum, "weight_sum": weight_sum}
+    return self.task.eval_outputs(params, batch)
 
   # Entry points.
 
@@ -169,6 +174,16 @@ class Trainer:
     # N-d specs. out_shardings places the result.
     with jax.set_mesh(self.mesh):
       return self._init(self.init_key)
+
+  def state_from_params(self, params):
+    """A fresh train state (step 0, new optimizer state) around given parameters, e.g.
+    pretrained ones (host arrays), placed on the mesh."""
+    with jax.set_mesh(self.mesh):
+      return jax.jit(
+          lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
+                               opt_state=self.optimizer.init(p),
+                               skipped=jnp.zeros((), jnp.int32)),
+          out_shardings=self.state_shardings)(params)
 
   def shard_batch(self, batch):
     """Places a host batch (this process's rows) onto the mesh as one global array."""
@@ -188,14 +203,9 @@ class Trainer:
       return self._eval_step(params, batch)
 
   def evaluate(self, params, batches):
-    """Token-weighted mean loss over the host `batches`."""
-    sums = []
-    for host_batch in batches:
-      sums.append(self.eval_step(params, self.shard_batch(host_batch)))
-    sums = jax.device_get(sums)  # one transfer at the end, not one per batch
-    loss_sum = sum(float(s["loss_sum"]) for s in sums)
-    weight_sum = sum(float(s["weight_sum"]) for s in sums)
-    return loss_sum / max(weight_sum, 1.0), weight_sum
+    """The task's metrics (lm/tasks.py) over all the host `batches`: {"loss", ...}."""
+    outputs = [self.eval_step(params, self.shard_batch(host_batch)) for host_batch in batches]
+    return self.task.summarize(jax.device_get(outputs))  # one transfer, not one per batch
 
   @functools.cached_property
   def num_params(self):

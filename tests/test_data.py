@@ -132,7 +132,7 @@ def test_labelled_builder_reads_tsv_with_header(tmp_path):
   rows = sorted((r["text"], r["label"]) for r in (prepared.sources["train"][i]
                                                    for i in range(3)))
   assert rows == [("bad film", 0), ("fine", 1), ("good film", 1)]
-  assert prepared.sources["validation"][0] == {"text": "dull", "label": 0}
+  assert prepared.sources["validation"][0] == {"text": "dull", "label": 0, "value": 0.0}
   assert prepared.label_names == ("0", "1")
 
 

@@ -26,7 +26,7 @@ def test_parameter_count_and_flops_match_the_real_model(overrides, one_device):
   real = sum(x.size for x in jax.tree.leaves(trainer.abstract_state.params))
   p = plan.make_plan(config, "cpu", 1, 0.4, vocab=64)
   assert p.params == real
-  assert p.flops_per_token == metrics.decoder_train_flops_per_token(
+  assert p.flops_per_token == metrics.train_flops_per_token(
       trainer.abstract_state.params, trainer.model_cfg, config.data.seq_len)
 
 

@@ -25,7 +25,8 @@ def losses_on_mesh(mesh_shape, devices):
   for step in range(STEPS):
     state, metrics = trainer.train_step(state, trainer.shard_batch(batches[step]))
     losses.append(float(metrics["loss"]))
-  eval_loss, _ = trainer.evaluate(state.params, iter(data.eval_batches("validation", 8, 16)[:3]))
+  eval_loss = trainer.evaluate(state.params,
+                               iter(data.eval_batches("validation", 8, 16)[:3]))["loss"]
   return np.array(losses + [eval_loss]), state
 
 

@@ -74,7 +74,8 @@ def test_evaluate_is_the_exact_token_mean_over_the_split(one_device):
   trainer, data = make_trainer(config, one_device)
   params = trainer.init_state().params
   batches = data.eval_batches("validation", 8, 16)
-  loss, tokens = trainer.evaluate(params, iter(batches))
+  result = trainer.evaluate(params, iter(batches))
+  loss, tokens = result["loss"], result["tokens"]
   host_params = jax.device_get(params)
   total = count = 0.0
   for batch in batches:  # a second path: plain model.apply and numpy log-softmax

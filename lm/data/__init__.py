@@ -2,7 +2,7 @@
 
     config.data ─► builders.prepare (array_record, built once) ─► tokenizer (trained on train)
       ─► text: pipeline.token_stream (cached) ─► packed windows ─► batches
-      ─► labelled / parallel: records ─► examples.* rows ─► batches
+      ─► labelled / tagged / parallel: records ─► examples.* rows ─► batches
 
 `make_data(config)` returns a `Data`; its `*_batches` methods return Grain MapDatasets of
 host batches, and `iterator()` a prefetching iterator with a checkpointable state.
@@ -24,13 +24,15 @@ __all__ = ["ByteTokenizer", "CharTokenizer", "Data", "Prepared", "SentencePieceT
            "make_data", "prepare"]
 
 MLM_SEED_SALT = 0x4D4C4D  # keeps MLM masks independent of the window order
+LM_OBJECTIVES = ("causal", "mlm")
 
 
 @dataclasses.dataclass
 class Data:
   prepared: Prepared
   tokenizer: object
-  streams: dict  # split -> pipeline.TokenStream (text datasets)
+  streams: dict  # split -> pipeline.TokenStream, for language models (of text, or of the
+  # text column of a labelled dataset)
   num_threads: int = 2
 
   @property
@@ -47,33 +49,41 @@ class Data:
 
   def size(self, split):
     """Tokens (text) or examples (labelled, parallel) in `split`."""
-    if self.format == "text":
+    if self.streams:
       return len(self.streams[split]) if split in self.streams else 0
     return self.prepared.num_examples(split)
 
-  def _require(self, formats, what):
-    if self.format not in formats:
-      raise UserError(f"config.data: {what} needs a {' or '.join(formats)} dataset; "
-                      f"{self.source} is {self.format}")
+  def _require_streams(self, objective):
+    if not self.streams:
+      raise UserError(f"config.data: objective {objective} needs a text or labelled dataset "
+                      f"(made with that objective); {self.source} is {self.format}")
+
+  def _objective(self, objective):
+    """The objective's batches; None: the format's own (causal LM windows of text; rows of
+    examples otherwise)."""
+    return objective or ("causal" if self.format == "text" else self.format)
 
   def train_batches(self, batch_size, seq_len, seed, process_index=0, process_count=1,
-                    objective="causal", target_len=None):
+                    objective=None, target_len=None):
     """Grain MapDataset: batch k is this process's rows of global training batch k."""
-    if self.format == "text":
-      self._require(("text",), f"objective {objective}")
+    objective = self._objective(objective)
+    if objective in LM_OBJECTIVES:
+      self._require_streams(objective)
       batch_fn = pipeline.StreamWindows(self.streams["train"], seq_len, seed,
                                         self.tokenizer.pad_id).batch
       if objective == "mlm":
         batch_fn = self._mlm(batch_fn, seed)
     else:
-      batch_fn = pipeline.rows(self._record_examples("train", seq_len, target_len,
+      batch_fn = pipeline.rows(self._record_examples("train", seq_len, target_len, objective,
                                                      shuffle_seed=seed))
     return pipeline.train_batches(batch_fn, batch_size, process_index, process_count)
 
   def eval_batches(self, split, batch_size, seq_len, process_index=0, process_count=1,
-                   objective="causal", seed=0, target_len=None):
+                   objective=None, seed=0, target_len=None):
     """Grain MapDataset over every example of `split` once, in order, padded at the end."""
-    if self.format == "text":
+    objective = self._objective(objective)
+    if objective in LM_OBJECTIVES:
+      self._require_streams(objective)
       stream = self.streams[split]
       num_windows = -(-(len(stream) - 1) // seq_len) if len(stream) > 1 else 0
 
@@ -85,9 +95,9 @@ class Data:
       return pipeline.eval_batches(num_windows, batch_fn, batch_size, process_index,
                                    process_count)
     num = self.prepared.num_examples(split)
-    return pipeline.eval_batches(num, pipeline.rows(self._record_examples(split, seq_len,
-                                                                          target_len)),
-                                 batch_size, process_index, process_count)
+    return pipeline.eval_batches(
+        num, pipeline.rows(self._record_examples(split, seq_len, target_len, objective)),
+        batch_size, process_index, process_count)
 
   def iterator(self, dataset, state=None):
     return pipeline.iterator(dataset, self.num_threads, state=state)
@@ -101,7 +111,7 @@ class Data:
       return pipeline.stack(out)
     return masked
 
-  def _record_examples(self, split, seq_len, target_len, shuffle_seed=None):
+  def _record_examples(self, split, seq_len, target_len, objective, shuffle_seed=None):
     records = self.prepared.sources[split]
     if not len(records):
       raise UserError(f"config.data: the {split} split of {self.source} is empty")
@@ -109,7 +119,14 @@ class Data:
     if shuffle_seed is not None:
       order = grain.MapDataset.range(len(records)).shuffle(seed=shuffle_seed).repeat(None)
     if self.format == "labelled":
-      make = lambda r: examples.classification_example(r, self.tokenizer, seq_len)
+      regression = objective == "regression"
+      if regression and "value" not in records[0]:
+        raise UserError(f"config.task.objective: regression needs numeric labels, and "
+                        f"{self.source} provides class labels only")
+      make = lambda r: examples.classification_example(r, self.tokenizer, seq_len, regression)
+    elif self.format == "tagged":
+      tag_ids = {name: i for i, name in enumerate(self.prepared.label_names)}
+      make = lambda r: examples.tagging_example(r, self.tokenizer, seq_len, tag_ids)
     else:
       make = lambda r: examples.seq2seq_example(r, self.tokenizer, seq_len,
                                                 target_len or seq_len)
@@ -119,11 +136,12 @@ class Data:
 def _training_texts(prepared):
   """The training split's text, for training a tokenizer (both sides of a parallel set)."""
   records = prepared.sources["train"]
-  fields = ("source", "target") if prepared.format == "parallel" else ("text",)
+  fields = {"parallel": ("source", "target"), "tagged": ("words",)}.get(prepared.format,
+                                                                       ("text",))
   for i in range(len(records)):
     record = records[i]
     for field in fields:
-      yield record[field]
+      yield record[field].replace("\t", " ") if prepared.format == "tagged" else record[field]
 
 
 def make_data(config, tokenizer_spec=None):
@@ -135,7 +153,8 @@ def make_data(config, tokenizer_spec=None):
   else:
     tokenizer = train_tokenizer(config.data, _training_texts(prepared))
   streams = {}
-  if prepared.format == "text":
+  if prepared.format == "text" or (prepared.format == "labelled" and
+                                   config.task.objective in LM_OBJECTIVES):
     cache = os.path.join(config.data.data_dir or default_data_dir(), "lm_tokens",
                          f"{prepared.fingerprint}-{fingerprint(tokenizer)}")
     streams = {split: pipeline.token_stream(records, tokenizer, os.path.join(cache, split),

@@ -8,7 +8,11 @@ Three formats, chosen by `config.data.format`:
     (e.g. Multi30k's train.en.gz / train.de.gz), line i of one translating line i of the
     other. Records: {"source", "target"}.
   * labelled: `<split>.tsv` or `<split>.csv` files with a header line, a label column and a
-    text column (e.g. GLUE SST-2's train.tsv / dev.tsv). Records: {"text", "label"}.
+    text column (e.g. GLUE SST-2's train.tsv / dev.tsv). Records: {"text", "label", "value"}:
+    the label's class id, and its number for regression (NaN if it is not one).
+  * tagged: CoNLL-style `<split>.conll` / `.txt` / `.iob` files: a word and its tag per line
+    (first and last whitespace-separated columns), a blank line between sentences,
+    -DOCSTART- lines ignored. Records: {"words", "tags"} (tab-joined); tag names in order.
 
 For a folder of split files, a name starting with train goes to train, val/valid/dev to
 validation and test to test. Each built dataset is named by a hash of its sources' checksums
@@ -36,7 +40,7 @@ import re
 from lm.data import corpus as corpus_lib
 from lm.errors import UserError
 
-VERSION = "1.0.0"
+VERSION = "1.1.0"  # 1.1: labelled records carry "value"
 SPLITS = ("train", "validation", "test")
 _SPLIT_PREFIXES = (("train", "train"), ("validation", "val"), ("validation", "dev"),
                    ("test", "test"))
@@ -197,8 +201,52 @@ def _labelled_examples(data_config):
         if label not in to_id:
           raise UserError(f"config.data.label_column: {files[split]} line {line}: label "
                           f"{label!r} does not occur in the training file")
-  examples = {split: [(f"{split}/{line}", {"text": text, "label": to_id[label]})
+  examples = {split: [(f"{split}/{line}", {"text": text, "label": to_id[label],
+                                           "value": _number(label)})
                       for line, label, text in table] for split, table in rows.items()}
+  return folder, checksums, examples, names
+
+
+def _number(label):
+  try:
+    return float(label)
+  except ValueError:
+    return float("nan")
+
+
+def _tagged_examples(data_config):
+  folder = os.path.abspath(data_config.path)
+  files = _split_files(folder, r"(.+)\.(?:conll|txt|iob|bio)")
+  checksums, sentences = {}, {}
+  for split, path in files.items():
+    checksums[path], lines = _lines(path)
+    sentences[split], words, tags = [], [], []
+    for number, line in enumerate(lines + [""], start=1):
+      fields = line.split()
+      if fields and fields[0] == "-DOCSTART-":
+        continue
+      if not fields:
+        if words:
+          sentences[split].append((number, words, tags))
+        words, tags = [], []
+        continue
+      if len(fields) < 2:
+        raise UserError(f"config.data.path: {path} line {number} has a word but no tag "
+                        f"({line!r}); tagged files need 'word ... tag' lines")
+      words.append(fields[0])
+      tags.append(fields[-1])
+    if not sentences[split]:
+      raise UserError(f"config.data.path: {path} holds no tagged sentences")
+  names = tuple(sorted({t for _, _, tags in sentences["train"] for t in tags}))
+  for split, items in sentences.items():
+    for number, _, tags in items:
+      unknown = sorted(set(tags) - set(names))
+      if unknown:
+        raise UserError(f"config.data.path: {files[split]}: the sentence ending at line "
+                        f"{number} has tag {unknown[0]!r}, which the training file lacks")
+  examples = {split: [(f"{split}/{number}", {"words": "\t".join(words),
+                                             "tags": "\t".join(tags)})
+                      for number, words, tags in items] for split, items in sentences.items()}
   return folder, checksums, examples, names
 
 
@@ -245,7 +293,7 @@ def _read_table(path, text, data_config):
 
 
 _READERS = {"text": _text_examples, "parallel": _parallel_examples,
-            "labelled": _labelled_examples}
+            "labelled": _labelled_examples, "tagged": _tagged_examples}
 
 
 # ---------------------------------------------------------------------------------------
@@ -273,8 +321,8 @@ def _builder_classes():
           description=f"{source}, by source checksum"), **kwargs)
 
     def _info(self):
-      features = {k: tfds.features.Text() if v == "text" else np.int64
-                  for k, v in self.FEATURES.items()}
+      types = {"text": tfds.features.Text(), "int": np.int64, "float": np.float32}
+      features = {k: types[v] for k, v in self.FEATURES.items()}
       return tfds.core.DatasetInfo(
           builder=self, features=tfds.features.FeaturesDict(features),
           metadata=tfds.core.MetadataDict(source=self._source, checksums=self._checksums,
@@ -294,9 +342,13 @@ def _builder_classes():
     FEATURES = {"source": "text", "target": "text"}
 
   class LmLabelled(_Local):
-    FEATURES = {"text": "text", "label": "int"}
+    FEATURES = {"text": "text", "label": "int", "value": "float"}
 
-  _builder_classes.cache = {"text": LmText, "parallel": LmParallel, "labelled": LmLabelled}
+  class LmTagged(_Local):
+    FEATURES = {"words": "text", "tags": "text"}
+
+  _builder_classes.cache = {"text": LmText, "parallel": LmParallel, "labelled": LmLabelled,
+                            "tagged": LmTagged}
   return _builder_classes.cache
 
 
@@ -333,7 +385,7 @@ def _quiet():
 def _settings_key(data_config):
   keys = {"text": ("validation_fraction", "test_fraction"),
           "parallel": ("source_language", "target_language"),
-          "labelled": ("label_column", "text_column")}[data_config.format]
+          "labelled": ("label_column", "text_column"), "tagged": ()}[data_config.format]
   return {k: data_config[k] for k in keys}
 
 

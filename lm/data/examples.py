@@ -42,9 +42,15 @@ def _padded(ids, length, pad_id):
 
 
 def classification_example(record, tokenizer, seq_len, regression=False):
-  """`bos` (BERT's [CLS]) + the text's tokens, cut to seq_len, padded; and the label (its
-  class id, or for regression its number)."""
-  ids = np.concatenate([[tokenizer.bos_id], tokenizer.encode(record["text"])[:seq_len - 1]])
+  """`bos` (BERT's [CLS]) + the text's tokens (+ `eos`, BERT's [SEP], for tokenizers that
+  end inputs with it), cut to seq_len, padded; and the label (its class id, or for
+  regression its number)."""
+  if getattr(tokenizer, "end_with_eos", False):  # BERT: [CLS] text [SEP]
+    ids = np.concatenate([[tokenizer.bos_id], tokenizer.encode(record["text"])[:seq_len - 2],
+                          [tokenizer.eos_id]])
+  else:
+    ids = np.concatenate([[tokenizer.bos_id],
+                          tokenizer.encode(record["text"])[:seq_len - 1]])
   inputs, mask = _padded(ids, seq_len, tokenizer.pad_id)
   label = np.float32(record["value"]) if regression else np.int32(record["label"])
   return {"inputs": inputs, "segment_ids": mask, "positions": np.arange(seq_len, dtype=np.int32),

@@ -1,4 +1,6 @@
-"""Tokenizers behind one interface: byte, character and SentencePiece (unigram or BPE).
+"""Tokenizers behind one interface: byte, character and SentencePiece (unigram or BPE)
+trained by lm, and the tokenizers of imported Hugging Face checkpoints (a `tokenizers`
+tokenizer.json, or a SentencePiece .model with the checkpoint's own special ids).
 
 Every tokenizer has `encode(text) -> int32 array`, `decode(ids) -> str` (special ids are
 dropped), `vocab_size`, and the special ids `pad_id`, `bos_id`, `eos_id`, `unk_id`,
@@ -144,6 +146,70 @@ class SentencePieceTokenizer:
     return {"kind": self.kind, "model": base64.b64encode(self.model_proto).decode("ascii")}
 
 
+class _GivenSpecials:
+  """Special ids as a pretrained checkpoint defines them (several may share one id, as
+  GPT-2's <|endoftext|> is its bos, eos and pad)."""
+
+  def _set_specials(self, specials):
+    for name in SPECIALS:
+      setattr(self, f"{name}_id", int(specials[name]))
+    self.specials = {name: int(specials[name]) for name in SPECIALS}
+
+
+class HfTokenizer(_GivenSpecials):
+  """A Hugging Face `tokenizers` tokenizer (tokenizer.json): WordPiece, byte-level BPE, ...
+
+  `encode` gives the text's ids without special tokens; `end_with_eos`: classification
+  inputs are bos + text + eos, as BERT's [CLS] ... [SEP]."""
+
+  kind = "hf"
+
+  def __init__(self, tokenizer_json, specials, end_with_eos=False):
+    from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
+    self.tokenizer_json = tokenizer_json
+    self._tok = Tokenizer.from_str(tokenizer_json)
+    self._tok.no_padding()  # lm pads and cuts its own rows
+    self._tok.no_truncation()
+    self._set_specials(specials)
+    self.end_with_eos = bool(end_with_eos)
+    self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+
+  def encode(self, text):
+    return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
+
+  def decode(self, ids):
+    return self._tok.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size],
+                            skip_special_tokens=True)
+
+  def to_dict(self):
+    return {"kind": self.kind, "json": self.tokenizer_json, "specials": self.specials,
+            "end_with_eos": self.end_with_eos}
+
+
+class SentencePieceFileTokenizer(_GivenSpecials):
+  """A checkpoint's own SentencePiece model (Llama's tokenizer.model), with its ids."""
+
+  kind = "spm"
+
+  def __init__(self, model_proto, specials, end_with_eos=False):
+    import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+    self.model_proto = bytes(model_proto)
+    self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
+    self._set_specials(specials)
+    self.end_with_eos = bool(end_with_eos)
+    self.vocab_size = self._sp.vocab_size()
+
+  def encode(self, text):
+    return np.asarray(self._sp.encode(text), dtype=np.int32)
+
+  def decode(self, ids):
+    return self._sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+
+  def to_dict(self):
+    return {"kind": self.kind, "model": base64.b64encode(self.model_proto).decode("ascii"),
+            "specials": self.specials, "end_with_eos": self.end_with_eos}
+
+
 def _training_sentences(texts, max_chars, piece=4096):
   """Documents cut at line ends into pieces SentencePiece accepts as 'sentences'."""
   total = 0
@@ -169,6 +235,11 @@ def from_dict(spec):
     return CharTokenizer(spec["chars"])
   if kind in ("unigram", "bpe"):
     return SentencePieceTokenizer(base64.b64decode(spec["model"]))
+  if kind == "hf":
+    return HfTokenizer(spec["json"], spec["specials"], spec.get("end_with_eos", False))
+  if kind == "spm":
+    return SentencePieceFileTokenizer(base64.b64decode(spec["model"]), spec["specials"],
+                                      spec.get("end_with_eos", False))
   raise UserError(f"unknown tokenizer in checkpoint metadata: {kind!r}")
 
 
@@ -186,5 +257,8 @@ def train_tokenizer(data_config, train_texts):
     return CharTokenizer.train(train_texts)
   if kind in ("unigram", "bpe"):
     return SentencePieceTokenizer.train(train_texts, kind, data_config.vocab_size)
+  if kind == "pretrained":
+    raise UserError("config.data.tokenizer: 'pretrained' is the tokenizer of config.init_from, "
+                    "and init_from is empty")
   raise UserError(f"config.data.tokenizer: unknown tokenizer {kind!r}")
 

@@ -1,0 +1,1 @@
+"""Checkpoint interoperability: Hugging Face import and export (hf.py)."""

@@ -186,3 +186,38 @@ def test_a_tensor_that_does_not_map_is_named(tmp_path):
   assert "h.1.mlp.c_fc.bias: missing" in message
   assert "h.0.attn.extra.weight: not a tensor of a gpt2 model" in message
   assert "pos_embed/embedding: shape (10, 32), expected (64, 32)" in message
+
+
+def test_bert_with_an_mlm_head_imports_and_exports_exactly(tmp_path, one_device):
+  folder = tmp_path / "hf"
+  folder.mkdir()
+  words = sorted(set(_text().lower().split()))[:200]
+  vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + list("abcdefghijklmnopqrstuvwxyz")
+  vocab += [w for w in words if w.isalpha() and len(w) > 1]
+  (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+  config = transformers.BertConfig(vocab_size=len(vocab), hidden_size=32, num_hidden_layers=2,
+                                   num_attention_heads=4, intermediate_size=64,
+                                   max_position_embeddings=64, type_vocab_size=2)
+  torch.manual_seed(0)
+  model = transformers.BertForMaskedLM(config).eval()
+  model.save_pretrained(str(folder))
+  hf.import_checkpoint(str(folder), str(tmp_path / "lm"))
+  loaded = load(str(tmp_path / "lm"), devices=one_device)
+  reference_tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder))
+  batch = reference_tokenizer(["the class of an object", "import sys"], padding=True,
+                              return_tensors="np")
+  for i, sentence in enumerate(["the class of an object", "import sys"]):
+    ours = [loaded.tokenizer.bos_id, *loaded.tokenizer.encode(sentence).tolist(),
+            loaded.tokenizer.eos_id]
+    assert ours == batch["input_ids"][i][batch["attention_mask"][i] > 0].tolist()
+  logits = loaded.model.apply({"params": loaded.params}, batch["input_ids"], None,
+                              batch["attention_mask"], batch["token_type_ids"])
+  with torch.no_grad():
+    reference = model(**{k: torch.tensor(v) for k, v in batch.items()}).logits.numpy()
+  real = batch["attention_mask"] > 0
+  np.testing.assert_allclose(np.asarray(logits)[real], reference[real], atol=1e-4)
+  hf.export_checkpoint(str(tmp_path / "lm"), str(tmp_path / "back"))
+  again = transformers.BertForMaskedLM.from_pretrained(str(tmp_path / "back")).eval()
+  with torch.no_grad():
+    round_trip = again(**{k: torch.tensor(v) for k, v in batch.items()}).logits.numpy()
+  np.testing.assert_allclose(round_trip[real], reference[real], atol=1e-5)

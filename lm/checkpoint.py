@@ -26,7 +26,7 @@ RESUMABLE_CHANGES = ("train.num_steps", "train.eval_every", "train.eval_steps",
                      "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
                      "train.nonfinite", "train.profile_steps", "log.", "sample.", "mesh.",
                      "data.num_threads", "data.data_dir", "model.remat",
-                     "train.early_stopping", "init_from")
+                     "train.early_stopping", "init_from", "data.length_bucket")
 
 
 class CheckpointError(UserError):
@@ -150,7 +150,10 @@ def _flat(d, prefix=""):
 
 def config_differences(saved, current):
   """Fields whose change makes resuming from `saved` compute something else."""
+  from lm.config import defaults  # pylint: disable=import-outside-toplevel
   a, b = _flat(saved), _flat(current)
+  # A field the saved config lacks came into lm later: the run used what is its default.
+  a = {**{k: v for k, v in _flat(defaults().to_dict()).items() if k not in a}, **a}
   changed = []
   for name in sorted(set(a) | set(b)):
     if name.startswith(RESUMABLE_CHANGES) or a.get(name) == b.get(name):

@@ -134,6 +134,10 @@ def defaults():
   c.data.label_column = "label"  # labelled: header names; "" text_column: the other column
   c.data.text_column = ""
   c.data.num_threads = 2  # Grain threads tokenizing and assembling batches
+  # > 0: batches of labelled / tagged examples are cut to their longest example, rounded up
+  # to a multiple of this (one compilation per length); 0: always seq_len. Single-process
+  # runs only (processes would cut one global batch differently).
+  c.data.length_bucket = 16
 
   c.mesh = ml_collections.ConfigDict()
   c.mesh.data = -1  # -1: every device not used by the other axes
@@ -177,7 +181,7 @@ _POSITIVE = (
 
 _NON_NEGATIVE = (
     "train.min_learning_rate", "train.warmup_steps", "train.head_learning_rate",
-    "train.early_stopping", "task.num_labels", "model.type_vocab_size", "train.weight_decay", "train.grad_clip",
+    "train.early_stopping", "task.num_labels", "model.type_vocab_size", "data.length_bucket", "train.weight_decay", "train.grad_clip",
     "train.eval_steps", "train.profile_steps", "log.peak_flops", "sample.num_tokens",
     "sample.temperature",
     "sample.top_k", "data.validation_fraction", "data.test_fraction",

@@ -68,6 +68,10 @@ def load(workdir, step=None, devices=None):
     step = steps[0] if step is None else step
     meta = checkpointer.read_meta(step)
     config = ml_collections.ConfigDict(meta["config"])
+    objective = config.get("task", {}).get("objective", "causal")
+    if objective != "causal":
+      raise UserError(f"--workdir: {workdir} holds a {objective} model (an encoder); "
+                      "sampling and serving decode causal language models")
     tokenizer = from_dict(meta["tokenizer"])
     devices = list(devices or jax.devices()[:1])
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = len(devices), 1, 1

@@ -209,6 +209,7 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
   writer = metrics.MetricWriter(workdir, resume_step=start_step)
   flops_per_token = metrics.train_flops_per_token(
       trainer.abstract_state.params, trainer.model_cfg, config.data.seq_len, task.tied_output)
+  flops_at = {config.data.seq_len: flops_per_token}  # per batch length (length buckets)
   peak, peak_source = metrics.peak_flops_per_device(config.model.dtype, config.log.peak_flops)
   tokens_per_step = t.batch_size * config.data.seq_len
   unit = "tokens" if data.streams else "examples"
@@ -232,6 +233,8 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
     end_step = start_step
   train_losses = {}
   pending = []  # (step, metrics on device) since the last log line
+  interval_tokens = interval_flops = 0  # of the steps since the last log line
+  compiled_before = 0.0  # compile seconds already taken out of earlier intervals
   last_log_time, last_log_step = time.perf_counter(), start_step
   paused = 0.0  # seconds spent evaluating since the last log line, not training
   last_checkpoint = start_step
@@ -245,6 +248,12 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
         batch = trainer.shard_batch(next(train_batches))
         state, step_metrics = trainer.train_step(state, batch)
         pending.append((step, step_metrics))
+        batch_len = batch["inputs"].shape[1]  # seq_len, or a length bucket's
+        if batch_len not in flops_at:
+          flops_at[batch_len] = metrics.train_flops_per_token(
+              trainer.abstract_state.params, trainer.model_cfg, batch_len, task.tied_output)
+        interval_tokens += batch["inputs"].size
+        interval_flops += batch["inputs"].size * flops_at[batch_len]
         profiler.after(step, state)
         preempted = bool(stop_signal) or (jax.process_count() > 1 and
                                           checkpointer.manager.reached_preemption(step))
@@ -253,13 +262,13 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
           check_finite(fetched, t.nonfinite, last_checkpoint)
           now = time.perf_counter()
           elapsed = now - last_log_time - paused
-          if last_log_step == start_step:  # the first interval includes compilation
-            elapsed -= trainer.compile_seconds
+          elapsed -= trainer.compile_seconds - compiled_before  # compiled in this interval
+          compiled_before = trainer.compile_seconds
           elapsed = max(elapsed, 1e-9)
           steps_done = step - last_log_step
           step_ms = 1000 * elapsed / steps_done
-          tokens_per_s = tokens_per_step * steps_done / elapsed
-          mfu = flops_per_token * tokens_per_s / (peak * len(devices))
+          tokens_per_s = interval_tokens / elapsed  # padding included: it is computed too
+          mfu = interval_flops / elapsed / (peak * len(devices))
           for s, m in fetched:
             train_losses[s] = float(m["loss"])
           last = fetched[-1][1]
@@ -273,6 +282,7 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
                       f"{tokens_per_s:,.0f} tok/s | {step_ms:.1f} ms/step | MFU {mfu:.2%}"
                       f"{skipped}")
           pending, last_log_time, last_log_step, paused = [], time.perf_counter(), step, 0.0
+          interval_tokens = interval_flops = 0
         # Task scores, and language-model losses with eval_steps=0, cover the whole
         # validation split: the last step's evaluation is then the final one, and may be
         # the best. Otherwise the final evaluation over the whole split comes after the loop.

@@ -100,7 +100,8 @@ class Trainer:
     self._eval_step = jax.jit(self._eval_step_fn,
                               in_shardings=(param_shardings, self.batch_sharding),
                               out_shardings=replicated)
-    self.compile_seconds = None
+    self.compile_seconds = None  # all compilations of the train step so far
+    self._compiled = {}  # batch shapes -> the train step compiled for them
 
   # Pure functions (traced once under the mesh and the logical axis rules).
 
@@ -191,12 +192,18 @@ class Trainer:
             for k, v in batch.items()}
 
   def train_step(self, state, batch):
+    """One step; compiled once per batch shape (example batches cut to their length bucket
+    bring a few shapes; packed text windows one)."""
+    shapes = tuple(sorted((k, v.shape) for k, v in batch.items()))
     with self._on_mesh():
-      if self.compile_seconds is None:
+      if shapes not in self._compiled:
+        # Queued steps run on while XLA compiles: wait for them, so that the compile time
+        # the loop takes out of its step times overlaps no training.
+        jax.block_until_ready(state)
         start = time.perf_counter()
-        self._train_step = self._train_step.lower(state, batch).compile()
-        self.compile_seconds = time.perf_counter() - start
-      return self._train_step(state, batch)
+        self._compiled[shapes] = self._train_step.lower(state, batch).compile()
+        self.compile_seconds = (self.compile_seconds or 0.0) + time.perf_counter() - start
+      return self._compiled[shapes](state, batch)
 
   def eval_step(self, params, batch):
     with self._on_mesh():

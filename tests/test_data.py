@@ -397,3 +397,24 @@ def test_a_run_without_validation_text_stops_with_one_line(tmp_path, one_device)
   with pytest.raises(UserError, match=r"config\.data\.validation_fraction: no text"):
     loop.run(config, str(tmp_path / "run"), devices=one_device)
   assert not (tmp_path / "run").exists()
+
+
+def test_example_batches_are_cut_to_their_length_bucket(tmp_path):
+  rows = ["a", "a b c d e f g h i j", "b"]
+  (tmp_path / "train.tsv").write_text("label\ttext\n" + "".join(f"{i % 2}\t{t}\n"
+                                                                for i, t in enumerate(rows)))
+  (tmp_path / "dev.tsv").write_text("label\ttext\n1\tab\n0\ta\n")
+  config = tiny_config(**{"data.path": str(tmp_path), "data.format": "labelled",
+                          "data.seq_len": 32, "data.length_bucket": 8})
+  data = make_data(config)
+  dev = data.eval_batches("validation", 2, 32)[0]
+  assert dev["inputs"].shape == (2, 8)  # bos + "ab" = 3 tokens -> one bucket of 8
+  assert dev["label"].shape == (2,)
+  full = data.eval_batches("validation", 2, 32)
+  config.data.length_bucket = 0
+  uncut = make_data(config).eval_batches("validation", 2, 32)[0]
+  assert uncut["inputs"].shape == (2, 32)
+  np.testing.assert_array_equal(uncut["inputs"][:, :8], full[0]["inputs"])
+  assert not uncut["segment_ids"][:, 8:].any()  # what was cut is padding
+  train = data.train_batches(3, 32, seed=0)[0]  # the 19-character row: bos + 19 -> 24
+  assert train["inputs"].shape == (3, 24)

@@ -16,6 +16,7 @@ from lm.checkpoint import Checkpointer, abstract_like
 from lm.config import ConfigError
 from lm.data import make_data
 from lm.errors import UserError
+from lm.inference import load
 from lm.loop import run
 from lm.sweep import format_table, parse_sweeps, sweep
 from lm.train import Trainer, make_optimizer
@@ -52,7 +53,7 @@ def task_config(path, objective, fmt, **overrides):
   c = tiny_config(**{"task.objective": objective, "data.path": path, "data.format": fmt,
                      "train.learning_rate": 3e-3, "train.min_learning_rate": 3e-4,
                      "train.warmup_steps": 5, "train.num_steps": 60, "train.eval_every": 30,
-                     "train.checkpoint_every": 30, "train.log_every": 30,
+                     "train.checkpoint_every": 1000, "train.log_every": 30,
                      "sample.num_tokens": 0, "data.seq_len": 24, "model.use_bias": True,
                      **overrides})
   return c
@@ -110,6 +111,8 @@ def test_init_from_loads_the_pretrained_body_and_a_fresh_head(labelled, tmp_path
                                                     "train.eval_every": 2,
                                                     "model.norm_position": "post"})
   run(mlm, str(tmp_path / "mlm"), devices=one_device)
+  with pytest.raises(UserError, match="holds a mlm model"):  # lm.sample / lm.serve refuse it
+    load(str(tmp_path / "mlm"))
   config = task_config(labelled, "classification", "labelled", **{"model.d_model": 48})
   config.init_from = str(tmp_path / "mlm")
   source = pretrained.open_pretrained(config.init_from)

@@ -34,6 +34,7 @@ class Data:
   streams: dict  # split -> pipeline.TokenStream, for language models (of text, or of the
   # text column of a labelled dataset)
   num_threads: int = 2
+  length_bucket: int = 0  # > 0: example batches cut to their length, rounded up to this
 
   @property
   def format(self):
@@ -74,9 +75,16 @@ class Data:
       if objective == "mlm":
         batch_fn = self._mlm(batch_fn, seed)
     else:
-      batch_fn = pipeline.rows(self._record_examples("train", seq_len, target_len, objective,
-                                                     shuffle_seed=seed))
+      batch_fn = self._bucketed(pipeline.rows(self._record_examples(
+          "train", seq_len, target_len, objective, shuffle_seed=seed)), process_count)
     return pipeline.train_batches(batch_fn, batch_size, process_index, process_count)
+
+  def _bucketed(self, batch_fn, process_count):
+    # Every process must cut a global batch alike; each sees only its rows, so only a
+    # single-process run cuts.
+    if not self.length_bucket or process_count > 1 or self.format == "parallel":
+      return batch_fn
+    return lambda indices: pipeline.trim_to_bucket(batch_fn(indices), self.length_bucket)
 
   def eval_batches(self, split, batch_size, seq_len, process_index=0, process_count=1,
                    objective=None, seed=0, target_len=None):
@@ -96,7 +104,8 @@ class Data:
                                    process_count)
     num = self.prepared.num_examples(split)
     return pipeline.eval_batches(
-        num, pipeline.rows(self._record_examples(split, seq_len, target_len, objective)),
+        num, self._bucketed(pipeline.rows(self._record_examples(split, seq_len, target_len,
+                                                                objective)), process_count),
         batch_size, process_index, process_count)
 
   def iterator(self, dataset, state=None):
@@ -161,4 +170,4 @@ def make_data(config, tokenizer_spec=None):
                                             config.data.num_threads)
                for split, records in prepared.sources.items()}
   return Data(prepared=prepared, tokenizer=tokenizer, streams=streams,
-              num_threads=config.data.num_threads)
+              num_threads=config.data.num_threads, length_bucket=config.data.length_bucket)

@@ -145,6 +145,17 @@ def rows(example_fn):
   return lambda indices: stack([example_fn(int(i)) for i in indices])
 
 
+def trim_to_bucket(batch, multiple):
+  """Cuts a batch of padded example rows to its longest row (segment id > 0), rounded up to
+  a multiple of `multiple`: short examples then cost short sequences, at one compilation per
+  length."""
+  seq_len = batch["segment_ids"].shape[1]
+  longest = int((batch["segment_ids"] > 0).sum(axis=1).max(initial=1))
+  length = min(seq_len, -(-max(longest, 1) // multiple) * multiple)
+  return {k: v[:, :length] if v.ndim >= 2 and v.shape[1] == seq_len else v
+          for k, v in batch.items()}
+
+
 def host_rows(batch_size, process_index, process_count):
   if batch_size % process_count:
     raise UserError(f"config.train.batch_size: {batch_size} is not divisible by the "

@@ -52,8 +52,9 @@ class Loaded:
     return [self.tokenizer.decode(x) for x in ids]
 
 
-def load(workdir, step=None, devices=None):
-  """The model of `workdir`'s newest complete checkpoint (or checkpoint `step`)."""
+def load(workdir, step=None, devices=None, decoder=True):
+  """The model of `workdir`'s newest complete checkpoint (or checkpoint `step`).
+  `decoder`: refuse other models (an encoder, which lm.sample and lm.serve cannot decode)."""
   from lm.train import Trainer  # pylint: disable=import-outside-toplevel
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise UserError(f"--workdir: {workdir} holds no checkpoints (train with lm.main first)")
@@ -69,7 +70,7 @@ def load(workdir, step=None, devices=None):
     meta = checkpointer.read_meta(step)
     config = ml_collections.ConfigDict(meta["config"])
     objective = config.get("task", {}).get("objective", "causal")
-    if objective != "causal":
+    if decoder and objective != "causal":
       raise UserError(f"--workdir: {workdir} holds a {objective} model (an encoder); "
                       "sampling and serving decode causal language models")
     tokenizer = from_dict(meta["tokenizer"])

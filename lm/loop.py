@@ -241,6 +241,7 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
   step = start_step
   last_validation = None  # the whole split's metrics at the last step, if evaluated there
   profiler = Profiler(os.path.join(workdir, "profile"), start_step + 3, t.profile_steps)
+  failing = False
   try:
     with stop_signals() as stop_signal:
       for step in range(start_step + 1, end_step + 1):
@@ -333,9 +334,14 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
     sample = ""
     if config.sample.num_tokens and finished and task.objective == "causal":
       sample = _sample(config, data, trainer, mesh, state, writer, step)
+  except BaseException:
+    failing = True
+    raise
   finally:
     profiler.close()
-    writer.close()
+    # A metrics flush that fails too (a full disk fails both) must not hide the first error.
+    with contextlib.suppress(Exception) if failing else contextlib.nullcontext():
+      writer.close()
     with contextlib.suppress(Exception):  # an earlier error says more
       checkpointer.close()
       best_checkpointer.close()

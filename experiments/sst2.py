@@ -16,7 +16,7 @@ accuracy end the run.
 
 import os
 
-from lm.config import defaults
+from lm.config import defaults, load_experiment
 
 SST2 = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
                                      "sst2"))
@@ -34,16 +34,9 @@ def get_config():
   config.data.vocab_size = 4096
   config.data.seq_len = 64
 
-  # The architecture of experiments/bert_mlm.py; with init_from, the checkpoint's is used.
-  config.model.num_layers = 4
-  config.model.num_heads = 4
-  config.model.num_kv_heads = 4
-  config.model.d_model = 256
-  config.model.d_ff = 1024
-  config.model.max_len = 128
-  config.model.norm_position = "pre"
-  config.model.use_bias = True
-  config.model.dropout = 0.1
+  # experiments/bert_mlm.py's architecture, for --config.init_from= (from scratch); with
+  # init_from, the checkpoint's own is used.
+  config.model = load_experiment(os.path.join(os.path.dirname(__file__), "bert_mlm.py")).model
 
   config.train.batch_size = 32
   config.train.num_steps = 1000

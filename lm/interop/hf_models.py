@@ -208,9 +208,9 @@ def _expand(rules, num_layers):
 def to_lm(arch, hf_config, tensors):
   """(model fields, objective, {lm name: float32 array}, notes) from a checkpoint's tensors."""
   fields, objective = model_fields(arch, hf_config)
-  if arch == "bert" and "pooler.dense.weight" not in _normalise(arch, tensors):
-    fields["pooler"] = False
   tensors = _normalise(arch, tensors)
+  if arch == "bert" and "pooler.dense.weight" not in tensors:
+    fields["pooler"] = False
   out, used, problems = {}, set(), []
   d, h, dh = fields["d_model"], fields["num_heads"], fields["d_model"] // fields["num_heads"]
   for hf, ours, convert, _ in _expand(_rules(arch, fields), fields["num_layers"]):

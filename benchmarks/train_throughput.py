@@ -53,7 +53,8 @@ def main(_):
   seconds = statistics.median(windows)
   tokens_per_step = t.batch_size * config.data.seq_len
   flops_per_token = metrics.train_flops_per_token(
-      trainer.abstract_state.params, trainer.model_cfg, config.data.seq_len)
+      trainer.abstract_params, trainer.model_cfg, config.data.seq_len,
+      trainer.task.tied_output, trainer.abstract_frozen)
   peak, peak_source = metrics.peak_flops_per_device(config.model.dtype, config.log.peak_flops)
   tokens_per_s = tokens_per_step / seconds
   print(json.dumps({

@@ -9,6 +9,7 @@ import difflib
 import importlib.util
 import math
 import os
+import re
 
 import ml_collections
 from ml_collections import config_dict
@@ -52,6 +53,18 @@ def defaults():
   # cls: the first token (the tokenizer's bos, BERT's [CLS]), through the encoder's pooler
   # with model.pooler | mean: the mean over non-padding tokens
   c.task.pooling = "cls"
+
+  # Parameter-efficient fine-tuning of init_from's model (lm/peft.py): "" trains every
+  # parameter | lora: low-rank adapters on the dense projections `targets` names | bitfit:
+  # the bias vectors only. The task head always trains.
+  c.peft = ml_collections.ConfigDict()
+  c.peft.method = ""
+  c.peft.rank = 8
+  c.peft.alpha = 16.0  # the adapters' output is scaled by alpha / rank
+  c.peft.dropout = 0.0  # on the adapters' input, in training
+  # re.search over each Dense's module path: encoder/layer_0/attn/{query,key,value,out},
+  # .../mlp/{wi,wo} (wi_gate, wi_up with swiglu); decoders have no encoder/ prefix.
+  c.peft.targets = r"attn/(query|value)$"
 
   c.model = ml_collections.ConfigDict()
   c.model.num_layers = 4
@@ -162,6 +175,7 @@ _CHOICES = {
     "model.norm_position": ("pre", "post"),
     "task.objective": ("causal", "mlm", "classification", "regression", "tagging"),
     "task.pooling": ("cls", "mean"),
+    "peft.method": ("", "lora", "bitfit"),
     "model.positions": ("learned", "rope"),
     "model.mlp": ("gelu", "gelu_tanh", "swiglu"),
     "model.remat": ("none", "full", "dots"),
@@ -173,7 +187,7 @@ _CHOICES = {
 _POSITIVE = (
     "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.d_model",
     "model.d_ff", "model.max_len", "train.batch_size", "train.num_steps",
-    "train.grad_accum_steps",
+    "train.grad_accum_steps", "peft.rank", "peft.alpha",
     "train.learning_rate", "train.eval_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.log_every", "data.seq_len", "data.vocab_size",
     "data.num_threads",
@@ -279,6 +293,18 @@ def validate(config, num_devices):
                       f"{t.warmup_steps} exceeds train.num_steps={t.num_steps}")
   if not (0 <= t.b1 < 1 and 0 <= t.b2 < 1):
     raise ConfigError("train.b1" if not 0 <= t.b1 < 1 else "train.b2", "must be in [0, 1)")
+
+  if config.peft.method:
+    if not config.init_from:
+      raise ConfigError("peft.method", f"{config.peft.method} fine-tunes a pretrained model; "
+                        "set config.init_from to one (an lm workdir, or hf:FOLDER)")
+    if not 0.0 <= config.peft.dropout < 1.0:
+      raise ConfigError("peft.dropout", f"must be in [0, 1), got {config.peft.dropout}")
+    try:
+      re.compile(config.peft.targets)
+    except re.error as e:
+      raise ConfigError("peft.targets", f"{config.peft.targets!r} is not a regular "
+                        f"expression ({e})") from None
 
   if m.pooler and config.task.pooling != "cls":
     raise ConfigError("task.pooling", "model.pooler pools the first token; use cls with it")

@@ -77,14 +77,33 @@ def load(workdir, step=None, devices=None, decoder=True):
     devices = list(devices or jax.devices()[:1])
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = len(devices), 1, 1
     mesh = sharding.make_mesh(config.mesh, devices)
-    trainer = Trainer(config, tokenizer.vocab_size, mesh)
-    checkpointer.check_shapes(step, trainer.abstract_state)
-    state = checkpointer.restore_state(step, abstract_like(trainer.abstract_state,
-                                                           trainer.state_shardings))
+    if config.get("peft", {}).get("method"):
+      # The checkpoint holds adapters (or biases) and a pointer to the base: serve the plain
+      # model with them merged in (lm/peft.py), at no extra cost per token.
+      params, trainer = _load_peft(workdir, step, config, tokenizer, mesh)
+    else:
+      trainer = Trainer(config, tokenizer.vocab_size, mesh)
+      checkpointer.check_shapes(step, trainer.abstract_state)
+      params = checkpointer.restore_state(step, abstract_like(trainer.abstract_state,
+                                                              trainer.state_shardings)).params
   finally:
     checkpointer.close()
-  return Loaded(model=trainer.model, params=state.params, tokenizer=tokenizer, config=config,
+  return Loaded(model=trainer.model, params=params, tokenizer=tokenizer, config=config,
                 step=step, mesh=mesh)
+
+
+def _load_peft(workdir, step, config, tokenizer, mesh):
+  from lm import pretrained  # pylint: disable=import-outside-toplevel
+  from lm.train import Trainer  # pylint: disable=import-outside-toplevel
+  plain = ml_collections.ConfigDict(config.to_dict())
+  plain.peft.method = ""
+  trainer = Trainer(plain, tokenizer.vocab_size, mesh)
+  merged = pretrained.from_workdir(os.path.abspath(workdir), ("checkpoints",), step)
+  params = pretrained.load_params(merged, trainer.abstract_params, trainer.task.head_keys,
+                                  sharding.replicated(mesh), announce=False)
+  with jax.set_mesh(mesh):
+    params = jax.jit(lambda p: p, out_shardings=trainer.state_shardings.params)(params)
+  return params, trainer
 
 
 def load_or_exit(argv, workdir, step=None):

@@ -183,22 +183,35 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
         raise UserError(f"checkpoint {start_step} in {workdir} has no data pipeline state; "
                         "it was written by an older lm and cannot resume exactly")
   best = meta.get("best") if state is not None else None  # {"step", "validation", "bad_evals"}
+  base = meta.get("base") if state is not None else None  # the init_from checkpoint
   if state is None:
     if config.init_from and source is None:  # a restart of a run that began from init_from
       source = pretrained.open_pretrained(config.init_from)
     initial = trainer.init_state()
     if source is not None:
-      params = pretrained.load_params(source, jax.device_get(initial.params), task.head_keys,
-                                      sharding.replicated(mesh))
+      tensors = source.read(sharding.replicated(mesh))
+      base = pretrained.describe_base(source, tensors)
+      params = pretrained.load_params(source, jax.device_get(trainer.full_params(initial.params)),
+                                      task.head_keys, sharding.replicated(mesh), tensors)
+      del tensors
       initial = trainer.state_from_params(params)
     state, start_step = initial, 0
+  elif trainer.frozen is None:  # a resumed PEFT run: its checkpoints hold no frozen base
+    if base is None:
+      raise UserError(f"checkpoint {start_step} in {workdir} has no pointer to its base "
+                      "checkpoint (config.init_from); it cannot be resumed")
+    tensors = pretrained.read_base(base, sharding.replicated(mesh))
+    trainer.set_base(pretrained.load_params(
+        pretrained.Pretrained(base["where"], {}, None), trainer.abstract_params,
+        task.head_keys, sharding.replicated(mesh), tensors, announce=False))
+    del tensors
   if overwrite and jax.process_index() == 0:
     _discard_earlier_run(workdir)
   os.makedirs(workdir, exist_ok=True)
   checkpointer = checkpointer or Checkpointer(workdir, t.keep_checkpoints)
   best_checkpointer = Checkpointer(workdir, 1, folder="best")
   meta = {"config": config.to_dict(), "tokenizer": data.tokenizer.to_dict(),
-          "data_fingerprint": data.fingerprint}
+          "data_fingerprint": data.fingerprint, "base": base}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       json.dump(meta["config"], f, indent=2)
@@ -207,8 +220,10 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
         f.write(data.tokenizer.model_proto)
 
   writer = metrics.MetricWriter(workdir, resume_step=start_step)
-  flops_per_token = metrics.train_flops_per_token(
-      trainer.abstract_state.params, trainer.model_cfg, config.data.seq_len, task.tied_output)
+  flops_for = lambda length: metrics.train_flops_per_token(
+      trainer.abstract_params, trainer.model_cfg, length, task.tied_output,
+      trainer.abstract_frozen)
+  flops_per_token = flops_for(config.data.seq_len)
   flops_at = {config.data.seq_len: flops_per_token}  # per batch length (length buckets)
   peak, peak_source = metrics.peak_flops_per_device(config.model.dtype, config.log.peak_flops)
   tokens_per_step = t.batch_size * config.data.seq_len
@@ -216,7 +231,10 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
   metrics.log(f"lm: data {data.source}: train {data.size('train'):,} / validation "
               f"{data.size('validation'):,} / test {data.size('test'):,} {unit}, "
               f"{data.tokenizer.kind} tokenizer, vocab {trainer.model_cfg.vocab_size}")
-  metrics.log(f"lm: {task.objective} model {trainer.num_params:,} parameters, "
+  trains = (f" ({trainer.num_trainable:,} trainable, "
+            f"{trainer.num_trainable / trainer.num_params:.2%}: peft {config.peft.method})"
+            if config.peft.method else "")
+  metrics.log(f"lm: {task.objective} model {trainer.num_params:,} parameters{trains}, "
               f"{flops_per_token * tokens_per_step / 1e9:.2f} GFLOP per step; mesh "
               f"{dict(mesh.shape)}; MFU against {peak / 1e9:,.0f} GFLOP/s a device "
               f"({peak_source})")
@@ -251,8 +269,7 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
         pending.append((step, step_metrics))
         batch_len = batch["inputs"].shape[1]  # seq_len, or a length bucket's
         if batch_len not in flops_at:
-          flops_at[batch_len] = metrics.train_flops_per_token(
-              trainer.abstract_state.params, trainer.model_cfg, batch_len, task.tied_output)
+          flops_at[batch_len] = flops_for(batch_len)
         interval_tokens += batch["inputs"].size
         interval_flops += batch["inputs"].size * flops_at[batch_len]
         profiler.after(step, state)
@@ -390,7 +407,8 @@ def _final_evaluations(trainer, data, config, state, best, best_checkpointer, wr
 def _sample(config, data, trainer, mesh, state, writer, step):
   prompt = config.sample.prompt
   prompt_ids = [data.tokenizer.bos_id, *data.tokenizer.encode(prompt).tolist()]
-  params = jax.jit(lambda p: p, out_shardings=sharding.replicated(mesh))(state.params)
+  params = jax.jit(trainer.servable_params,
+                   out_shardings=sharding.replicated(mesh))(state.params)
   ids = decode.generate(trainer.model, jax.device_get(params), [prompt_ids],
                         config.sample.num_tokens,
                         decode.Sampling(temperature=config.sample.temperature,

@@ -42,24 +42,31 @@ def peak_flops_per_device(dtype, configured=0.0):
   return float("nan"), f"unknown device kind {device.device_kind!r}; set config.log.peak_flops"
 
 
-def train_flops_per_token(params, cfg, seq_len, tied_output=None):
+def train_flops_per_token(params, cfg, seq_len, tied_output=None, frozen=None):
   """Model FLOPs of one training token (forward + backward), PaLM appendix B convention.
 
-  6 per parameter that multiplies an activation (all weight matrices and the output
-  projection; not the embedding lookups, norms or biases), plus 12 * layers * d_model *
-  seq_len for the attention scores and their weighted sum. `tied_output`: whether the
+  6 per parameter that multiplies an activation (all weight matrices, LoRA factors and the
+  output projection; not the embedding lookups, norms or biases): 2 forward, 2 for the
+  gradient of the activation, 2 for the gradient of the weight. A `frozen` weight (a
+  sub-tree of `params`, lm/peft.py) needs no weight gradient: 4. Plus 12 * layers * d_model
+  * seq_len for the attention scores and their weighted sum. `tied_output`: whether the
   output layer multiplies by the token embedding (default: cfg.tie_embeddings, a decoder's).
   """
-  matmul_params = 0
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
-    names = [getattr(p, "key", "") for p in path]
-    if names[-1] == "kernel":
-      matmul_params += math.prod(leaf.shape)
+  def matmul_params(tree):
+    total = 0
+    for path, leaf in jax.tree_util.tree_flatten_with_path(tree or {})[0]:
+      if getattr(path[-1], "key", "") in ("kernel", "lora_a", "lora_b"):
+        total += math.prod(leaf.shape)
+    return total
+
+  flops = 6 * matmul_params(params) - 2 * matmul_params(frozen)
   if tied_output is None:
     tied_output = cfg.tie_embeddings
   if tied_output:  # the output projection reuses the embedding (untied: a kernel)
-    matmul_params += cfg.vocab_size * cfg.d_model
-  return 6 * matmul_params + 12 * cfg.num_layers * cfg.d_model * seq_len
+    frozen_embedding = any(getattr(p[-1], "key", "") == "embedding"
+                           for p, _ in jax.tree_util.tree_flatten_with_path(frozen or {})[0])
+    flops += (4 if frozen_embedding else 6) * cfg.vocab_size * cfg.d_model
+  return flops + 12 * cfg.num_layers * cfg.d_model * seq_len
 
 
 class MetricWriter:

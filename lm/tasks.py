@@ -14,10 +14,12 @@ example's prediction to the host, where lm/scores.py computes accuracy, macro-F1
 correlations over the whole split.
 """
 
+import dataclasses
+
 import numpy as np
 
 from lm import objectives, scores
-from lm.models import Decoder
+from lm.models import Decoder, lora
 from lm.models.heads import EncoderWithHead, HeadSpec
 
 OBJECTIVES = ("causal", "mlm", "classification", "regression", "tagging")
@@ -31,7 +33,8 @@ SELECTION = {"causal": ("loss", "min"), "mlm": ("loss", "min"),
 
 class Task:
 
-  def __init__(self, objective, model_cfg, num_labels=0, pooling="cls"):
+  def __init__(self, objective, model_cfg, num_labels=0, pooling="cls", adapters=None):
+    """`adapters`: lora.Adapters that init and apply add to the model (never to the head)."""
     self.objective, self.model_cfg, self.num_labels = objective, model_cfg, num_labels
     if objective == "causal":
       self.model = Decoder(model_cfg)
@@ -44,6 +47,7 @@ class Task:
           "classification", 1 if objective == "regression" else num_labels, pooling))
     self.selection = SELECTION[objective]
     self.data_formats = DATA_FORMATS[objective]
+    self.adapters = adapters and dataclasses.replace(adapters, skip=self.head_keys)
 
   @property
   def is_language_model(self):
@@ -64,9 +68,14 @@ class Task:
                                        self.model_cfg.tie_embeddings)
 
   def init(self, key, tokens_BxL):
-    return self.model.init({"params": key}, tokens_BxL)["params"]
+    with lora.attach(self.adapters):
+      return self.model.init({"params": key}, tokens_BxL)["params"]
 
   def apply(self, params, batch, dropout_key=None):
+    with lora.attach(self.adapters):
+      return self._apply(params, batch, dropout_key)
+
+  def _apply(self, params, batch, dropout_key):
     deterministic = dropout_key is None
     rngs = None if deterministic else {"dropout": dropout_key}
     if self.objective == "causal":

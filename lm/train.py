@@ -19,15 +19,15 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lm import sharding
-from lm.models import ModelConfig
+from lm import peft, sharding
+from lm.models import ModelConfig, lora
 from lm.tasks import Task
 
 
 @flax.struct.dataclass
 class TrainState:
   step: jax.Array
-  params: Any
+  params: Any  # the trainable parameters: all, or with config.peft the adapters/biases and head
   opt_state: Any
   skipped: jax.Array  # updates skipped so far because the loss or gradients were not finite
 
@@ -70,8 +70,11 @@ class Trainer:
   def __init__(self, config, vocab_size, mesh, num_labels=0):
     self.config, self.mesh = config, mesh
     self.model_cfg = ModelConfig.from_config(config.model, vocab_size)
-    self.task = Task(config.task.objective, self.model_cfg, num_labels, config.task.pooling)
-    self.model = self.task.model
+    self.task = Task(config.task.objective, self.model_cfg, num_labels, config.task.pooling,
+                     adapters=peft.adapters(config.peft))
+    self.model = self.task.model  # the plain model: serve it lora.merge'd parameters
+    self.peft_method = config.peft.method
+    self.is_trainable = peft.trainable(self.peft_method, self.task.head_keys)
     self.optimizer = make_optimizer(config.train, self.task.head_keys)
     self.schedule = learning_rate_schedule(config.train)
     self.seq_len = config.data.seq_len
@@ -79,26 +82,36 @@ class Trainer:
     # (A third key once seeded sampling; kept so that init and dropout keys stay the same.)
     self.init_key, self.dropout_key, _ = jax.random.split(seed_key, 3)
 
+    # The model's parameters split into the trainable ones (the state's params) and the
+    # frozen rest (lm/peft.py; empty without config.peft), each sharded by its logical axes.
     abstract_boxed = jax.eval_shape(self._init_boxed_params, self.init_key)
-    param_shardings = sharding.logical_shardings(abstract_boxed, mesh)
-    abstract_params = nn.unbox(abstract_boxed)
-    abstract_opt_state = jax.eval_shape(self.optimizer.init, abstract_params)
+    boxed_trainable, boxed_frozen = peft.split(abstract_boxed, self.is_trainable)
+    peft.check_trainable(self.peft_method, boxed_trainable, self.task.head_keys, config)
+    param_shardings = sharding.logical_shardings(boxed_trainable, mesh)
+    self.frozen_shardings = sharding.logical_shardings(boxed_frozen, mesh)
+    self.abstract_params = nn.unbox(abstract_boxed)  # all of them
+    self.abstract_frozen = nn.unbox(boxed_frozen)
+    abstract_opt_state = jax.eval_shape(self.optimizer.init, nn.unbox(boxed_trainable))
     opt_shardings = optax.tree_map_params(
         self.optimizer, lambda _, s: s, abstract_opt_state, param_shardings,
         transform_non_params=lambda _: sharding.replicated(mesh))
     self.state_shardings = TrainState(step=sharding.replicated(mesh), params=param_shardings,
                                       opt_state=opt_shardings, skipped=sharding.replicated(mesh))
-    self.abstract_state = jax.eval_shape(self._init_state, self.init_key)
+    self.abstract_state = jax.eval_shape(lambda k: self._init_state(k)[0], self.init_key)
     self.batch_sharding = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
+    # The frozen parameters, on the mesh: set by init_state / state_from_params / set_base.
+    self.frozen = {} if not self.peft_method else None
 
-    self._init = jax.jit(self._init_state, out_shardings=self.state_shardings)
-    self._train_step = jax.jit(self._train_step_fn,
-                               in_shardings=(self.state_shardings, self.batch_sharding),
-                               out_shardings=(self.state_shardings, replicated),
-                               donate_argnums=0)
+    self._init = jax.jit(self._init_state,
+                         out_shardings=(self.state_shardings, self.frozen_shardings))
+    self._train_step = jax.jit(
+        self._train_step_fn,
+        in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding),
+        out_shardings=(self.state_shardings, replicated), donate_argnums=0)
     self._eval_step = jax.jit(self._eval_step_fn,
-                              in_shardings=(param_shardings, self.batch_sharding),
+                              in_shardings=(param_shardings, self.frozen_shardings,
+                                            self.batch_sharding),
                               out_shardings=replicated)
     self.compile_seconds = None  # all compilations of the train step so far
     self._compiled = {}  # batch shapes -> the train step compiled for them
@@ -110,21 +123,20 @@ class Trainer:
     return self.task.init(key, tokens_BxL)
 
   def _init_state(self, key):
-    params = nn.unbox(self._init_boxed_params(key))
+    """(train state, frozen parameters)."""
+    params, frozen = peft.split(nn.unbox(self._init_boxed_params(key)), self.is_trainable)
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.optimizer.init(params), skipped=jnp.zeros((), jnp.int32))
+                      opt_state=self.optimizer.init(params),
+                      skipped=jnp.zeros((), jnp.int32)), frozen
 
-  def _loss(self, params, batch, dropout_key):
-    return self.task.loss(params, batch, dropout_key)
-
-  def _train_step_fn(self, state, batch):
+  def _train_step_fn(self, state, frozen, batch):
     dropout_key = jax.random.fold_in(self.dropout_key, state.step)
     n = self.config.train.grad_accum_steps
     weights = batch["example_weight" if "example_weight" in batch else "weights"]
     total_weight = jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1.0)
 
-    def mean_loss(params, micro_batch, key):
-      loss_sum, _ = self._loss(params, micro_batch, key)
+    def mean_loss(params, micro_batch, key):  # differentiated by the trainable params only
+      loss_sum, _ = self.task.loss(peft.join(frozen, params), micro_batch, key)
       return loss_sum / total_weight  # each micro-batch's share of the batch's mean loss
 
     if n == 1:
@@ -160,8 +172,8 @@ class Trainer:
                       opt_state=keep(opt_state, state.opt_state),
                       skipped=state.skipped + (~finite).astype(jnp.int32)), metrics
 
-  def _eval_step_fn(self, params, batch):
-    return self.task.eval_outputs(params, batch)
+  def _eval_step_fn(self, params, frozen, batch):
+    return self.task.eval_outputs(peft.join(frozen, params), batch)
 
   # Entry points.
 
@@ -174,11 +186,21 @@ class Trainer:
     # Without the axis rules: flax would constrain DenseGeneral's flat init kernels with the
     # N-d specs. out_shardings places the result.
     with jax.set_mesh(self.mesh):
-      return self._init(self.init_key)
+      state, self.frozen = self._init(self.init_key)
+    return state
+
+  def set_base(self, params):
+    """Places the frozen part of `params` (all the model's parameters, host arrays; the
+    trainable leaves may be anything) on the mesh for the steps to use."""
+    _, frozen = peft.split(params, self.is_trainable)
+    with jax.set_mesh(self.mesh):
+      self.frozen = jax.jit(lambda f: f, out_shardings=self.frozen_shardings)(frozen)
 
   def state_from_params(self, params):
     """A fresh train state (step 0, new optimizer state) around given parameters, e.g.
-    pretrained ones (host arrays), placed on the mesh."""
+    pretrained ones (host arrays), placed on the mesh; their frozen part becomes the base."""
+    self.set_base(params)
+    params, _ = peft.split(params, self.is_trainable)
     with jax.set_mesh(self.mesh):
       return jax.jit(
           lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
@@ -201,13 +223,32 @@ class Trainer:
         # the loop takes out of its step times overlaps no training.
         jax.block_until_ready(state)
         start = time.perf_counter()
-        self._compiled[shapes] = self._train_step.lower(state, batch).compile()
+        self._compiled[shapes] = self._train_step.lower(state, self.frozen, batch).compile()
         self.compile_seconds = (self.compile_seconds or 0.0) + time.perf_counter() - start
-      return self._compiled[shapes](state, batch)
+      return self._compiled[shapes](state, self.frozen, batch)
+
+  def lower_train_step(self, batch):
+    """The train step lowered for `batch` (arrays or ShapeDtypeStructs with shardings) and
+    an abstract state and base: for XLA's cost and memory analyses (benchmarks, tests)."""
+    like = lambda tree, shardings: jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
+    with self._on_mesh():
+      return self._train_step.lower(like(self.abstract_state, self.state_shardings),
+                                    like(self.abstract_frozen, self.frozen_shardings), batch)
 
   def eval_step(self, params, batch):
+    """`params`: the trainable parameters (a state's), with the frozen base."""
     with self._on_mesh():
-      return self._eval_step(params, batch)
+      return self._eval_step(params, self.frozen, batch)
+
+  def full_params(self, params):
+    """The model's whole parameter tree: the frozen base with the trainable `params`."""
+    return peft.join(self.frozen, params)
+
+  def servable_params(self, params):
+    """The plain model's parameters (self.model, no adapters): LoRA folded in."""
+    full = self.full_params(params)
+    return lora.merge(full, self.config.peft.alpha) if self.peft_method == "lora" else full
 
   def evaluate(self, params, batches):
     """The task's metrics (lm/tasks.py) over all the host `batches`: {"loss", ...}."""
@@ -216,4 +257,9 @@ class Trainer:
 
   @functools.cached_property
   def num_params(self):
-    return sum(x.size for x in jax.tree.leaves(self.abstract_state.params))
+    """Every parameter of the model (adapters included)."""
+    return peft.count(self.abstract_params)
+
+  @functools.cached_property
+  def num_trainable(self):
+    return peft.count(self.abstract_state.params)

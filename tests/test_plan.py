@@ -38,10 +38,8 @@ def test_flops_agree_with_xla_cost_analysis(one_device):
   batch = {k: jax.ShapeDtypeStruct((b, s), jnp.float32 if k == "weights" else jnp.int32,
                                    sharding=trainer.batch_sharding)
            for k in ("inputs", "targets", "weights")}
-  state = jax.tree.map(lambda x, sh: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sh),
-                       trainer.abstract_state, trainer.state_shardings)
   with trainer._on_mesh():  # pylint: disable=protected-access
-    compiled = trainer._train_step.lower(state, batch).compile()  # pylint: disable=protected-access
+    compiled = trainer.lower_train_step(batch).compile()
   cost = compiled.cost_analysis()
   xla_flops = (cost[0] if isinstance(cost, list) else cost)["flops"]
   planned = plan.make_plan(config, "cpu", 1, 0.4, vocab=256).flops_per_token * b * s

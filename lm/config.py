@@ -47,12 +47,16 @@ def defaults():
   c.task = ml_collections.ConfigDict()
   # causal: decoder LM on text | mlm: encoder, masked LM on text | classification /
   # regression: encoder + pooled head on a labelled dataset | tagging: encoder + per-token
-  # head on a tagged dataset. See lm/tasks.py.
+  # head on a tagged dataset | seq2seq: encoder-decoder on a parallel dataset (translation).
+  # See lm/tasks.py.
   c.task.objective = "causal"
   c.task.num_labels = 0  # classification / tagging; 0: as many as the dataset has
   # cls: the first token (the tokenizer's bos, BERT's [CLS]), through the encoder's pooler
   # with model.pooler | mean: the mean over non-padding tokens
   c.task.pooling = "cls"
+  # Of the training loss of token predictions (causal, mlm, seq2seq): the target becomes
+  # (1 - e) one-hot + e uniform. Evaluation losses never smooth.
+  c.task.label_smoothing = 0.0
 
   # Parameter-efficient fine-tuning of init_from's model (lm/peft.py): "" trains every
   # parameter | lora: low-rank adapters on the dense projections `targets` names | bitfit:
@@ -173,7 +177,7 @@ _CHOICES = {
     "model.param_dtype": DTYPES,
     "model.norm": ("layernorm", "rmsnorm"),
     "model.norm_position": ("pre", "post"),
-    "task.objective": ("causal", "mlm", "classification", "regression", "tagging"),
+    "task.objective": ("causal", "mlm", "classification", "regression", "tagging", "seq2seq"),
     "task.pooling": ("cls", "mean"),
     "peft.method": ("", "lora", "bitfit"),
     "model.positions": ("learned", "rope"),
@@ -274,6 +278,9 @@ def validate(config, num_devices):
   if m.positions == "rope" and (m.d_model // m.num_heads) % 2:
     raise ConfigError("model.positions",
                       f"rope needs an even head size, got {m.d_model // m.num_heads}")
+  if not 0.0 <= config.task.label_smoothing < 1.0:
+    raise ConfigError("task.label_smoothing",
+                      f"must be in [0, 1), got {config.task.label_smoothing}")
   if not 0.0 <= m.dropout < 1.0:
     raise ConfigError("model.dropout", f"must be in [0, 1), got {m.dropout}")
   if m.vocab_size is not None and m.vocab_size <= 0:

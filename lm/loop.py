@@ -107,7 +107,7 @@ def _discard_earlier_run(workdir):
 
 def _num_labels(config, data):
   objective = config.task.objective
-  if objective in ("causal", "mlm"):
+  if objective in ("causal", "mlm", "seq2seq"):
     return 0
   if objective == "regression":
     return 1
@@ -222,7 +222,7 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
   writer = metrics.MetricWriter(workdir, resume_step=start_step)
   flops_for = lambda length: metrics.train_flops_per_token(
       trainer.abstract_params, trainer.model_cfg, length, task.tied_output,
-      trainer.abstract_frozen)
+      trainer.abstract_frozen, task.attention_layers)
   flops_per_token = flops_for(config.data.seq_len)
   flops_at = {config.data.seq_len: flops_per_token}  # per batch length (length buckets)
   peak, peak_source = metrics.peak_flops_per_device(config.model.dtype, config.log.peak_flops)
@@ -396,7 +396,8 @@ def _final_evaluations(trainer, data, config, state, best, best_checkpointer, wr
                   if "accuracy" in final[split] else "")
       metrics.log(f"final {split}: loss {final[split]['loss']:.4f} | perplexity "
                   f"{final[split]['perplexity']:.2f}{accuracy} over all "
-                  f"{int(final[split]['tokens']):,} {'masked ' if accuracy else ''}tokens"
+                  f"{int(final[split]['tokens']):,} {'masked ' if trainer.task.objective == 'mlm' else ''}"
+                  f"{'target ' if trainer.task.objective == 'seq2seq' else ''}tokens"
                   f"{per_char}")
     else:
       metrics.log(f"{split} (step {best['step'] if best else step}): "

@@ -42,7 +42,8 @@ def peak_flops_per_device(dtype, configured=0.0):
   return float("nan"), f"unknown device kind {device.device_kind!r}; set config.log.peak_flops"
 
 
-def train_flops_per_token(params, cfg, seq_len, tied_output=None, frozen=None):
+def train_flops_per_token(params, cfg, seq_len, tied_output=None, frozen=None,
+                          attention_layers=None):
   """Model FLOPs of one training token (forward + backward), PaLM appendix B convention.
 
   6 per parameter that multiplies an activation (all weight matrices, LoRA factors and the
@@ -51,6 +52,8 @@ def train_flops_per_token(params, cfg, seq_len, tied_output=None, frozen=None):
   sub-tree of `params`, lm/peft.py) needs no weight gradient: 4. Plus 12 * layers * d_model
   * seq_len for the attention scores and their weighted sum. `tied_output`: whether the
   output layer multiplies by the token embedding (default: cfg.tie_embeddings, a decoder's).
+  `attention_layers`: attention blocks per token (default cfg.num_layers; an encoder-decoder
+  has three per layer pair: encoder self-, decoder self- and cross-attention).
   """
   def matmul_params(tree):
     total = 0
@@ -66,7 +69,7 @@ def train_flops_per_token(params, cfg, seq_len, tied_output=None, frozen=None):
     frozen_embedding = any(getattr(p[-1], "key", "") == "embedding"
                            for p, _ in jax.tree_util.tree_flatten_with_path(frozen or {})[0])
     flops += (4 if frozen_embedding else 6) * cfg.vocab_size * cfg.d_model
-  return flops + 12 * cfg.num_layers * cfg.d_model * seq_len
+  return flops + 12 * (attention_layers or cfg.num_layers) * cfg.d_model * seq_len
 
 
 class MetricWriter:

@@ -7,37 +7,46 @@ the batches it needs, and the validation score that picks the best checkpoint.
     classification  EncoderWithHead(classification, n)  labelled   validation accuracy
     regression      EncoderWithHead(classification, 1)  labelled   validation pearson
     tagging         EncoderWithHead(tagging, n)         tagged     validation macro_f1
+    seq2seq         EncoderDecoder                      parallel   validation loss (lower)
 
 (*) or the text column of a labelled dataset, e.g. to pretrain on a task's own sentences.
-Language-model evaluations are token sums (loss, accuracy); task evaluations bring every
+Language-model (and seq2seq) evaluations are token sums (loss, accuracy; always without
+task.label_smoothing, which only the training loss uses); task evaluations bring every
 example's prediction to the host, where lm/scores.py computes accuracy, macro-F1 and
 correlations over the whole split.
 """
 
 import dataclasses
 
+import jax.numpy as jnp
 import numpy as np
 
 from lm import objectives, scores
 from lm.models import Decoder, lora
+from lm.models.encoder_decoder import EncoderDecoder
 from lm.models.heads import EncoderWithHead, HeadSpec
 
-OBJECTIVES = ("causal", "mlm", "classification", "regression", "tagging")
+OBJECTIVES = ("causal", "mlm", "classification", "regression", "tagging", "seq2seq")
 DATA_FORMATS = {"causal": ("text", "labelled"), "mlm": ("text", "labelled"),
                 "classification": ("labelled",), "regression": ("labelled",),
-                "tagging": ("tagged",)}
+                "tagging": ("tagged",), "seq2seq": ("parallel",)}
 SELECTION = {"causal": ("loss", "min"), "mlm": ("loss", "min"),
              "classification": ("accuracy", "max"), "regression": ("pearson", "max"),
-             "tagging": ("macro_f1", "max")}
+             "tagging": ("macro_f1", "max"), "seq2seq": ("loss", "min")}
 
 
 class Task:
 
-  def __init__(self, objective, model_cfg, num_labels=0, pooling="cls", adapters=None):
-    """`adapters`: lora.Adapters that init and apply add to the model (never to the head)."""
+  def __init__(self, objective, model_cfg, num_labels=0, pooling="cls", adapters=None,
+               label_smoothing=0.0):
+    """`adapters`: lora.Adapters that init and apply add to the model (never to the head).
+    `label_smoothing`: of the training loss of token predictions."""
     self.objective, self.model_cfg, self.num_labels = objective, model_cfg, num_labels
+    self.label_smoothing = label_smoothing
     if objective == "causal":
       self.model = Decoder(model_cfg)
+    elif objective == "seq2seq":
+      self.model = EncoderDecoder(model_cfg)
     elif objective == "mlm":
       self.model = EncoderWithHead(model_cfg, HeadSpec("mlm"))
     elif objective == "tagging":
@@ -51,12 +60,14 @@ class Task:
 
   @property
   def is_language_model(self):
-    return self.objective in ("causal", "mlm")
+    """Scored by token losses (and evaluated on a sample of batches between whole-split
+    evaluations, train.eval_steps)."""
+    return self.objective in ("causal", "mlm", "seq2seq")
 
   @property
   def head_keys(self):
     """Top-level parameter names of the task head (absent from a pretrained body)."""
-    if self.objective == "causal":
+    if self.objective in ("causal", "seq2seq"):
       return ()
     return ("mlm_head",) if self.objective == "mlm" else (
         "tagging_head" if self.objective == "tagging" else "classification_head",)
@@ -64,11 +75,20 @@ class Task:
   @property
   def tied_output(self):
     """Whether the output projection multiplies by the token embedding (for FLOP counts)."""
-    return self.objective == "mlm" or (self.objective == "causal" and
+    return self.objective == "mlm" or (self.objective in ("causal", "seq2seq") and
                                        self.model_cfg.tie_embeddings)
+
+  @property
+  def attention_layers(self):
+    """Attention blocks a token's FLOPs go through (an encoder-decoder's target token: the
+    encoder's self-attention over its source token, its own, and cross-attention)."""
+    return self.model_cfg.num_layers * (3 if self.objective == "seq2seq" else 1)
 
   def init(self, key, tokens_BxL):
     with lora.attach(self.adapters):
+      if self.objective == "seq2seq":
+        return self.model.init({"params": key}, tokens_BxL, jnp.ones_like(tokens_BxL),
+                               tokens_BxL)["params"]
       return self.model.init({"params": key}, tokens_BxL)["params"]
 
   def apply(self, params, batch, dropout_key=None):
@@ -81,13 +101,18 @@ class Task:
     if self.objective == "causal":
       return self.model.apply({"params": params}, batch["inputs"], batch.get("positions"),
                               batch.get("segment_ids"), deterministic=deterministic, rngs=rngs)
+    if self.objective == "seq2seq":
+      return self.model.apply({"params": params}, batch["source"], batch["source_segment_ids"],
+                              batch["inputs"], batch["segment_ids"],
+                              deterministic=deterministic, rngs=rngs)
     return self.model.apply({"params": params}, batch["inputs"], batch.get("positions"),
                             batch.get("segment_ids"), batch.get("type_ids"),
                             deterministic=deterministic, rngs=rngs)
 
-  def _loss_sums(self, outputs, batch):
+  def _loss_sums(self, outputs, batch, label_smoothing=0.0):
     if self.is_language_model:
-      return objectives.token_loss(outputs, batch["targets"], batch["weights"])
+      return objectives.token_loss(outputs, batch["targets"], batch["weights"],
+                                   label_smoothing)
     if self.objective == "tagging":
       return objectives.token_loss(outputs, batch["tags"], batch["weights"])
     if self.objective == "regression":
@@ -96,14 +121,14 @@ class Task:
 
   def loss(self, params, batch, dropout_key=None):
     """(sum of example/token losses, sum of their weights)."""
-    return self._loss_sums(self.apply(params, batch, dropout_key), batch)
+    return self._loss_sums(self.apply(params, batch, dropout_key), batch, self.label_smoothing)
 
   def eval_outputs(self, params, batch):
     """Device arrays for one evaluation batch: sums, or every example's prediction."""
     outputs = self.apply(params, batch)
     loss_sum, weight_sum = self._loss_sums(outputs, batch)
     result = {"loss_sum": loss_sum, "weight_sum": weight_sum}
-    if self.objective == "mlm":
+    if self.objective in ("mlm", "seq2seq"):
       result["correct_sum"] = objectives.correct_tokens(outputs, batch["targets"],
                                                         batch["weights"])
     elif self.objective == "tagging":
@@ -124,7 +149,7 @@ class Task:
     if self.is_language_model:
       result["perplexity"] = float(np.exp(min(result["loss"], 80.0)))
       result["tokens"] = weight_sum
-      if self.objective == "mlm":
+      if self.objective in ("mlm", "seq2seq"):
         result["accuracy"] = sum(float(o["correct_sum"]) for o in outputs) / max(weight_sum, 1)
       return result
     real = np.concatenate([np.ravel(o["weight"]) for o in outputs]) > 0

@@ -71,7 +71,8 @@ class Trainer:
     self.config, self.mesh = config, mesh
     self.model_cfg = ModelConfig.from_config(config.model, vocab_size)
     self.task = Task(config.task.objective, self.model_cfg, num_labels, config.task.pooling,
-                     adapters=peft.adapters(config.peft))
+                     adapters=peft.adapters(config.peft),
+                     label_smoothing=config.task.label_smoothing)
     self.model = self.task.model  # the plain model: serve it lora.merge'd parameters
     self.peft_method = config.peft.method
     self.is_trainable = peft.trainable(self.peft_method, self.task.head_keys)

@@ -52,9 +52,10 @@ class _ScanBody(nn.Module):
   block: type = Block
 
   @nn.compact
-  def __call__(self, x_BxLxD, layer_cache, positions_BxL, mask, cache_index, deterministic):
+  def __call__(self, x_BxLxD, layer_cache, positions_BxL, mask, cache_index, deterministic,
+               context=()):
     x_BxLxD, layer_cache = self.block(self.cfg, name="block")(
-        x_BxLxD, positions_BxL, mask, deterministic, layer_cache, cache_index)
+        x_BxLxD, positions_BxL, mask, deterministic, layer_cache, cache_index, *context)
     self.sow("intermediates", "residual", x_BxLxD)
     return x_BxLxD, layer_cache
 
@@ -132,26 +133,27 @@ def embed_tokens(cfg, tokens_BxL, positions_BxL, type_ids_BxL, deterministic):
 
 
 def layer_stack(module, cfg, x_BxLxD, positions_BxL, mask, deterministic, cache_layers=None,
-                cache_index=None):
+                cache_index=None, block=Block, context=()):
   """Runs the num_layers blocks (a loop, or one nn.scan) inside `module`'s compact method;
-  returns (x, per-layer caches)."""
-  block = Block
+  returns (x, per-layer caches). `context`: more arguments for every block (a
+  DecoderBlock's encoder output and its mask)."""
   if cfg.remat != "none" and cache_layers is None:
     policy = (jax.checkpoint_policies.dots_with_no_batch_dims_saveable
               if cfg.remat == "dots" else None)
-    block = nn.remat(Block, policy=policy, static_argnums=(4,))  # 4: deterministic
+    block = nn.remat(block, policy=policy, static_argnums=(4,))  # 4: deterministic
   if cfg.scan_layers:  # parameters (and cache) stacked on a leading "layers" axis
     stack = nn.scan(_ScanBody, variable_axes={"params": 0, "intermediates": 0},
                     split_rngs={"params": True, "dropout": True},
-                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast),
+                    in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast, nn.broadcast,
+                             nn.broadcast),
                     length=cfg.num_layers, metadata_params={nn.PARTITION_NAME: "layers"})
     return stack(cfg, block, name="layers")(x_BxLxD, cache_layers, positions_BxL, mask,
-                                            cache_index, deterministic)
+                                            cache_index, deterministic, context)
   layers = []
   for i in range(cfg.num_layers):
     x_BxLxD, layer_cache = block(cfg, name=f"layer_{i}")(
         x_BxLxD, positions_BxL, mask, deterministic,
-        None if cache_layers is None else cache_layers[i], cache_index)
+        None if cache_layers is None else cache_layers[i], cache_index, *context)
     layers.append(layer_cache)
     module.sow("intermediates", f"residual_{i}", x_BxLxD)  # the residual stream
   return x_BxLxD, tuple(layers)

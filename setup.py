@@ -23,6 +23,7 @@ setup(
         "optax>=0.2.4",
         "orbax-checkpoint>=0.11",
         "prometheus-client>=0.20",  # lm.serve /metrics
+        "sacrebleu>=2.4",  # BLEU and chrF of translations (lm.translate)
         "sentencepiece>=0.2",
         "tensorboardX>=2.6",
         "tensorflow-datasets>=4.9.8",

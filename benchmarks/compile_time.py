@@ -36,7 +36,7 @@ def main(_):
                for k in ("inputs", "targets", "weights", "segment_ids", "positions")}
       lowered = trainer.lower_train_step(batch)
       traced = time.perf_counter()
-      with trainer._on_mesh():  # pylint: disable=protected-access
+      with trainer.on_mesh():
         lowered.compile()
       done = time.perf_counter()
       print(json.dumps({"benchmark": "compile_time", "num_layers": layers, "scan_layers": scan,

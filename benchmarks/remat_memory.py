@@ -34,7 +34,7 @@ def main(_):
                                        sharding=trainer.batch_sharding)
                for k in ("inputs", "targets", "weights", "segment_ids", "positions")}
       start = time.perf_counter()
-      with trainer._on_mesh():  # pylint: disable=protected-access
+      with trainer.on_mesh():
         compiled = trainer.lower_train_step(batch).compile()
       seconds = time.perf_counter() - start
       memory = compiled.memory_analysis()

@@ -57,6 +57,10 @@ def defaults():
   # Of the training loss of token predictions (causal, mlm, seq2seq): the target becomes
   # (1 - e) one-hot + e uniform. Evaluation losses never smooth.
   c.task.label_smoothing = 0.0
+  # seq2seq: the final validation and test figures include corpus BLEU and chrF (sacrebleu)
+  # of beam-search translations: beam size (1: greedy) and GNMT length penalty alpha.
+  c.task.beam_size = 4
+  c.task.length_penalty = 0.6
 
   # Parameter-efficient fine-tuning of init_from's model (lm/peft.py): "" trains every
   # parameter | lora: low-rank adapters on the dense projections `targets` names | bitfit:
@@ -191,14 +195,14 @@ _CHOICES = {
 _POSITIVE = (
     "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.d_model",
     "model.d_ff", "model.max_len", "train.batch_size", "train.num_steps",
-    "train.grad_accum_steps", "peft.rank", "peft.alpha",
+    "train.grad_accum_steps", "peft.rank", "peft.alpha", "task.beam_size",
     "train.learning_rate", "train.eval_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.log_every", "data.seq_len", "data.vocab_size",
     "data.num_threads",
 )
 
 _NON_NEGATIVE = (
-    "train.min_learning_rate", "train.warmup_steps", "train.head_learning_rate",
+    "train.min_learning_rate", "train.warmup_steps", "task.length_penalty", "train.head_learning_rate",
     "train.early_stopping", "task.num_labels", "model.type_vocab_size", "data.length_bucket", "train.weight_decay", "train.grad_clip",
     "train.eval_steps", "train.profile_steps", "log.peak_flops", "sample.num_tokens",
     "sample.temperature",

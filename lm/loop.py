@@ -389,6 +389,14 @@ def _final_evaluations(trainer, data, config, state, best, best_checkpointer, wr
       prefix = "eval" if split == "validation" else "test"
       writer.write(step, {f"{prefix}/{k}": v for k, v in final[split].items()
                           if k not in ("tokens", "examples")})
+    if trainer.task.objective == "seq2seq":
+      final[split].update(_translation_scores(trainer, data, config, params, split))
+      prefix = "eval" if split == "validation" else "test"
+      writer.write(step, {f"{prefix}/{k}": final[split][k] for k in ("bleu", "chrf")})
+      metrics.log(f"final {split}: BLEU {final[split]['bleu']:.2f} | chrF "
+                  f"{final[split]['chrf']:.2f} over all {data.size(split):,} sentences "
+                  f"(beam {config.task.beam_size}, length penalty "
+                  f"{config.task.length_penalty})")
     if trainer.task.is_language_model:
       per_char = (f" | {final[split]['nats_per_char']:.4f} nats per character"
                   if "nats_per_char" in final[split] else "")
@@ -403,6 +411,21 @@ def _final_evaluations(trainer, data, config, state, best, best_checkpointer, wr
       metrics.log(f"{split} (step {best['step'] if best else step}): "
                   f"{_describe(final[split])} over all {final[split]['examples']:,} examples")
   return final
+
+
+def _translation_scores(trainer, data, config, params, split):
+  """BLEU and chrF of the split's sources translated by beam search (lm/translate.py)."""
+  from lm import translate  # pylint: disable=import-outside-toplevel
+  records = data.prepared.sources[split]
+  pairs = [(records[i]["source"], records[i]["target"]) for i in range(len(records))]
+  served = jax.jit(trainer.servable_params,
+                   out_shardings=sharding.replicated(trainer.mesh))(params)
+  with trainer.on_mesh():
+    hypotheses = translate.translate(
+        trainer.model, served, data.tokenizer, [p[0] for p in pairs], config.data.seq_len,
+        config.data.seq_len, config.task.beam_size, config.task.length_penalty,
+        config.train.batch_size)
+  return translate.scores(hypotheses, [p[1] for p in pairs])
 
 
 def _sample(config, data, trainer, mesh, state, writer, step):

@@ -179,7 +179,7 @@ class Trainer:
   # Entry points.
 
   @contextlib.contextmanager
-  def _on_mesh(self):
+  def on_mesh(self):
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.RULES):
       yield
 
@@ -218,7 +218,7 @@ class Trainer:
     """One step; compiled once per batch shape (example batches cut to their length bucket
     bring a few shapes; packed text windows one)."""
     shapes = tuple(sorted((k, v.shape) for k, v in batch.items()))
-    with self._on_mesh():
+    with self.on_mesh():
       if shapes not in self._compiled:
         # Queued steps run on while XLA compiles: wait for them, so that the compile time
         # the loop takes out of its step times overlaps no training.
@@ -233,13 +233,13 @@ class Trainer:
     an abstract state and base: for XLA's cost and memory analyses (benchmarks, tests)."""
     like = lambda tree, shardings: jax.tree.map(
         lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
-    with self._on_mesh():
+    with self.on_mesh():
       return self._train_step.lower(like(self.abstract_state, self.state_shardings),
                                     like(self.abstract_frozen, self.frozen_shardings), batch)
 
   def eval_step(self, params, batch):
     """`params`: the trainable parameters (a state's), with the frozen base."""
-    with self._on_mesh():
+    with self.on_mesh():
       return self._eval_step(params, self.frozen, batch)
 
   def full_params(self, params):

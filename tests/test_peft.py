@@ -135,7 +135,7 @@ def test_flops_count_no_weight_gradients_for_frozen_kernels(one_device):
   batch = {k: jax.ShapeDtypeStruct((b, s), jnp.float32 if k == "weights" else jnp.int32,
                                    sharding=trainer.batch_sharding)
            for k in ("inputs", "targets", "weights")}
-  with trainer._on_mesh():  # pylint: disable=protected-access
+  with trainer.on_mesh():
     cost = trainer.lower_train_step(batch).compile().cost_analysis()
   xla = (cost[0] if isinstance(cost, list) else cost)["flops"]
   ours = metrics.train_flops_per_token(trainer.abstract_params, trainer.model_cfg, s,

@@ -38,7 +38,7 @@ def test_flops_agree_with_xla_cost_analysis(one_device):
   batch = {k: jax.ShapeDtypeStruct((b, s), jnp.float32 if k == "weights" else jnp.int32,
                                    sharding=trainer.batch_sharding)
            for k in ("inputs", "targets", "weights")}
-  with trainer._on_mesh():  # pylint: disable=protected-access
+  with trainer.on_mesh():
     compiled = trainer.lower_train_step(batch).compile()
   cost = compiled.cost_analysis()
   xla_flops = (cost[0] if isinstance(cost, list) else cost)["flops"]

@@ -2,7 +2,10 @@
 the source is invisible, the decoder is causal, scanned and looped layers agree, label
 smoothing matches numpy, and a toy translation trains through the loop."""
 
+import json
 import random
+import subprocess
+import sys
 
 import chex
 import flax.linen as nn
@@ -10,9 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import tiny_config
+from conftest import REPO, tiny_config, user_env
 
-from lm import objectives, pretrained
+from lm import objectives, pretrained, search
+from lm.inference import load
 from lm.loop import run
 from lm.models import ModelConfig
 from lm.models.encoder_decoder import EncoderDecoder
@@ -115,15 +119,151 @@ def toy_parallel(tmp_path_factory):
   return str(folder)
 
 
-def test_a_toy_translation_trains_through_the_loop(toy_parallel, tmp_path, one_device):
+# Search (lm/search.py).
+
+def markov_step(table):
+  """A toy model: the next token's logits depend on the last token only."""
+  def step(tokens_N, cache):
+    return table[tokens_N], cache
+  return step
+
+
+def exhaustive_best(logp, bos, eos, max_len, alpha):
+  """Every sequence of up to max_len tokens (ending in eos, or cut at max_len), scored."""
+  best = (-np.inf, None)
+  frontier = [((), 0.0, bos)]
+  for length in range(1, max_len + 1):
+    grown = []
+    for seq, score, last in frontier:
+      for token in range(logp.shape[1]):
+        s = score + logp[last, token]
+        if token == eos or length == max_len:
+          final = s / search.length_penalty(length, alpha) if token == eos else -np.inf
+          best = max(best, (final, seq + (token,)), key=lambda x: x[0])
+        else:
+          grown.append((seq + (token,), s, token))
+    frontier = grown
+  return best
+
+
+@pytest.mark.parametrize("alpha", [0.0, 0.6])
+def test_beam_search_finds_the_best_hypothesis_of_a_toy_model(alpha):
+  rng = np.random.default_rng(4)
+  v, bos, eos, max_len = 5, 0, 1, 4
+  logits = rng.normal(0, 2, (v, v)).astype(np.float32)
+  logp = np.asarray(jax.nn.log_softmax(logits))
+  want_score, want = exhaustive_best(logp, bos, eos, max_len, alpha)
+  # A beam as wide as every hypothesis is exact.
+  k = v ** max_len
+  table = jnp.asarray(logits)
+  tokens, scores, lengths = jax.jit(lambda c: search.beam_search_core(
+      markov_step(table), c, table[jnp.full((k,), bos)], lambda c, r: c, 1, k, max_len, eos,
+      alpha))(jnp.zeros(()))
+  assert tuple(int(x) for x in tokens[0, 0, :lengths[0, 0]]) == want
+  np.testing.assert_allclose(float(scores[0, 0]), want_score, rtol=1e-5)
+  assert np.all(np.diff(np.asarray(scores[0])) <= 1e-6)  # best first
+
+
+def test_beam_search_beats_greedy_where_greedy_is_short_sighted():
+  # bos -> a 0.6 | b 0.4; a -> c 0.7 | eos 0.3; c -> eos 0.6 | a 0.4; b -> eos 0.99.
+  # Greedy takes a, c, eos (0.6 * 0.7 * 0.6 = 0.252); "b eos" is better (0.396).
+  names = ["bos", "eos", "a", "b", "c"]
+  p = np.full((5, 5), 1e-6)
+  p[0, 2], p[0, 3] = 0.6, 0.4
+  p[2, 1], p[2, 4] = 0.3, 0.7
+  p[3, 1] = 0.99
+  p[4, 1], p[4, 2] = 0.6, 0.4
+  table = jnp.asarray(np.log(p / p.sum(1, keepdims=True)), jnp.float32)
+  g_tokens, g_lengths = search.greedy_core(markov_step(table), jnp.zeros(()),
+                                           table[jnp.array([0])], 3, 1)
+  assert [names[t] for t in g_tokens[0, :g_lengths[0]]] == ["a", "c", "eos"]
+  tokens, _, lengths = search.beam_search_core(markov_step(table), jnp.zeros(()),
+                                               table[jnp.array([0, 0])], lambda c, r: c, 1,
+                                               2, 3, 1)
+  assert [names[t] for t in tokens[0, 0, :lengths[0, 0]]] == ["b", "eos"]
+
+
+@pytest.fixture(scope="module")
+def trained_toy(toy_parallel, tmp_path_factory):
+  """The toy translation model after a short training (shared by the decoding tests)."""
+  workdir = str(tmp_path_factory.mktemp("toy_run"))
   c = tiny_config(**{"task.objective": "seq2seq", "data.path": toy_parallel,
-                     "data.format": "parallel", "data.seq_len": 32, "model.max_len": 32,
+                     "data.format": "parallel", "data.seq_len": 40, "model.max_len": 40,
                      "model.d_model": 64, "model.d_ff": 128, "train.batch_size": 16,
-                     "train.num_steps": 150, "train.eval_every": 150, "train.log_every": 50,
-                     "train.checkpoint_every": 150, "train.learning_rate": 3e-3,
+                     "train.num_steps": 300, "train.eval_every": 300, "train.log_every": 100,
+                     "train.checkpoint_every": 300, "train.learning_rate": 3e-3,
                      "train.warmup_steps": 10, "task.label_smoothing": 0.1,
                      "sample.num_tokens": 0})
-  result = run(c, str(tmp_path), devices=one_device)
+  result = run(c, workdir, devices=jax.devices()[:1])
+  return workdir, result
+
+
+def test_a_toy_translation_trains_through_the_loop(trained_toy):
+  _, result = trained_toy
   # Characters of the target given the source: near-certain once the word map is learnt.
   assert result.eval["test"]["accuracy"] > 0.85, result.eval
   assert result.eval["test"]["loss"] < 0.6
+  # Beam-search translations of the test split, scored by sacrebleu.
+  assert result.eval["test"]["bleu"] > 70 and result.eval["test"]["chrf"] > 80, result.eval
+
+
+def test_cached_decoding_equals_uncached_and_beam_one_equals_greedy(trained_toy):
+  workdir, _ = trained_toy
+  loaded = load(workdir, decoder=False)
+  tok, model, params = loaded.tokenizer, loaded.model, loaded.params
+  texts = ["the big cat sees a dog", "red house", "a small blue tree runs"]
+  sources = [[*tok.encode(t).tolist(), tok.eos_id] for t in texts]
+  width = max(map(len, sources))
+  ids = np.array([s + [tok.pad_id] * (width - len(s)) for s in sources], np.int32)
+  segments = (np.arange(width)[None] < np.array([len(s) for s in sources])[:, None])
+  segments = segments.astype(np.int32)
+  max_len = 24
+  greedy = search.translate_ids(model, params, ids, segments, max_len, tok.bos_id, tok.eos_id)
+  # Uncached: the whole target prefix through the decoder at every step (same batch).
+  apply = jax.jit(model.apply)
+  prefix = np.full((len(texts), 1), tok.bos_id, np.int32)
+  finished = np.zeros(len(texts), bool)
+  while prefix.shape[1] <= max_len and not finished.all():
+    logits = apply({"params": params}, ids, segments, prefix)
+    nxt = np.where(finished, tok.pad_id, np.argmax(logits[:, -1], -1))
+    finished |= nxt == tok.eos_id
+    prefix = np.concatenate([prefix, nxt[:, None].astype(np.int32)], axis=1)
+  uncached = []
+  for row in prefix[:, 1:].tolist():
+    uncached.append(row[:row.index(tok.eos_id)] if tok.eos_id in row else row)
+  assert greedy == uncached
+  # The cached decoder's logits along the greedy path equal the uncached ones.
+  from lm.models.encoder_decoder import init_cache  # pylint: disable=import-outside-toplevel
+  v = {"params": params}
+  memory = model.apply(v, ids[:1], segments[:1], method="encode")
+  cache = init_cache(model.cfg, 1, max_len, width)
+  path = ([tok.bos_id] + greedy[0])[:max_len]  # the cache has max_len slots
+  stepwise = []
+  for i, token in enumerate(path):
+    logits, cache = model.apply(v, memory if i == 0 else None, segments[:1],
+                                np.array([[token]], np.int32), cache=cache, method="decode")
+    stepwise.append(logits[0, 0])
+  whole = apply(v, ids[:1], segments[:1], np.array([path], np.int32))[0]
+  chex.assert_trees_all_close(np.stack(stepwise), whole, atol=1e-5)
+  tokens, _, lengths = search._beam(model, params, ids, segments, max_len, tok.bos_id,  # pylint: disable=protected-access
+                                    tok.eos_id, 1, 0.0)
+  assert search._cut(tokens[:, 0], lengths[:, 0], tok.eos_id) == greedy  # pylint: disable=protected-access
+  assert tok.decode(greedy[1]) == "rot haus"
+
+
+def test_the_translate_command(trained_toy, toy_parallel, tmp_path):
+  workdir, _ = trained_toy
+  source = tmp_path / "in.en"
+  source.write_text("the cat\nblue house sees a dog\n")
+  (tmp_path / "ref.de").write_text("der katze\nblau haus sieht ein hund\n")
+  out = subprocess.run([sys.executable, "-m", "lm.translate", f"--workdir={workdir}",
+                        f"--input={source}", f"--output={tmp_path / 'out.de'}",
+                        f"--reference={tmp_path / 'ref.de'}", "--beam_size=3"],
+                       cwd=REPO, env=user_env(), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  assert (tmp_path / "out.de").read_text() == "der katze\nblau haus sieht ein hund\n"
+  assert json.loads(out.stdout.strip().splitlines()[-1])["bleu"] == 100.0
+  bad = subprocess.run([sys.executable, "-m", "lm.translate", f"--workdir={workdir}",
+                        f"--input={tmp_path / 'missing'}", f"--output={tmp_path / 'x'}"],
+                       cwd=REPO, env=user_env(), capture_output=True, text=True, timeout=300)
+  assert bad.returncode == 2 and "cannot read" in bad.stderr

@@ -169,28 +169,23 @@ class Dense(nn.Module):
 
 
 class Attention(nn.Module):
-  """Self-attention with grouped key/value heads and optional RoPE; or, given a `context`,
-  cross-attention (keys and values from the context: an encoder's output)."""
+  """Causal self-attention with grouped key/value heads and optional RoPE."""
 
   cfg: ModelConfig
 
   @nn.compact
-  def __call__(self, x_BxLxD, positions_BxL, mask, deterministic, cache=None, cache_index=None,
-               context_BxSxD=None):
+  def __call__(self, x_BxLxD, positions_BxL, mask, deterministic, cache=None, cache_index=None):
     """Returns (output, cache). With a `cache` ({"k", "v"}: [B, K, S, Dh]), this call's keys
     and values are written at slots cache_index.. and the queries attend over all S slots
-    (`mask` [B, 1, 1, L, S] says which); the updated cache is returned. With
-    `context_BxSxD`, keys and values come from it (no RoPE: its positions are another
-    sequence's) and `mask` says which of its S positions each query may see."""
+    (`mask` [B, 1, 1, L, S] says which); the updated cache is returned."""
     cfg = self.cfg
     dh = cfg.head_dim
-    source_BxSxD = x_BxLxD if context_BxSxD is None else context_BxSxD
     q_BxLxHxDh = Dense((cfg.num_heads, dh), ("embed", "heads", "kv"), cfg, name="query")(x_BxLxD)
     k_BxLxKxDh = Dense((cfg.num_kv_heads, dh), ("embed", "kv_heads", "kv"), cfg,
-                       name="key")(source_BxSxD)
+                       name="key")(x_BxLxD)
     v_BxLxKxDh = Dense((cfg.num_kv_heads, dh), ("embed", "kv_heads", "kv"), cfg,
-                       name="value")(source_BxSxD)
-    if cfg.positions == "rope" and context_BxSxD is None:
+                       name="value")(x_BxLxD)
+    if cfg.positions == "rope":
       q_BxLxHxDh = rotary(q_BxLxHxDh, positions_BxL, cfg.rope_theta)
       k_BxLxKxDh = rotary(k_BxLxKxDh, positions_BxL, cfg.rope_theta)
     q_BxLxHxDh = constrain(q_BxLxHxDh, ("batch", "length", "heads", "kv"))

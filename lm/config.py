@@ -47,8 +47,8 @@ def defaults():
   c.task = ml_collections.ConfigDict()
   # causal: decoder LM on text | mlm: encoder, masked LM on text | classification /
   # regression: encoder + pooled head on a labelled dataset | tagging: encoder + per-token
-  # head on a tagged dataset | seq2seq: encoder-decoder on a parallel dataset (translation).
-  # See lm/tasks.py.
+  # head on a tagged dataset | seq2seq: encoder-decoder on a parallel dataset (translation)
+  # | span_corruption: encoder-decoder, T5's pretraining on text. See lm/tasks.py.
   c.task.objective = "causal"
   c.task.num_labels = 0  # classification / tagging; 0: as many as the dataset has
   # cls: the first token (the tokenizer's bos, BERT's [CLS]), through the encoder's pooler
@@ -82,6 +82,9 @@ def defaults():
   c.model.d_ff = 512
   # None: the tokenizer's vocabulary size. Larger values pad the embedding table.
   c.model.vocab_size = config_dict.placeholder(int)
+  # Token ids after the vocabulary: span corruption's sentinels (T5 keeps 100). An
+  # encoder-decoder pretrained with them and one fine-tuned from it share the embedding.
+  c.model.extra_tokens = 0
   c.model.max_len = 256
   c.model.dropout = 0.0
   c.model.dtype = "float32"  # compute dtype
@@ -155,9 +158,10 @@ def defaults():
   c.data.label_column = "label"  # labelled: header names; "" text_column: the other column
   c.data.text_column = ""
   c.data.num_threads = 2  # Grain threads tokenizing and assembling batches
-  # > 0: batches of labelled / tagged examples are cut to their longest example, rounded up
-  # to a multiple of this (one compilation per length); 0: always seq_len. Single-process
-  # runs only (processes would cut one global batch differently).
+  # > 0: batches of labelled / tagged / parallel examples are cut to their longest example
+  # (source and target each), rounded up to a multiple of this (one compilation per
+  # length); 0: always seq_len. Single-process runs only (processes would cut one global
+  # batch differently).
   c.data.length_bucket = 16
 
   c.mesh = ml_collections.ConfigDict()
@@ -181,7 +185,8 @@ _CHOICES = {
     "model.param_dtype": DTYPES,
     "model.norm": ("layernorm", "rmsnorm"),
     "model.norm_position": ("pre", "post"),
-    "task.objective": ("causal", "mlm", "classification", "regression", "tagging", "seq2seq"),
+    "task.objective": ("causal", "mlm", "classification", "regression", "tagging", "seq2seq",
+                       "span_corruption"),
     "task.pooling": ("cls", "mean"),
     "peft.method": ("", "lora", "bitfit"),
     "model.positions": ("learned", "rope"),
@@ -203,7 +208,7 @@ _POSITIVE = (
 
 _NON_NEGATIVE = (
     "train.min_learning_rate", "train.warmup_steps", "task.length_penalty", "train.head_learning_rate",
-    "train.early_stopping", "task.num_labels", "model.type_vocab_size", "data.length_bucket", "train.weight_decay", "train.grad_clip",
+    "train.early_stopping", "task.num_labels", "model.type_vocab_size", "data.length_bucket", "model.extra_tokens", "train.weight_decay", "train.grad_clip",
     "train.eval_steps", "train.profile_steps", "log.peak_flops", "sample.num_tokens",
     "sample.temperature",
     "sample.top_k", "data.validation_fraction", "data.test_fraction",
@@ -316,6 +321,10 @@ def validate(config, num_devices):
     except re.error as e:
       raise ConfigError("peft.targets", f"{config.peft.targets!r} is not a regular "
                         f"expression ({e})") from None
+
+  if config.task.objective == "span_corruption" and not m.extra_tokens:
+    raise ConfigError("model.extra_tokens", "span_corruption replaces each noise span by a "
+                      "sentinel id after the vocabulary: set it > 0 (T5 uses 100)")
 
   if m.pooler and config.task.pooling != "cls":
     raise ConfigError("task.pooling", "model.pooler pools the first token; use cls with it")

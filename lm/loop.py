@@ -23,6 +23,7 @@ from lm.checkpoint import Checkpointer, abstract_like, config_differences
 from lm.data import make_data
 from lm.errors import Preempted, UserError
 from lm.runtime import Profiler, check_finite, stop_signals
+from lm.tasks import ENCODER_DECODER
 from lm.train import Trainer
 
 WORKDIR_FILES = ("checkpoints", "best", "corrupt_checkpoints", "metrics.jsonl", "tensorboard",
@@ -107,7 +108,7 @@ def _discard_earlier_run(workdir):
 
 def _num_labels(config, data):
   objective = config.task.objective
-  if objective in ("causal", "mlm", "seq2seq"):
+  if objective in ("causal", "mlm", "seq2seq", "span_corruption"):
     return 0
   if objective == "regression":
     return 1
@@ -220,11 +221,18 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
         f.write(data.tokenizer.model_proto)
 
   writer = metrics.MetricWriter(workdir, resume_step=start_step)
-  flops_for = lambda length: metrics.train_flops_per_token(
-      trainer.abstract_params, trainer.model_cfg, length, task.tied_output,
-      trainer.abstract_frozen, task.attention_layers)
-  flops_per_token = flops_for(config.data.seq_len)
-  flops_at = {config.data.seq_len: flops_per_token}  # per batch length (length buckets)
+  def example_flops(source_len, target_len):
+    """Model FLOPs of one training example (row) of these lengths."""
+    if task.objective in ENCODER_DECODER:  # the encoder reads the source, the decoder the target
+      return metrics.encoder_decoder_train_flops(
+          trainer.abstract_params, trainer.model_cfg, source_len, target_len,
+          task.tied_output, trainer.abstract_frozen)
+    return target_len * metrics.train_flops_per_token(
+        trainer.abstract_params, trainer.model_cfg, target_len, task.tied_output,
+        trainer.abstract_frozen)
+
+  flops_at = {}  # (source, target) lengths -> FLOPs of an example (length buckets vary them)
+  flops_per_token = example_flops(config.data.seq_len, config.data.seq_len) / config.data.seq_len
   peak, peak_source = metrics.peak_flops_per_device(config.model.dtype, config.log.peak_flops)
   tokens_per_step = t.batch_size * config.data.seq_len
   unit = "tokens" if data.streams else "examples"
@@ -267,11 +275,12 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
         batch = trainer.shard_batch(next(train_batches))
         state, step_metrics = trainer.train_step(state, batch)
         pending.append((step, step_metrics))
-        batch_len = batch["inputs"].shape[1]  # seq_len, or a length bucket's
-        if batch_len not in flops_at:
-          flops_at[batch_len] = flops_for(batch_len)
+        rows, batch_len = batch["inputs"].shape  # seq_len, or a length bucket's
+        lengths = (batch["source"].shape[1] if "source" in batch else batch_len, batch_len)
+        if lengths not in flops_at:
+          flops_at[lengths] = example_flops(*lengths)
         interval_tokens += batch["inputs"].size
-        interval_flops += batch["inputs"].size * flops_at[batch_len]
+        interval_flops += rows * flops_at[lengths]
         profiler.after(step, state)
         preempted = bool(stop_signal) or (jax.process_count() > 1 and
                                           checkpointer.manager.reached_preemption(step))
@@ -402,10 +411,11 @@ def _final_evaluations(trainer, data, config, state, best, best_checkpointer, wr
                   if "nats_per_char" in final[split] else "")
       accuracy = (f" | accuracy {final[split]['accuracy']:.4f}"
                   if "accuracy" in final[split] else "")
+      kind = {"mlm": "masked ", "seq2seq": "target ", "span_corruption": "target "}.get(
+          trainer.task.objective, "")
       metrics.log(f"final {split}: loss {final[split]['loss']:.4f} | perplexity "
                   f"{final[split]['perplexity']:.2f}{accuracy} over all "
-                  f"{int(final[split]['tokens']):,} {'masked ' if trainer.task.objective == 'mlm' else ''}"
-                  f"{'target ' if trainer.task.objective == 'seq2seq' else ''}tokens"
+                  f"{int(final[split]['tokens']):,} {kind}tokens"
                   f"{per_char}")
     else:
       metrics.log(f"{split} (step {best['step'] if best else step}): "

@@ -72,6 +72,30 @@ def train_flops_per_token(params, cfg, seq_len, tied_output=None, frozen=None,
   return flops + 12 * (attention_layers or cfg.num_layers) * cfg.d_model * seq_len
 
 
+def encoder_decoder_train_flops(params, cfg, source_len, target_len, tied_output=True,
+                                frozen=None):
+  """Model FLOPs of training on one (source, target) example, train_flops_per_token's
+  convention: the encoder's matrices once per source token, the decoder's (and the output
+  layer) once per target token; attention: the encoder's over the source, the decoder's
+  causal one over the target and its cross-attention over the source."""
+  def matmul_params(tree):
+    return sum(math.prod(leaf.shape)
+               for path, leaf in jax.tree_util.tree_flatten_with_path(tree or {})[0]
+               if getattr(path[-1], "key", "") in ("kernel", "lora_a", "lora_b"))
+
+  frozen = frozen or {}
+  side = lambda name: (6 * matmul_params(params.get(name)) -
+                       2 * matmul_params(frozen.get(name)))
+  decoder = side("decoder") + 6 * matmul_params(params.get("lm_head")) - 2 * matmul_params(
+      frozen.get("lm_head"))
+  if tied_output:
+    decoder += (4 if "embed" in frozen else 6) * cfg.vocab_size * cfg.d_model
+  attention = 12 * cfg.num_layers * cfg.d_model * (source_len * source_len +
+                                                    target_len * target_len +
+                                                    target_len * source_len)
+  return side("encoder") * source_len + decoder * target_len + attention
+
+
 class MetricWriter:
   """Appends `{"step": s, **scalars}` to metrics.jsonl and TensorBoard (process 0 only).
 

@@ -35,7 +35,7 @@ from lm.models import lora
 
 ARCHITECTURE = ("num_layers", "num_heads", "num_kv_heads", "d_model", "d_ff", "vocab_size",
                 "max_len", "norm", "norm_eps", "norm_position", "positions", "rope_theta", "mlp",
-                "use_bias", "tie_embeddings", "type_vocab_size", "pooler")
+                "use_bias", "tie_embeddings", "type_vocab_size", "pooler", "extra_tokens")
 
 
 @dataclasses.dataclass

@@ -8,6 +8,7 @@ the batches it needs, and the validation score that picks the best checkpoint.
     regression      EncoderWithHead(classification, 1)  labelled   validation pearson
     tagging         EncoderWithHead(tagging, n)         tagged     validation macro_f1
     seq2seq         EncoderDecoder                      parallel   validation loss (lower)
+    span_corruption EncoderDecoder                      text (*)   validation loss (lower)
 
 (*) or the text column of a labelled dataset, e.g. to pretrain on a task's own sentences.
 Language-model (and seq2seq) evaluations are token sums (loss, accuracy; always without
@@ -26,13 +27,17 @@ from lm.models import Decoder, lora
 from lm.models.encoder_decoder import EncoderDecoder
 from lm.models.heads import EncoderWithHead, HeadSpec
 
-OBJECTIVES = ("causal", "mlm", "classification", "regression", "tagging", "seq2seq")
+OBJECTIVES = ("causal", "mlm", "classification", "regression", "tagging", "seq2seq",
+              "span_corruption")
+ENCODER_DECODER = ("seq2seq", "span_corruption")
 DATA_FORMATS = {"causal": ("text", "labelled"), "mlm": ("text", "labelled"),
                 "classification": ("labelled",), "regression": ("labelled",),
-                "tagging": ("tagged",), "seq2seq": ("parallel",)}
+                "tagging": ("tagged",), "seq2seq": ("parallel",),
+                "span_corruption": ("text", "labelled")}
 SELECTION = {"causal": ("loss", "min"), "mlm": ("loss", "min"),
              "classification": ("accuracy", "max"), "regression": ("pearson", "max"),
-             "tagging": ("macro_f1", "max"), "seq2seq": ("loss", "min")}
+             "tagging": ("macro_f1", "max"), "seq2seq": ("loss", "min"),
+             "span_corruption": ("loss", "min")}
 
 
 class Task:
@@ -45,7 +50,7 @@ class Task:
     self.label_smoothing = label_smoothing
     if objective == "causal":
       self.model = Decoder(model_cfg)
-    elif objective == "seq2seq":
+    elif objective in ENCODER_DECODER:
       self.model = EncoderDecoder(model_cfg)
     elif objective == "mlm":
       self.model = EncoderWithHead(model_cfg, HeadSpec("mlm"))
@@ -62,12 +67,12 @@ class Task:
   def is_language_model(self):
     """Scored by token losses (and evaluated on a sample of batches between whole-split
     evaluations, train.eval_steps)."""
-    return self.objective in ("causal", "mlm", "seq2seq")
+    return self.objective in ("causal", "mlm") + ENCODER_DECODER
 
   @property
   def head_keys(self):
     """Top-level parameter names of the task head (absent from a pretrained body)."""
-    if self.objective in ("causal", "seq2seq"):
+    if self.objective in ("causal",) + ENCODER_DECODER:
       return ()
     return ("mlm_head",) if self.objective == "mlm" else (
         "tagging_head" if self.objective == "tagging" else "classification_head",)
@@ -75,18 +80,18 @@ class Task:
   @property
   def tied_output(self):
     """Whether the output projection multiplies by the token embedding (for FLOP counts)."""
-    return self.objective == "mlm" or (self.objective in ("causal", "seq2seq") and
+    return self.objective == "mlm" or (self.objective in ("causal",) + ENCODER_DECODER and
                                        self.model_cfg.tie_embeddings)
 
   @property
   def attention_layers(self):
     """Attention blocks a token's FLOPs go through (an encoder-decoder's target token: the
     encoder's self-attention over its source token, its own, and cross-attention)."""
-    return self.model_cfg.num_layers * (3 if self.objective == "seq2seq" else 1)
+    return self.model_cfg.num_layers * (3 if self.objective in ENCODER_DECODER else 1)
 
   def init(self, key, tokens_BxL):
     with lora.attach(self.adapters):
-      if self.objective == "seq2seq":
+      if self.objective in ENCODER_DECODER:
         return self.model.init({"params": key}, tokens_BxL, jnp.ones_like(tokens_BxL),
                                tokens_BxL)["params"]
       return self.model.init({"params": key}, tokens_BxL)["params"]
@@ -101,7 +106,7 @@ class Task:
     if self.objective == "causal":
       return self.model.apply({"params": params}, batch["inputs"], batch.get("positions"),
                               batch.get("segment_ids"), deterministic=deterministic, rngs=rngs)
-    if self.objective == "seq2seq":
+    if self.objective in ENCODER_DECODER:
       return self.model.apply({"params": params}, batch["source"], batch["source_segment_ids"],
                               batch["inputs"], batch["segment_ids"],
                               deterministic=deterministic, rngs=rngs)
@@ -128,7 +133,7 @@ class Task:
     outputs = self.apply(params, batch)
     loss_sum, weight_sum = self._loss_sums(outputs, batch)
     result = {"loss_sum": loss_sum, "weight_sum": weight_sum}
-    if self.objective in ("mlm", "seq2seq"):
+    if self.objective in ("mlm",) + ENCODER_DECODER:
       result["correct_sum"] = objectives.correct_tokens(outputs, batch["targets"],
                                                         batch["weights"])
     elif self.objective == "tagging":
@@ -149,7 +154,7 @@ class Task:
     if self.is_language_model:
       result["perplexity"] = float(np.exp(min(result["loss"], 80.0)))
       result["tokens"] = weight_sum
-      if self.objective in ("mlm", "seq2seq"):
+      if self.objective in ("mlm",) + ENCODER_DECODER:
         result["accuracy"] = sum(float(o["correct_sum"]) for o in outputs) / max(weight_sum, 1)
       return result
     real = np.concatenate([np.ravel(o["weight"]) for o in outputs]) > 0

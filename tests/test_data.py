@@ -418,3 +418,15 @@ def test_example_batches_are_cut_to_their_length_bucket(tmp_path):
   assert not uncut["segment_ids"][:, 8:].any()  # what was cut is padding
   train = data.train_batches(3, 32, seed=0)[0]  # the 19-character row: bos + 19 -> 24
   assert train["inputs"].shape == (3, 24)
+
+
+def test_parallel_batches_cut_source_and_target_each_to_its_bucket(tmp_path):
+  for split in ("train", "val"):
+    (tmp_path / f"{split}.en").write_text("ab\nc\n")
+    (tmp_path / f"{split}.de").write_text("a much longer target\nd\n")
+  config = tiny_config(**{"data.path": str(tmp_path), "data.format": "parallel",
+                          "data.seq_len": 32, "data.length_bucket": 8})
+  batch = make_data(config).eval_batches("validation", 2, 32, objective="seq2seq")[0]
+  assert batch["source"].shape == batch["source_segment_ids"].shape == (2, 8)  # "ab" + eos
+  assert batch["inputs"].shape == batch["targets"].shape == batch["weights"].shape == (2, 24)
+  assert batch["segment_ids"].shape == (2, 24)  # bos + 20 characters -> 24

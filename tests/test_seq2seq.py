@@ -16,6 +16,7 @@ import pytest
 from conftest import REPO, tiny_config, user_env
 
 from lm import objectives, pretrained, search
+from lm.data import examples
 from lm.inference import load
 from lm.loop import run
 from lm.models import ModelConfig
@@ -267,3 +268,56 @@ def test_the_translate_command(trained_toy, toy_parallel, tmp_path):
                         f"--input={tmp_path / 'missing'}", f"--output={tmp_path / 'x'}"],
                        cwd=REPO, env=user_env(), capture_output=True, text=True, timeout=300)
   assert bad.returncode == 2 and "cannot read" in bad.stderr
+
+
+# Span corruption (lm/data/examples.py).
+
+def test_span_corruption_can_be_undone_and_has_t5s_proportions():
+  class Tok:  # the ids the example needs
+    vocab_size, pad_id, bos_id, eos_id = 50, 0, 1, 2
+
+  rng = np.random.default_rng(0)
+  ids = rng.integers(3, 50, 100).astype(np.int32)
+  window = {"inputs": np.concatenate([ids, np.zeros(28, np.int32)]),
+            "segment_ids": np.concatenate([np.ones(100, np.int32), np.zeros(28, np.int32)])}
+  out = examples.span_corruption_example(window, Tok, 10, np.random.default_rng(1), 128)
+  source = out["source"][out["source_segment_ids"] > 0].tolist()
+  target = out["targets"][out["segment_ids"] > 0].tolist()
+  assert source[-1] == target[-1] == Tok.eos_id
+  sentinels = [t for t in source if t >= Tok.vocab_size]
+  assert sentinels == list(range(50, 50 + len(sentinels))) and 3 <= len(sentinels) <= 10
+  # Putting every span back where its sentinel stands gives the window's tokens again.
+  spans, current = {}, None
+  for t in target[:-1]:
+    if t >= Tok.vocab_size:
+      current = spans.setdefault(t, [])
+    else:
+      current.append(t)
+  restored = [x for t in source[:-1] for x in (spans[t] if t in spans else [t])]
+  assert restored == ids[:127].tolist()[:len(restored)] and len(restored) == 100
+  assert sum(map(len, spans.values())) == 15  # 15% noise
+  # The decoder reads bos + the target, shifted.
+  assert out["inputs"][0] == Tok.bos_id
+  np.testing.assert_array_equal(out["inputs"][1:len(target)], target[:-1])
+
+
+def test_span_corruption_pretraining_feeds_a_translation_model(toy_parallel, tmp_path,
+                                                               one_device):
+  pretrain = tiny_config(**{"task.objective": "span_corruption", "model.extra_tokens": 8,
+                            "data.seq_len": 32, "model.max_len": 32, "train.num_steps": 4,
+                            "train.eval_every": 4, "train.checkpoint_every": 4,
+                            "sample.num_tokens": 0})
+  result = run(pretrain, str(tmp_path / "pretrain"), devices=one_device)
+  assert np.isfinite(result.eval["validation"]["loss"])
+  assert 0 < result.eval["validation"]["accuracy"] < 1
+  # The translation run takes its architecture (extra tokens included) and its weights.
+  finetune = tiny_config(**{"task.objective": "seq2seq", "data.path": toy_parallel,
+                            "data.format": "parallel", "data.seq_len": 32,
+                            "train.num_steps": 2, "train.eval_every": 2,
+                            "train.checkpoint_every": 2, "sample.num_tokens": 0,
+                            "task.beam_size": 1})
+  finetune.init_from = str(tmp_path / "pretrain")
+  finetune.data.tokenizer = "pretrained"
+  tuned = run(finetune, str(tmp_path / "finetune"), devices=one_device)
+  assert finetune.model.extra_tokens == 8
+  assert np.isfinite(tuned.eval["test"]["bleu"])

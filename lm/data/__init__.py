@@ -24,7 +24,8 @@ __all__ = ["ByteTokenizer", "CharTokenizer", "Data", "Prepared", "SentencePieceT
            "make_data", "prepare"]
 
 MLM_SEED_SALT = 0x4D4C4D  # keeps MLM masks independent of the window order
-LM_OBJECTIVES = ("causal", "mlm")
+SPAN_SEED_SALT = 0x5350414E  # and span-corruption noise
+LM_OBJECTIVES = ("causal", "mlm", "span_corruption")  # self-supervised, on token streams
 
 
 @dataclasses.dataclass
@@ -35,6 +36,7 @@ class Data:
   # text column of a labelled dataset)
   num_threads: int = 2
   length_bucket: int = 0  # > 0: example batches cut to their length, rounded up to this
+  sentinels: int = 0  # span corruption's sentinel ids, after the tokenizer's (model.extra_tokens)
 
   @property
   def format(self):
@@ -72,8 +74,7 @@ class Data:
       self._require_streams(objective)
       batch_fn = pipeline.StreamWindows(self.streams["train"], seq_len, seed,
                                         self.tokenizer.pad_id).batch
-      if objective == "mlm":
-        batch_fn = self._mlm(batch_fn, seed)
+      batch_fn = self._self_supervised(batch_fn, objective, seed, seq_len, process_count)
     else:
       batch_fn = self._bucketed(pipeline.rows(self._record_examples(
           "train", seq_len, target_len, objective, shuffle_seed=seed)), process_count)
@@ -82,7 +83,7 @@ class Data:
   def _bucketed(self, batch_fn, process_count):
     # Every process must cut a global batch alike; each sees only its rows, so only a
     # single-process run cuts.
-    if not self.length_bucket or process_count > 1 or self.format == "parallel":
+    if not self.length_bucket or process_count > 1:
       return batch_fn
     return lambda indices: pipeline.trim_to_bucket(batch_fn(indices), self.length_bucket)
 
@@ -98,8 +99,7 @@ class Data:
       def batch_fn(indices):
         return pipeline.windows(stream, indices * seq_len, seq_len, self.tokenizer.pad_id)
 
-      if objective == "mlm":
-        batch_fn = self._mlm(batch_fn, seed)
+      batch_fn = self._self_supervised(batch_fn, objective, seed, seq_len, process_count)
       return pipeline.eval_batches(num_windows, batch_fn, batch_size, process_index,
                                    process_count)
     num = self.prepared.num_examples(split)
@@ -110,6 +110,24 @@ class Data:
 
   def iterator(self, dataset, state=None):
     return pipeline.iterator(dataset, self.num_threads, state=state)
+
+  def _self_supervised(self, batch_fn, objective, seed, seq_len, process_count):
+    """Packed windows as they are (causal), masked (mlm) or span-corrupted."""
+    if objective == "mlm":
+      return self._mlm(batch_fn, seed)
+    if objective == "span_corruption":
+      return self._bucketed(self._span_corruption(batch_fn, seed, seq_len), process_count)
+    return batch_fn
+
+  def _span_corruption(self, batch_fn, seed, seq_len):
+    def corrupted(indices):
+      batch = batch_fn(indices)
+      out = [examples.span_corruption_example(
+          {k: v[r] for k, v in batch.items()}, self.tokenizer, self.sentinels,
+          np.random.default_rng([seed, SPAN_SEED_SALT, int(i)]), seq_len)
+             for r, i in enumerate(indices)]
+      return pipeline.stack(out)
+    return corrupted
 
   def _mlm(self, batch_fn, seed):
     def masked(indices):
@@ -170,4 +188,5 @@ def make_data(config, tokenizer_spec=None):
                                             config.data.num_threads)
                for split, records in prepared.sources.items()}
   return Data(prepared=prepared, tokenizer=tokenizer, streams=streams,
-              num_threads=config.data.num_threads, length_bucket=config.data.length_bucket)
+              num_threads=config.data.num_threads, length_bucket=config.data.length_bucket,
+              sentinels=config.model.extra_tokens)

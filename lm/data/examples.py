@@ -91,3 +91,57 @@ def seq2seq_example(record, tokenizer, source_len, target_len):
           "inputs": target_in, "targets": target_out, "segment_ids": target_mask,
           "weights": target_mask.astype(np.float32),
           "source_length": np.int32(len(src)), "target_length": np.int32(len(tgt) + 1)}
+
+
+def noise_spans(n, rng, density=0.15, mean_span=3.0, max_spans=100):
+  """T5's random spans: a [n] bool mask with round(n * density) noise tokens in about
+  (that / mean_span) spans, the spans and the gaps between them of random lengths; the
+  first token is never noise."""
+  num_noise = int(np.clip(round(n * density), 1, max(n - 1, 1)))
+  num_spans = int(np.clip(round(num_noise / mean_span), 1, min(num_noise, n - num_noise,
+                                                               max_spans)))
+
+  def split(total):  # `total` into num_spans positive parts, uniformly at random
+    cuts = np.sort(rng.choice(np.arange(1, total), num_spans - 1, replace=False))
+    return np.diff(np.concatenate([[0], cuts, [total]]))
+
+  mask = np.zeros(n, bool)
+  at = 0
+  for keep, noise in zip(split(n - num_noise), split(num_noise)):
+    at += keep
+    mask[at:at + noise] = True
+    at += noise
+  return mask
+
+
+def span_corruption_example(window, tokenizer, sentinels, rng, seq_len, density=0.15,
+                            mean_span=3.0):
+  """T5's span corruption of a packed text window: the source keeps the window's tokens
+  with each noise span replaced by one sentinel (ids tokenizer.vocab_size, +1, ..., at most
+  `sentinels` of them), then eos; the target is each sentinel followed by the span it
+  replaced, then eos."""
+  sentinel_start = tokenizer.vocab_size
+  ids = window["inputs"][window["segment_ids"] > 0][:seq_len - 1]
+  if len(ids) < 2:  # nothing to corrupt (an empty tail window): an all-padding row
+    zeros = np.zeros(seq_len, np.int32)
+    return {"source": zeros, "source_segment_ids": zeros, "inputs": zeros, "targets": zeros,
+            "segment_ids": zeros, "weights": zeros.astype(np.float32)}
+  noise = noise_spans(len(ids), rng, density, mean_span, sentinels)
+  starts = noise & ~np.concatenate([[False], noise[:-1]])
+  span_id = np.cumsum(starts) - 1 + sentinel_start  # each noise token's sentinel
+  source = np.concatenate([np.where(starts, span_id, ids)[~noise | starts],
+                           [tokenizer.eos_id]])
+  # The target: for every span its sentinel, then the span's tokens.
+  target = []
+  for i in np.flatnonzero(noise):
+    if starts[i]:
+      target.append(span_id[i])
+    target.append(ids[i])
+  target = np.array(target + [tokenizer.eos_id], np.int32)
+  source, source_mask = _padded(source, seq_len, tokenizer.pad_id)
+  inputs, target_mask = _padded(np.concatenate([[tokenizer.bos_id], target[:-1]]), seq_len,
+                                tokenizer.pad_id)
+  targets, _ = _padded(target, seq_len, tokenizer.pad_id)
+  return {"source": source, "source_segment_ids": source_mask, "inputs": inputs,
+          "targets": targets, "segment_ids": target_mask,
+          "weights": target_mask.astype(np.float32)}

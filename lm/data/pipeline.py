@@ -148,12 +148,18 @@ def rows(example_fn):
 def trim_to_bucket(batch, multiple):
   """Cuts a batch of padded example rows to its longest row (segment id > 0), rounded up to
   a multiple of `multiple`: short examples then cost short sequences, at one compilation per
-  length."""
-  seq_len = batch["segment_ids"].shape[1]
-  longest = int((batch["segment_ids"] > 0).sum(axis=1).max(initial=1))
-  length = min(seq_len, -(-max(longest, 1) // multiple) * multiple)
-  return {k: v[:, :length] if v.ndim >= 2 and v.shape[1] == seq_len else v
-          for k, v in batch.items()}
+  length. Seq2seq batches cut their source (source_*) and target sides each to its own."""
+  out = dict(batch)
+  for mask_key, is_side in (("segment_ids", lambda k: not k.startswith("source")),
+                            ("source_segment_ids", lambda k: k.startswith("source"))):
+    if mask_key not in batch:
+      continue
+    seq_len = batch[mask_key].shape[1]
+    longest = int((batch[mask_key] > 0).sum(axis=1).max(initial=1))
+    length = min(seq_len, -(-max(longest, 1) // multiple) * multiple)
+    out.update({k: v[:, :length] for k, v in batch.items()
+                if is_side(k) and v.ndim >= 2 and v.shape[1] == seq_len})
+  return out
 
 
 def host_rows(batch_size, process_index, process_count):

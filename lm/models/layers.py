@@ -48,7 +48,8 @@ class ModelConfig:
   def from_config(cls, model_config, vocab_size):
     fields = {f.name for f in dataclasses.fields(cls)}
     values = {k: v for k, v in model_config.items() if k in fields and k != "vocab_size"}
-    return cls(vocab_size=model_config.vocab_size or vocab_size, **values)
+    extra = model_config.get("extra_tokens", 0)  # ids after the tokenizer's (sentinels)
+    return cls(vocab_size=(model_config.vocab_size or vocab_size) + extra, **values)
 
   @property
   def head_dim(self):

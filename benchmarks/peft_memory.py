@@ -19,7 +19,7 @@ import sys
 import tempfile
 import time
 
-from absl import app, flags
+from absl import app, flags, logging
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 METHODS = {
@@ -81,6 +81,7 @@ def _checkpoint_figures(workdir):
 
 def main(argv):
   del argv
+  logging.set_verbosity(logging.WARNING)
   root = _ROOT.value or tempfile.mkdtemp(prefix="peft-benchmark-")
   os.makedirs(root, exist_ok=True)
   for method in _METHODS.value.split(","):

@@ -16,15 +16,6 @@ import sys
 
 from absl import app, flags, logging
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "An encoder-decoder training run's folder.")
-_INPUT = flags.DEFINE_string("input", None, "Source sentences, one per line.")
-_OUTPUT = flags.DEFINE_string("output", None, "Where the translations go, one per line.")
-_REFERENCE = flags.DEFINE_string("reference", None, "Reference translations: print BLEU/chrF.")
-_BEAM = flags.DEFINE_integer("beam_size", 4, "1: greedy.")
-_ALPHA = flags.DEFINE_float("alpha", 0.6, "GNMT length penalty exponent (0: none).")
-_BATCH = flags.DEFINE_integer("batch_size", 64, "Sentences decoded together.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
-
 
 def _bucket(n):
   return max(8, 1 << (max(int(n), 1) - 1).bit_length())
@@ -34,6 +25,7 @@ def translate(model, params, tokenizer, texts, source_len, max_len, beam_size=4,
               batch_size=64):
   """Translations of `texts` (detokenized strings), in order."""
   import numpy as np  # pylint: disable=import-outside-toplevel
+
   from lm import search  # pylint: disable=import-outside-toplevel
   sources = [[*tokenizer.encode(t)[:source_len - 1].tolist(), tokenizer.eos_id] for t in texts]
   order = sorted(range(len(texts)), key=lambda i: len(sources[i]))
@@ -61,7 +53,24 @@ def scores(hypotheses, references):
           "chrf": sacrebleu.corpus_chrf(hypotheses, [references]).score}
 
 
-def main(argv):
+def _define_flags():
+  """The command's flags; defined only when it runs, so that importing this module (the
+  training loop does, to score translations) defines none."""
+  return {
+      "workdir": flags.DEFINE_string("workdir", None,
+                                     "An encoder-decoder training run's folder."),
+      "input": flags.DEFINE_string("input", None, "Source sentences, one per line."),
+      "output": flags.DEFINE_string("output", None, "Where the translations go, one a line."),
+      "reference": flags.DEFINE_string("reference", None,
+                                       "Reference translations: print BLEU and chrF."),
+      "beam_size": flags.DEFINE_integer("beam_size", 4, "1: greedy."),
+      "alpha": flags.DEFINE_float("alpha", 0.6, "GNMT length penalty exponent (0: none)."),
+      "batch_size": flags.DEFINE_integer("batch_size", 64, "Sentences decoded together."),
+      "step": flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest)."),
+  }
+
+
+def main(argv, f):
   logging.set_verbosity(logging.WARNING)
   from lm import inference  # pylint: disable=import-outside-toplevel
   from lm.errors import UserError  # pylint: disable=import-outside-toplevel
@@ -72,26 +81,28 @@ def main(argv):
 
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
-  for name, flag in (("--workdir", _WORKDIR), ("--input", _INPUT), ("--output", _OUTPUT)):
-    if not flag.value:
-      fail(f"{name} is required")
-  if _BEAM.value < 1 or _BATCH.value < 1 or _ALPHA.value < 0:
+  for name in ("workdir", "input", "output"):
+    if not f[name].value:
+      fail(f"--{name} is required")
+  beam, alpha, batch = f["beam_size"].value, f["alpha"].value, f["batch_size"].value
+  if beam < 1 or batch < 1 or alpha < 0:
     fail("--beam_size and --batch_size must be >= 1, --alpha >= 0")
+  workdir = f["workdir"].value
   try:
-    loaded = inference.load(_WORKDIR.value, _STEP.value, decoder=False)
+    loaded = inference.load(workdir, f["step"].value, decoder=False)
   except UserError as e:
     fail(str(e))
   objective = loaded.config.task.objective
   if objective != "seq2seq":
-    fail(f"--workdir: {_WORKDIR.value} holds a {objective} model; lm.translate needs an "
+    fail(f"--workdir: {workdir} holds a {objective} model; lm.translate needs an "
          "encoder-decoder (task.objective=seq2seq)")
   try:
-    with open(_INPUT.value, encoding="utf-8") as f:
-      texts = f.read().splitlines()
+    with open(f["input"].value, encoding="utf-8") as file:
+      texts = file.read().splitlines()
     references = None
-    if _REFERENCE.value:
-      with open(_REFERENCE.value, encoding="utf-8") as f:
-        references = f.read().splitlines()
+    if f["reference"].value:
+      with open(f["reference"].value, encoding="utf-8") as file:
+        references = file.read().splitlines()
       if len(references) != len(texts):
         fail(f"--reference has {len(references)} lines, --input {len(texts)}")
   except OSError as e:
@@ -99,13 +110,14 @@ def main(argv):
   seq_len = loaded.config.data.seq_len
   with loaded.on_mesh():
     hypotheses = translate(loaded.model, loaded.params, loaded.tokenizer, texts, seq_len,
-                           seq_len, _BEAM.value, _ALPHA.value, _BATCH.value)
-  with open(_OUTPUT.value, "w", encoding="utf-8") as f:
-    f.write("".join(h + "\n" for h in hypotheses))
+                           seq_len, beam, alpha, batch)
+  with open(f["output"].value, "w", encoding="utf-8") as file:
+    file.write("".join(h + "\n" for h in hypotheses))
   if references is not None:
     print(json.dumps({"sentences": len(texts), **{k: round(v, 2) for k, v in
                                                    scores(hypotheses, references).items()}}))
 
 
 if __name__ == "__main__":
-  app.run(main)
+  _flags = _define_flags()
+  app.run(lambda argv: main(argv, _flags))

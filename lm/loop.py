@@ -206,6 +206,7 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
         pretrained.Pretrained(base["where"], {}, None), trainer.abstract_params,
         task.head_keys, sharding.replicated(mesh), tensors, announce=False))
     del tensors
+  source = None  # its tensors (an HF checkpoint keeps them all) are not needed any more
   if overwrite and jax.process_index() == 0:
     _discard_earlier_run(workdir)
   os.makedirs(workdir, exist_ok=True)

@@ -294,7 +294,7 @@ def test_span_corruption_can_be_undone_and_has_t5s_proportions():
     else:
       current.append(t)
   restored = [x for t in source[:-1] for x in (spans[t] if t in spans else [t])]
-  assert restored == ids[:127].tolist()[:len(restored)] and len(restored) == 100
+  assert restored == ids.tolist()
   assert sum(map(len, spans.values())) == 15  # 15% noise
   # The decoder reads bos + the target, shifted.
   assert out["inputs"][0] == Tok.bos_id

@@ -5,7 +5,8 @@ Transformer, trained from scratch, scored by BLEU and chrF on test_2016_flickr.
     python -m lm.translate --workdir=runs/multi30k --input=src.en --output=hyp.de
 
 `--config.data.path` names the folder of {train,val,test_2016_flickr}.{en,de}[.gz] files
-(default: ../shared/data/multi30k beside this repository). One SentencePiece unigram
+(default: ../shared/data/multi30k beside this repository; without it, the files are
+downloaded once from the multi30k/dataset repository). One SentencePiece unigram
 vocabulary of 8,000 pieces is trained on both languages; the source, target and output
 embeddings are one matrix. A 3+3-layer pre-norm model of width 256 (9.6M parameters) with
 label smoothing 0.1; the final figures are beam-search (4, length penalty 0.6)
@@ -27,7 +28,8 @@ def get_config():
   config.task.beam_size = 4
   config.task.length_penalty = 0.6
 
-  config.data.path = MULTI30K
+  config.data.name = "multi30k"
+  config.data.path = MULTI30K if os.path.isdir(MULTI30K) else ""
   config.data.format = "parallel"
   config.data.source_language = "en"
   config.data.target_language = "de"

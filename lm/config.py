@@ -138,8 +138,9 @@ def defaults():
   c.train.profile_steps = 0
 
   c.data = ml_collections.ConfigDict()
-  # Used when `path` is empty: python_stdlib (built in, offline) or a TFDS catalog dataset:
-  # tiny_shakespeare | lm1b | wmt14_translate | glue/sst2 | imdb_reviews (downloaded once).
+  # Used when `path` is empty: python_stdlib (built in, offline), a TFDS catalog dataset:
+  # tiny_shakespeare | lm1b | wmt14_translate | glue/sst2 | imdb_reviews (downloaded once),
+  # or multi30k (format parallel; lm/data/downloads.py fetches it once).
   c.data.name = "python_stdlib"
   c.data.path = ""  # local data; overrides `name`. Its layout depends on `format`:
   # text: a text file or a folder of them | parallel: a folder of <split>.<language>[.gz]

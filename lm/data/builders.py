@@ -21,7 +21,8 @@ source builds a new dataset, never reads a stale one. Datasets live under
 `config.data.data_dir` (default `~/.cache/lm/tfds`).
 
 `data.name` may also name a TFDS catalog dataset (CATALOG below), downloaded and prepared
-as array_record by TFDS itself on first use (needs internet once).
+as array_record by TFDS itself on first use (needs internet once), or a corpus lm fetches
+itself (lm/data/downloads.py: multi30k).
 """
 
 import contextlib
@@ -38,6 +39,7 @@ import os
 import re
 
 from lm.data import corpus as corpus_lib
+from lm.data import downloads
 from lm.errors import UserError
 
 VERSION = "1.1.0"  # 1.1: labelled records carry "value"
@@ -393,7 +395,14 @@ def prepare(data_config):
   """Builds (once) and opens the dataset config.data names. Returns a Prepared."""
   data_dir = data_config.data_dir or default_data_dir()
   name = _ALIASES.get(data_config.name, data_config.name)
-  if not data_config.path and name not in LOCAL_NAMES:
+  if not data_config.path and name in downloads.DOWNLOADS:
+    spec = downloads.DOWNLOADS[name]
+    if data_config.format != spec.format:
+      raise UserError(f"config.data.format: {name} is a {spec.format} dataset, not "
+                      f"{data_config.format}")
+    data_config = data_config.copy_and_resolve_references()
+    data_config.path = downloads.fetch(name, data_dir)
+  elif not data_config.path and name not in LOCAL_NAMES:
     return _prepare_catalog(name, data_config, data_dir)
   fmt = data_config.format
   if fmt not in _READERS:
@@ -419,8 +428,9 @@ def prepare(data_config):
 def _prepare_catalog(name, data_config, data_dir):
   if name not in CATALOG:
     raise UserError(f"config.data.name: {name!r} is neither a local corpus "
-                    f"({', '.join(LOCAL_NAMES)}) nor a supported TFDS dataset "
-                    f"({', '.join(CATALOG)}); or set config.data.path")
+                    f"({', '.join(LOCAL_NAMES)}), a download "
+                    f"({', '.join(downloads.DOWNLOADS)}) nor a supported TFDS dataset ({', '.join(CATALOG)}); or set "
+                    "config.data.path")
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   fmt, fields, module = CATALOG[name]
   importlib.import_module(f"tensorflow_datasets.{module}")

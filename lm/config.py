@@ -61,6 +61,7 @@ def defaults():
   # of beam-search translations: beam size (1: greedy) and GNMT length penalty alpha.
   c.task.beam_size = 4
   c.task.length_penalty = 0.6
+  c.task.bleu_sentences = 0  # score only N sentences of each split, a quicker figure (0: all)
 
   # Parameter-efficient fine-tuning of init_from's model (lm/peft.py): "" trains every
   # parameter | lora: low-rank adapters on the dense projections `targets` names | bitfit:
@@ -209,7 +210,7 @@ _POSITIVE = (
 
 _NON_NEGATIVE = (
     "train.min_learning_rate", "train.warmup_steps", "task.length_penalty", "train.head_learning_rate",
-    "train.early_stopping", "task.num_labels", "model.type_vocab_size", "data.length_bucket", "model.extra_tokens", "train.weight_decay", "train.grad_clip",
+    "train.early_stopping", "task.num_labels", "task.bleu_sentences", "model.type_vocab_size", "data.length_bucket", "model.extra_tokens", "train.weight_decay", "train.grad_clip",
     "train.eval_steps", "train.profile_steps", "log.peak_flops", "sample.num_tokens",
     "sample.temperature",
     "sample.top_k", "data.validation_fraction", "data.test_fraction",

@@ -403,8 +403,11 @@ def _final_evaluations(trainer, data, config, state, best, best_checkpointer, wr
       final[split].update(_translation_scores(trainer, data, config, params, split))
       prefix = "eval" if split == "validation" else "test"
       writer.write(step, {f"{prefix}/{k}": final[split][k] for k in ("bleu", "chrf")})
+      scored = final[split]["sentences"]
+      which = (f"all {scored:,}" if scored == data.size(split) else
+               f"{scored:,} of {data.size(split):,}")
       metrics.log(f"final {split}: BLEU {final[split]['bleu']:.2f} | chrF "
-                  f"{final[split]['chrf']:.2f} over all {data.size(split):,} sentences "
+                  f"{final[split]['chrf']:.2f} over {which} sentences "
                   f"(beam {config.task.beam_size}, length penalty "
                   f"{config.task.length_penalty})")
     if trainer.task.is_language_model:
@@ -428,7 +431,8 @@ def _translation_scores(trainer, data, config, params, split):
   """BLEU and chrF of the split's sources translated by beam search (lm/translate.py)."""
   from lm import translate  # pylint: disable=import-outside-toplevel
   records = data.prepared.sources[split]
-  pairs = [(records[i]["source"], records[i]["target"]) for i in range(len(records))]
+  count = min(len(records), config.task.bleu_sentences or len(records))
+  pairs = [(records[i]["source"], records[i]["target"]) for i in range(count)]
   served = jax.jit(trainer.servable_params,
                    out_shardings=sharding.replicated(trainer.mesh))(params)
   with trainer.on_mesh():
@@ -436,7 +440,7 @@ def _translation_scores(trainer, data, config, params, split):
         trainer.model, served, data.tokenizer, [p[0] for p in pairs], config.data.seq_len,
         config.data.seq_len, config.task.beam_size, config.task.length_penalty,
         config.train.batch_size)
-  return translate.scores(hypotheses, [p[1] for p in pairs])
+  return {**translate.scores(hypotheses, [p[1] for p in pairs]), "sentences": count}
 
 
 def _sample(config, data, trainer, mesh, state, writer, step):

@@ -315,9 +315,10 @@ def test_span_corruption_pretraining_feeds_a_translation_model(toy_parallel, tmp
                             "data.format": "parallel", "data.seq_len": 32,
                             "train.num_steps": 2, "train.eval_every": 2,
                             "train.checkpoint_every": 2, "sample.num_tokens": 0,
-                            "task.beam_size": 1})
+                            "task.beam_size": 1, "task.bleu_sentences": 3})
   finetune.init_from = str(tmp_path / "pretrain")
   finetune.data.tokenizer = "pretrained"
   tuned = run(finetune, str(tmp_path / "finetune"), devices=one_device)
   assert finetune.model.extra_tokens == 8
   assert np.isfinite(tuned.eval["test"]["bleu"])
+  assert tuned.eval["test"]["sentences"] == 3  # task.bleu_sentences: a quicker figure

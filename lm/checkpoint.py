@@ -33,6 +33,11 @@ RESUMABLE_CHANGES = ("train.num_steps", "train.eval_every", "train.eval_steps",
                      "data.name", "data.path")
 
 
+def _flat(tree):
+  return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 class CheckpointError(UserError):
   """A checkpoint could not be written; the earlier ones are intact."""
 
@@ -100,13 +105,13 @@ class Checkpointer:
     restored = self.manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
     return restored["meta"]
 
+  def saved_params(self, step):
+    """{"path/to/param": its metadata (.shape, .dtype)} of checkpoint `step`, unread."""
+    return _flat(self.manager.item_metadata(step)["state"].tree["params"])
+
   def check_shapes(self, step, abstract_state):
     """Raises UserError naming every parameter whose saved shape differs from the model's."""
-    saved_params = self.manager.item_metadata(step)["state"].tree["params"]
-    def flat(tree):
-      return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): leaf
-              for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-    have, want = flat(saved_params), flat(abstract_state.params)
+    have, want = self.saved_params(step), _flat(abstract_state.params)
     problems = [f"{name}: missing from the checkpoint" for name in want if name not in have]
     problems += [f"{name}: in the checkpoint, not in the model" for name in have
                  if name not in want]

@@ -28,6 +28,7 @@ class Loaded:
   config: ml_collections.ConfigDict
   step: int
   mesh: object
+  label_names: tuple = ()  # classification and tagging: the class names, by id
 
   @contextlib.contextmanager
   def on_mesh(self):
@@ -77,27 +78,39 @@ def load(workdir, step=None, devices=None, decoder=True):
     devices = list(devices or jax.devices()[:1])
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = len(devices), 1, 1
     mesh = sharding.make_mesh(config.mesh, devices)
+    num_labels = _num_labels(checkpointer, step, meta)
     if config.get("peft", {}).get("method"):
       # The checkpoint holds adapters (or biases) and a pointer to the base: serve the plain
       # model with them merged in (lm/peft.py), at no extra cost per token.
-      params, trainer = _load_peft(workdir, step, config, tokenizer, mesh)
+      params, trainer = _load_peft(workdir, step, config, tokenizer, mesh, num_labels)
     else:
-      trainer = Trainer(config, tokenizer.vocab_size, mesh)
+      trainer = Trainer(config, tokenizer.vocab_size, mesh, num_labels)
       checkpointer.check_shapes(step, trainer.abstract_state)
       params = checkpointer.restore_state(step, abstract_like(trainer.abstract_state,
                                                               trainer.state_shardings)).params
   finally:
     checkpointer.close()
   return Loaded(model=trainer.model, params=params, tokenizer=tokenizer, config=config,
-                step=step, mesh=mesh)
+                step=step, mesh=mesh, label_names=tuple(meta.get("label_names", ())))
 
 
-def _load_peft(workdir, step, config, tokenizer, mesh):
+def _num_labels(checkpointer, step, meta):
+  """The task head's outputs: recorded in the checkpoint's metadata, or (checkpoints written
+  before it was) read from the saved head's shape."""
+  if "num_labels" in meta:
+    return meta["num_labels"]
+  for name, leaf in checkpointer.saved_params(step).items():
+    if name in ("classification_head/out/bias", "tagging_head/out/bias"):
+      return int(leaf.shape[0])
+  return 0
+
+
+def _load_peft(workdir, step, config, tokenizer, mesh, num_labels):
   from lm import pretrained  # pylint: disable=import-outside-toplevel
   from lm.train import Trainer  # pylint: disable=import-outside-toplevel
   plain = ml_collections.ConfigDict(config.to_dict())
   plain.peft.method = ""
-  trainer = Trainer(plain, tokenizer.vocab_size, mesh)
+  trainer = Trainer(plain, tokenizer.vocab_size, mesh, num_labels)
   merged = pretrained.from_workdir(os.path.abspath(workdir), ("checkpoints",), step)
   params = pretrained.load_params(merged, trainer.abstract_params, trainer.task.head_keys,
                                   sharding.replicated(mesh), announce=False)

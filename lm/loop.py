@@ -213,7 +213,8 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
   checkpointer = checkpointer or Checkpointer(workdir, t.keep_checkpoints)
   best_checkpointer = Checkpointer(workdir, 1, folder="best")
   meta = {"config": config.to_dict(), "tokenizer": data.tokenizer.to_dict(),
-          "data_fingerprint": data.fingerprint, "base": base}
+          "data_fingerprint": data.fingerprint, "base": base,
+          "num_labels": task.num_labels, "label_names": list(data.prepared.label_names)}
   if jax.process_index() == 0:
     with open(os.path.join(workdir, "config.json"), "w", encoding="utf-8") as f:
       json.dump(meta["config"], f, indent=2)

@@ -17,7 +17,8 @@ import sys
 from absl import app, flags, logging
 
 
-def _bucket(n):
+def bucket(n):
+  """Batch widths come in powers of two (at least 8), so few shapes are compiled."""
   return max(8, 1 << (max(int(n), 1) - 1).bit_length())
 
 
@@ -32,7 +33,7 @@ def translate(model, params, tokenizer, texts, source_len, max_len, beam_size=4,
   out = [""] * len(texts)
   for start in range(0, len(order), batch_size):
     rows = order[start:start + batch_size]
-    width = _bucket(max(len(sources[i]) for i in rows))
+    width = bucket(max(len(sources[i]) for i in rows))
     ids = np.full((batch_size, width), tokenizer.pad_id, np.int32)
     segments = np.zeros((batch_size, width), np.int32)
     for r, i in enumerate(rows):

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import REPO, tiny_config, user_env
 
-from lm import objectives, pretrained, search
+from lm import objectives, pretrained, report, search
 from lm.data import examples
 from lm.inference import load
 from lm.loop import run
@@ -264,6 +264,12 @@ def test_the_translate_command(trained_toy, toy_parallel, tmp_path):
   assert out.returncode == 0, out.stderr
   assert (tmp_path / "out.de").read_text() == "der katze\nblau haus sieht ein hund\n"
   assert json.loads(out.stdout.strip().splitlines()[-1])["bleu"] == 100.0
+  # The notebooks' beam sweep (lm/report.py), in this process: the command's translations.
+  sweep = report.beam_sweep(load(workdir, decoder=False), source.read_text().splitlines(),
+                            (tmp_path / "ref.de").read_text().splitlines(), (1, 3))
+  assert [r["beam_size"] for r in sweep] == [1, 3]
+  assert sweep[1]["hypotheses"] == (tmp_path / "out.de").read_text().splitlines()
+  assert sweep[1]["bleu"] == pytest.approx(100.0) and sweep[1]["seconds"] > 0
   bad = subprocess.run([sys.executable, "-m", "lm.translate", f"--workdir={workdir}",
                         f"--input={tmp_path / 'missing'}", f"--output={tmp_path / 'x'}"],
                        cwd=REPO, env=user_env(), capture_output=True, text=True, timeout=300)

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from lm import pretrained, sharding
+from lm import pretrained, report, sharding
 from lm.checkpoint import Checkpointer, abstract_like
 from lm.config import ConfigError
 from lm.data import make_data
+from lm.data.examples import classification_example
 from lm.errors import UserError
 from lm.inference import load
 from lm.loop import run
@@ -69,6 +70,21 @@ def test_classification_head_overfits_a_tiny_labelled_set(labelled, tmp_path, on
   best = Checkpointer(str(tmp_path / "run"), 1, folder="best")
   assert best.all_steps() == [result.best["step"]]
   assert best.read_meta(result.best["step"])["best"]["validation"]["accuracy"] == 1.0
+  # lm.report.classify on the loaded workdir: padded, bucketed batches give each text's own
+  # probabilities (one unpadded row at a time through the model), and the run's accuracy.
+  loaded = load(str(tmp_path / "run"), decoder=False)
+  assert loaded.label_names == ("0", "1")
+  texts = [f"{s} was {w}" for s in SUBJECTS for w in WORDS][:7]
+  probs = report.classify(loaded, texts, batch_size=4)
+  chex.assert_shape(probs, (7, 2))
+  for text, row in zip(texts, probs):
+    example = classification_example({"text": text, "label": 0}, loaded.tokenizer, 24)
+    ids = example["inputs"][None, :example["length"]]
+    logits = loaded.model.apply({"params": loaded.params}, ids)
+    np.testing.assert_allclose(row, jax.nn.softmax(np.asarray(logits[0], np.float64)),
+                               atol=1e-5)
+  labels = [WORDS[t.split()[-1]] for t in texts]
+  assert list(probs.argmax(-1)) == labels
 
 
 def test_tagging_head_learns_tags_at_each_words_first_token(tagged, tmp_path, one_device):

@@ -1,4 +1,5 @@
-"""Looking inside a decoder: attention maps, the logit lens, per-token losses, neighbours.
+"""Looking inside a decoder: attention maps, head roles, the logit lens, per-token losses
+(also as coloured HTML text), embedding neighbours.
 
 Functions return numpy arrays; the `plot_*` functions turn them into matplotlib figures with
 titled axes and token labels (the notebooks in colab/ call these, so nothing important lives
@@ -7,6 +8,7 @@ only in a notebook). The model records its attention weights and residual stream
 otherwise.
 """
 
+import html
 import json
 
 import jax
@@ -89,6 +91,31 @@ def token_losses(model, params, tokens):
   logp = logits - logits.max(-1, keepdims=True)
   logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
   return -logp[np.arange(len(tokens) - 1), np.asarray(tokens[1:])]
+
+
+def token_losses_html(losses, tokenizer, tokens, scale=None):
+  """The text of tokens[1:] with each token's background red in proportion to its loss
+  (nats; `scale` = full red, default the largest), its loss shown on hover."""
+  scale = float(scale or max(float(np.max(losses)), 1e-9))
+  spans = []
+  for token, loss in zip(tokens[1:], losses):
+    text = html.escape(tokenizer.decode([int(token)])).replace("\n", "&#8629;\n")
+    alpha = min(float(loss) / scale, 1.0)
+    spans.append(f'<span title="{loss:.2f} nats" style="background: rgba(220, 40, 40, '
+                 f'{alpha:.2f})">{text}</span>')
+  return ('<pre style="white-space: pre-wrap; line-height: 1.6">' + "".join(spans)
+          + "</pre>")
+
+
+def head_roles(maps):
+  """How much each head [layers, heads] attends, on average over the queries that have a
+  choice (positions 1 on), to the previous token, to the first token and to itself: the
+  simplest roles heads take."""
+  n = maps.shape[-1]
+  queries = np.arange(1, n)
+  return {"previous token": maps[..., queries, queries - 1].mean(-1),
+          "first token": maps[..., queries, 0].mean(-1),
+          "itself": maps[..., queries, queries].mean(-1)}
 
 
 def embedding_neighbours(params, tokenizer, token_id, k=8):

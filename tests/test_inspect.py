@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from lm import inspect
-from lm.data import CharTokenizer
+from lm.data import ByteTokenizer, CharTokenizer
 from lm.models import Decoder, ModelConfig
 
 matplotlib.use("Agg")
@@ -84,3 +84,27 @@ def test_figures_are_labelled_png_images(setup, tmp_path):
     assert buffer.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
   labels = [t.get_text() for t in figures[0].axes[0].get_xticklabels()]
   assert labels[1:4] == ["t", "o", " "]  # token labels on the axes
+
+
+def test_head_roles_recognise_constructed_heads():
+  n = 5
+  previous = np.zeros((n, n))
+  previous[0, 0] = 1.0
+  previous[np.arange(1, n), np.arange(n - 1)] = 1.0
+  maps = np.stack([np.eye(n), previous, np.tril(np.ones((n, n))) / np.arange(1, n + 1)[:, None]])
+  roles = inspect.head_roles(maps[None])  # one layer, three heads
+  np.testing.assert_allclose(roles["itself"][0], [1.0, 0.0, np.mean(1 / np.arange(2, n + 1))])
+  np.testing.assert_allclose(roles["previous token"][0],
+                             [0.0, 1.0, np.mean(1 / np.arange(2, n + 1))])
+  np.testing.assert_allclose(roles["first token"][0], [0.0, 0.25, np.mean(1 / np.arange(2, n + 1))])
+
+
+def test_token_losses_html_colours_each_token_and_escapes_the_text():
+  tok = ByteTokenizer()
+  ids = [tok.bos_id, *tok.encode("if a<b:\n").tolist()]
+  losses = np.linspace(0.0, 2.0, len(ids) - 1)
+  page = inspect.token_losses_html(losses, tok, ids)
+  assert page.count("<span") == len(ids) - 1 == 8
+  assert "rgba(220, 40, 40, 0.00)" in page and "rgba(220, 40, 40, 1.00)" in page
+  assert f'title="{losses[3]:.2f} nats"' in page
+  assert "&lt;" in page and "a<b" not in page  # the text is escaped, not markup

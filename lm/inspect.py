@@ -153,14 +153,16 @@ def plot_attention(maps, tokenizer, tokens, layer, heads=None):
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
   heads = list(range(maps.shape[1])) if heads is None else list(heads)
   labels = _labels(tokenizer, tokens)
-  fig, axes = plt.subplots(1, len(heads), figsize=(3.2 * len(heads) + 1, 3.8), squeeze=False)
-  for ax, h in zip(axes[0], heads):
+  side = max(3.2, 0.13 * len(labels) + 1.0)  # room for every token label
+  fig, axes = plt.subplots(1, len(heads), figsize=(side * len(heads) + 1.2, side + 0.8),
+                           squeeze=False, layout="constrained")
+  for k, (ax, h) in enumerate(zip(axes[0], heads)):
     image = ax.imshow(maps[layer, h], cmap="viridis", vmin=0.0, vmax=1.0)
     ax.set_title(f"layer {layer}, head {h}")
     ax.set_xticks(range(len(labels)), labels, rotation=90, fontsize=7)
     ax.set_yticks(range(len(labels)), labels, fontsize=7)
     ax.set_xlabel("key (attended to)")
-    ax.set_ylabel("query")
+    ax.set_ylabel("query" if k == 0 else "")
   fig.colorbar(image, ax=axes[0].tolist(), shrink=0.8, label="attention weight")
   return fig
 
@@ -174,7 +176,7 @@ def plot_logit_lens(lens_logits, tokenizer, tokens):
   image = ax.imshow(probs[..., 0], cmap="Blues", vmin=0.0, vmax=1.0, aspect="auto")
   for i in range(layers):
     for j in range(length):
-      ax.text(j, i, repr(texts[i, j, 0])[1:-1], ha="center", va="center", fontsize=7)
+      ax.text(j, i, repr(str(texts[i, j, 0]))[1:-1], ha="center", va="center", fontsize=7)
   ax.set_xticks(range(length), _labels(tokenizer, tokens), rotation=90, fontsize=7)
   ax.set_yticks(range(layers), [f"after block {i}" for i in range(layers)], fontsize=7)
   ax.set_xlabel("input token (prediction is for the next one)")

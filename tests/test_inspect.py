@@ -84,6 +84,10 @@ def test_figures_are_labelled_png_images(setup, tmp_path):
     assert buffer.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
   labels = [t.get_text() for t in figures[0].axes[0].get_xticklabels()]
   assert labels[1:4] == ["t", "o", " "]  # token labels on the axes
+  # The logit lens writes each cell's top token as the text it decodes to.
+  decoded = {repr(tok.decode([i]))[1:-1] for i in range(tok.vocab_size)}
+  cells = [t.get_text() for t in figures[1].axes[0].texts]
+  assert len(cells) == 3 * len(tokens) and set(cells) <= decoded
 
 
 def test_head_roles_recognise_constructed_heads():

@@ -22,7 +22,7 @@ from lm import decode, metrics, pretrained, sharding
 from lm.checkpoint import Checkpointer, abstract_like, config_differences
 from lm.data import make_data
 from lm.errors import Preempted, UserError
-from lm.runtime import Profiler, check_finite, stop_signals
+from lm.runtime import Profiler, WorkdirLock, check_finite, stop_signals
 from lm.tasks import ENCODER_DECODER
 from lm.train import Trainer
 
@@ -139,7 +139,13 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
   """Trains, evaluates, checkpoints and samples. `stop_after` ends early (as a preemption).
 
   `overwrite` discards what an earlier run left in `workdir` instead of resuming from it.
+  Another run still going in `workdir` is refused (lm/runtime.py, WorkdirLock).
   """
+  with WorkdirLock(workdir) as lock:
+    return _run(config, workdir, devices, stop_after, overwrite, lock)
+
+
+def _run(config, workdir, devices, stop_after, overwrite, lock):
   devices = list(jax.devices() if devices is None else devices)
   config_lib.validate(config, len(devices))
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -207,9 +213,10 @@ def run(config, workdir, devices=None, stop_after=None, overwrite=False):
         task.head_keys, sharding.replicated(mesh), tensors, announce=False))
     del tensors
   source = None  # its tensors (an HF checkpoint keeps them all) are not needed any more
+  os.makedirs(workdir, exist_ok=True)
+  lock.acquire()  # before anything is removed or written (a new workdir: now it exists)
   if overwrite and jax.process_index() == 0:
     _discard_earlier_run(workdir)
-  os.makedirs(workdir, exist_ok=True)
   checkpointer = checkpointer or Checkpointer(workdir, t.keep_checkpoints)
   best_checkpointer = Checkpointer(workdir, 1, folder="best")
   meta = {"config": config.to_dict(), "tokenizer": data.tokenizer.to_dict(),

@@ -1,14 +1,54 @@
-"""What the training loop needs around its steps: stop signals, a profiler window, and the
-NaN/Inf policy. Kept apart from lm/loop.py so the loop reads top to bottom."""
+"""What the training loop needs around its steps: the workdir lock, stop signals, a profiler
+window, and the NaN/Inf policy. Kept apart from lm/loop.py so the loop reads top to bottom."""
 
 import contextlib
+import fcntl
+import os
 import signal
 import threading
 
 import jax
 
 from lm import metrics
-from lm.errors import NonFiniteLoss
+from lm.errors import NonFiniteLoss, UserError
+
+
+class WorkdirLock:
+  """One run at a time in a workdir: a second `lm.main` there would interleave checkpoints
+  with the first's or, with --overwrite, delete them under it. Process 0 holds an exclusive
+  flock on the workdir folder itself (so locking writes nothing into it) from `acquire()`,
+  called as soon as the folder exists, until the run ends, however it ends. A filesystem
+  without flock (some network mounts) leaves the run unguarded."""
+
+  def __init__(self, workdir):
+    self.workdir, self._fd = workdir, None
+
+  def acquire(self):
+    if self._fd is not None or jax.process_index() != 0 or not os.path.isdir(self.workdir):
+      return
+    fd = os.open(self.workdir, os.O_RDONLY)
+    try:
+      fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+      os.close(fd)
+      raise UserError(f"--workdir: {self.workdir} is in use by another lm run; wait for it "
+                      "to end, or choose another workdir") from None
+    except OSError:
+      os.close(fd)
+      return
+    self._fd = fd
+
+  def release(self):
+    if self._fd is not None:
+      os.close(self._fd)
+      self._fd = None
+
+  def __enter__(self):
+    self.acquire()
+    return self
+
+  def __exit__(self, *exc_info):
+    self.release()
 
 
 @contextlib.contextmanager

@@ -18,7 +18,8 @@ from conftest import REPO, tiny_config, user_env
 from lm import loop
 from lm.checkpoint import CheckpointError, Checkpointer
 from lm.data import pipeline
-from lm.errors import NonFiniteLoss
+from lm.errors import NonFiniteLoss, UserError
+from lm.runtime import WorkdirLock
 
 # A tiny run for the command line (one device, as a user runs it).
 CLI = ["--config.data.path=" + os.path.join(os.path.dirname(os.__file__), "argparse.py"),
@@ -148,6 +149,25 @@ def test_full_disk_at_save_time_reports_and_keeps_the_previous_checkpoint(tmp_pa
     checkpointer.close()
   finally:
     subprocess.run(["umount", "-l", str(mount)], check=False)  # lazy: even while busy
+
+
+def test_a_workdir_in_use_by_another_run_is_refused_and_left_untouched(tmp_path, one_device):
+  workdir = tmp_path / "run"
+  config = tiny_config(**{"train.num_steps": 2, "train.eval_every": 2,
+                          "train.checkpoint_every": 2})
+  loop.run(config, str(workdir), devices=one_device)
+  before = sorted(os.listdir(workdir / "checkpoints"))
+  with WorkdirLock(str(workdir)):  # as the other run holds it (its own open file)
+    for overwrite in (False, True):
+      with pytest.raises(UserError, match=r"--workdir: .*run is in use by another lm run"):
+        loop.run(config, str(workdir), devices=one_device, overwrite=overwrite)
+    assert sorted(os.listdir(workdir / "checkpoints")) == before
+  # Released when that run ends, and by a failed run too: the workdir is usable again.
+  with pytest.raises(UserError):
+    loop.run(tiny_config(**{"data.path": str(tmp_path / "missing")}), str(workdir),
+             devices=one_device)
+  config.train.num_steps = 4
+  assert loop.run(config, str(workdir), devices=one_device).final_step == 4
 
 
 def last_logged_step(workdir):

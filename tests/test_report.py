@@ -50,6 +50,6 @@ def test_figures_are_titled_labelled_png_images():
            for b in (1, 2, 4)]
   fig2 = report.plot_beam_sweep(sweep)
   assert fig2.axes[0].get_xlabel() and fig2.axes[0].get_ylabel() == "BLEU"
-  assert fig2.axes[1].get_ylabel() == "seconds to translate"
+  assert fig2.axes[1].get_ylabel() == "seconds (compiling included)"
   for f in (fig, fig2):
     assert _png(f)[:8] == b"\x89PNG\r\n\x1a\n"

@@ -33,7 +33,7 @@ RESUMABLE_CHANGES = ("train.num_steps", "train.eval_every", "train.eval_steps",
                      "data.name", "data.path")
 
 
-def _flat(tree):
+def _param_paths(tree):
   return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): leaf
           for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
@@ -107,11 +107,11 @@ class Checkpointer:
 
   def saved_params(self, step):
     """{"path/to/param": its metadata (.shape, .dtype)} of checkpoint `step`, unread."""
-    return _flat(self.manager.item_metadata(step)["state"].tree["params"])
+    return _param_paths(self.manager.item_metadata(step)["state"].tree["params"])
 
   def check_shapes(self, step, abstract_state):
     """Raises UserError naming every parameter whose saved shape differs from the model's."""
-    have, want = self.saved_params(step), _flat(abstract_state.params)
+    have, want = self.saved_params(step), _param_paths(abstract_state.params)
     problems = [f"{name}: missing from the checkpoint" for name in want if name not in have]
     problems += [f"{name}: in the checkpoint, not in the model" for name in have
                  if name not in want]

@@ -9,6 +9,7 @@ message, and the next older one is used; none is ever loaded half-way. A save th
 (a full disk) raises CheckpointError and leaves the earlier checkpoints as they were.
 """
 
+import dataclasses
 import errno
 import os
 import shutil
@@ -124,9 +125,19 @@ class Checkpointer:
 
   def restore_state(self, step, abstract_state):
     """Restores onto the shardings in `abstract_state` (ShapeDtypeStructs with .sharding)."""
+    tree = self.manager.item_metadata(step)["state"].tree
+    saved = {f for f, value in tree.items() if value is not None}
+    wanted = {f.name for f in dataclasses.fields(abstract_state)
+              if getattr(abstract_state, f.name) is not None}  # e.g. no loss scale: None
+    # A field this run leaves empty may be absent: checkpoints written before it existed.
+    if saved != wanted:
+      raise UserError(f"checkpoint {self.directory}/{step} holds a train state of "
+                      f"{', '.join(sorted(saved))}; this run's is {', '.join(sorted(wanted))}")
+    names = {f.name for f in dataclasses.fields(abstract_state)}
+    target = {f: getattr(abstract_state, f) for f in tree if f in names}
     restored = self.manager.restore(
-        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    state = restored["state"]
+        step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
+    state = abstract_state.replace(**restored["state"])
     floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
     if not all(bool(jnp.isfinite(x).all()) for x in floats):
       raise ValueError("it holds NaN or Inf values")

@@ -133,6 +133,11 @@ def defaults():
   # stop: end the run naming the step (checkpoints stay as they were); skip: go on, counted
   # in train/skipped_steps.
   c.train.nonfinite = "stop"  # stop | skip
+  # float16 compute loses small gradients unless the loss is scaled: dynamic scaling starts
+  # at 2**15, halves on an overflow (that step is skipped, counted in train/skipped_steps)
+  # and doubles after 2,000 finite steps; train/loss_scale logs it. auto: dynamic with
+  # model.dtype float16, none otherwise.
+  c.train.loss_scale = "auto"  # auto | dynamic | none
   c.train.seed = 0  # the one seed: initialisation, data order, dropout and sampling
   # > 0: write a jax.profiler trace of this many steps (from the third step of the run) to
   # workdir/profile, for TensorBoard's profile plugin.
@@ -197,6 +202,7 @@ _CHOICES = {
     "data.format": ("text", "parallel", "labelled", "tagged"),
     "data.tokenizer": ("byte", "char", "unigram", "bpe", "pretrained"),
     "train.nonfinite": ("stop", "skip"),
+    "train.loss_scale": ("auto", "dynamic", "none"),
 }
 
 _POSITIVE = (

@@ -311,6 +311,8 @@ def _run(config, workdir, devices, stop_after, overwrite, lock):
           writer.write(step, {"train/loss": last["loss"], "train/grad_norm": last["grad_norm"],
                               "train/learning_rate": last["learning_rate"],
                               "train/skipped_steps": last["skipped"],
+                              **({"train/loss_scale": last["loss_scale"]}
+                                 if "loss_scale" in last else {}),
                               "perf/tokens_per_s": tokens_per_s, "perf/ms_per_step": step_ms,
                               "perf/mfu": mfu})
           skipped = f" | skipped {int(last['skipped'])}" if last["skipped"] else ""

@@ -25,11 +25,43 @@ from lm.tasks import Task
 
 
 @flax.struct.dataclass
+class LossScale:
+  """Dynamic loss scaling, for float16 compute (as PyTorch's GradScaler): the loss is
+  multiplied by `scale` before differentiation, so that small gradients survive float16,
+  and the gradients divided by it after. A step whose gradients overflow is skipped and
+  halves the scale (not below 1); GROWTH_INTERVAL finite steps in a row double it."""
+  scale: jax.Array  # float32
+  good_steps: jax.Array  # int32: finite steps since the scale last changed
+
+  INITIAL = 2.0 ** 15
+  GROWTH_INTERVAL = 2000
+
+  @classmethod
+  def initial(cls):
+    return cls(scale=jnp.asarray(cls.INITIAL, jnp.float32),
+               good_steps=jnp.zeros((), jnp.int32))
+
+  def update(self, grads_finite):
+    grow = grads_finite & (self.good_steps + 1 >= self.GROWTH_INTERVAL)
+    scale = jnp.where(grads_finite, jnp.where(grow, self.scale * 2.0, self.scale),
+                      jnp.maximum(self.scale / 2.0, 1.0))
+    good_steps = jnp.where(grads_finite & ~grow, self.good_steps + 1, 0)
+    return LossScale(scale=scale.astype(jnp.float32), good_steps=good_steps.astype(jnp.int32))
+
+
+def uses_loss_scale(config):
+  """train.loss_scale: dynamic, or auto with float16 compute."""
+  mode = config.train.get("loss_scale", "auto")
+  return mode == "dynamic" or (mode == "auto" and config.model.dtype == "float16")
+
+
+@flax.struct.dataclass
 class TrainState:
   step: jax.Array
   params: Any  # the trainable parameters: all, or with config.peft the adapters/biases and head
   opt_state: Any
-  skipped: jax.Array  # updates skipped so far because the loss or gradients were not finite
+  skipped: jax.Array  # updates skipped so far: loss or gradients not finite, or overflowed
+  loss_scale: Any = None  # a LossScale with float16 loss scaling, else None
 
 
 def learning_rate_schedule(t):
@@ -96,8 +128,12 @@ class Trainer:
     opt_shardings = optax.tree_map_params(
         self.optimizer, lambda _, s: s, abstract_opt_state, param_shardings,
         transform_non_params=lambda _: sharding.replicated(mesh))
-    self.state_shardings = TrainState(step=sharding.replicated(mesh), params=param_shardings,
-                                      opt_state=opt_shardings, skipped=sharding.replicated(mesh))
+    self.loss_scaling = uses_loss_scale(config)
+    self.state_shardings = TrainState(
+        step=sharding.replicated(mesh), params=param_shardings, opt_state=opt_shardings,
+        skipped=sharding.replicated(mesh),
+        loss_scale=(LossScale(sharding.replicated(mesh), sharding.replicated(mesh))
+                    if self.loss_scaling else None))
     self.abstract_state = jax.eval_shape(lambda k: self._init_state(k)[0], self.init_key)
     self.batch_sharding = sharding.batch_sharding(mesh)
     replicated = sharding.replicated(mesh)
@@ -126,9 +162,12 @@ class Trainer:
   def _init_state(self, key):
     """(train state, frozen parameters)."""
     params, frozen = peft.split(nn.unbox(self._init_boxed_params(key)), self.is_trainable)
+    return self._fresh_state(params), frozen
+
+  def _fresh_state(self, params):
     return TrainState(step=jnp.zeros((), jnp.int32), params=params,
-                      opt_state=self.optimizer.init(params),
-                      skipped=jnp.zeros((), jnp.int32)), frozen
+                      opt_state=self.optimizer.init(params), skipped=jnp.zeros((), jnp.int32),
+                      loss_scale=LossScale.initial() if self.loss_scaling else None)
 
   def _train_step_fn(self, state, frozen, batch):
     dropout_key = jax.random.fold_in(self.dropout_key, state.step)
@@ -136,9 +175,12 @@ class Trainer:
     weights = batch["example_weight" if "example_weight" in batch else "weights"]
     total_weight = jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1.0)
 
+    scale = None if state.loss_scale is None else state.loss_scale.scale
+
     def mean_loss(params, micro_batch, key):  # differentiated by the trainable params only
       loss_sum, _ = self.task.loss(peft.join(frozen, params), micro_batch, key)
-      return loss_sum / total_weight  # each micro-batch's share of the batch's mean loss
+      loss = loss_sum / total_weight  # each micro-batch's share of the batch's mean loss
+      return loss if scale is None else loss * scale
 
     if n == 1:
       loss, grads = jax.value_and_grad(mean_loss)(state.params, batch, dropout_key)
@@ -159,19 +201,32 @@ class Trainer:
       (loss, grads), _ = jax.lax.scan(accumulate, zeros,
                                       (jax.tree.map(split, batch), jnp.arange(n)))
       grads = jax.tree.map(lambda g, p: g.astype(p.dtype), grads, state.params)
+    if scale is not None:
+      loss = loss / scale
+      grads = jax.tree.map(lambda g: g / scale.astype(g.dtype), grads)
     grad_norm = optax.global_norm(grads)
     updates, opt_state = self.optimizer.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     # A NaN/Inf loss or gradient never reaches the parameters or Adam's moments: the step
     # keeps the previous ones and is counted (the loop then skips on or stops, by config).
+    # With loss scaling, gradients that overflow while the loss is finite are the scale's
+    # doing: the step is skipped and the scale halved, and only at scale 1 is it an error.
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    nonfinite = ~finite
+    metrics = {}
+    loss_scale = state.loss_scale
+    if loss_scale is not None:
+      overflow = jnp.isfinite(loss) & ~jnp.isfinite(grad_norm) & (scale > 1.0)
+      nonfinite = nonfinite & ~overflow
+      loss_scale = loss_scale.update(jnp.isfinite(grad_norm))
+      metrics["loss_scale"] = loss_scale.scale
     keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
-    metrics = {"loss": loss, "grad_norm": grad_norm, "learning_rate": self.schedule(state.step),
-               "nonfinite": (~finite).astype(jnp.int32),
-               "skipped": state.skipped + (~finite).astype(jnp.int32)}
+    skipped = state.skipped + (~finite).astype(jnp.int32)
+    metrics.update(loss=loss, grad_norm=grad_norm, learning_rate=self.schedule(state.step),
+                   nonfinite=nonfinite.astype(jnp.int32), skipped=skipped)
     return TrainState(step=state.step + 1, params=keep(params, state.params),
-                      opt_state=keep(opt_state, state.opt_state),
-                      skipped=state.skipped + (~finite).astype(jnp.int32)), metrics
+                      opt_state=keep(opt_state, state.opt_state), skipped=skipped,
+                      loss_scale=loss_scale), metrics
 
   def _eval_step_fn(self, params, frozen, batch):
     return self.task.eval_outputs(peft.join(frozen, params), batch)
@@ -203,11 +258,7 @@ class Trainer:
     self.set_base(params)
     params, _ = peft.split(params, self.is_trainable)
     with jax.set_mesh(self.mesh):
-      return jax.jit(
-          lambda p: TrainState(step=jnp.zeros((), jnp.int32), params=p,
-                               opt_state=self.optimizer.init(p),
-                               skipped=jnp.zeros((), jnp.int32)),
-          out_shardings=self.state_shardings)(params)
+      return jax.jit(self._fresh_state, out_shardings=self.state_shardings)(params)
 
   def shard_batch(self, batch):
     """Places a host batch (this process's rows) onto the mesh as one global array."""

@@ -68,6 +68,34 @@ def test_resume_refuses_a_different_model(tmp_path, one_device):
   assert min(result.train_losses) == 4 and result.final_step == 7
 
 
+def test_checkpoints_from_before_the_loss_scale_field_still_resume(tmp_path, one_device):
+  workdir = str(tmp_path / "run")
+  config = tiny_config()
+  loop.run(config, workdir, devices=one_device, stop_after=3)
+  trainer = Trainer(config, make_data(config).tokenizer.vocab_size,
+                    sharding.make_mesh(config.mesh, one_device))
+  abstract = abstract_like(trainer.abstract_state, trainer.state_shardings)
+  checkpointer = Checkpointer(workdir, keep=3)
+  meta, state = checkpointer.read_meta(3), checkpointer.restore_state(3, abstract)
+  shutil.rmtree(os.path.join(workdir, "checkpoints", "3"))
+  checkpointer.manager.reload()
+  # Saved as lm did before TrainState had a loss_scale field.
+  checkpointer.save(3, {"step": state.step, "params": state.params,
+                        "opt_state": state.opt_state, "skipped": state.skipped}, meta)
+  checkpointer.close()
+  result = loop.run(config, workdir, devices=one_device)
+  assert min(result.train_losses) == 4 and result.final_step == config.train.num_steps
+  assert not os.path.exists(os.path.join(workdir, "corrupt_checkpoints"))
+  # A float16 run's state (with its loss scale) is not quietly read as a float32 one's.
+  f16 = tiny_config(**{"model.dtype": "float16"})
+  loop.run(f16, str(tmp_path / "f16"), devices=one_device, stop_after=3)
+  checkpointer = Checkpointer(str(tmp_path / "f16"), keep=3)
+  with pytest.raises(UserError, match=r"holds a train state of loss_scale, opt_state, params, "
+                     r"skipped, step; this run's is opt_state, params, skipped, step"):
+    checkpointer.restore_state(3, abstract)
+  checkpointer.close()
+
+
 def test_run_writes_metrics_tensorboard_and_keeps_last_checkpoints(tmp_path, one_device):
   config = tiny_config(**{"train.num_steps": 9, "train.checkpoint_every": 2,
                           "train.keep_checkpoints": 2, "train.log_every": 3})

@@ -1,16 +1,19 @@
-"""Gradient accumulation, rematerialisation, bfloat16 compute and profiling."""
+"""Gradient accumulation, rematerialisation, bfloat16 and float16 compute, profiling."""
 
 import glob
+import json
 import os
 
+import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from conftest import tiny_config
 from lm import loop, sharding
 from lm.data import make_data
-from lm.train import Trainer
+from lm.train import LossScale, Trainer
 
 STEPS = 3
 
@@ -66,6 +69,58 @@ def test_bfloat16_compute_tracks_float32(tmp_path, one_device):
   np.testing.assert_allclose(b, a, rtol=0.02)
   assert bf16.eval["validation"]["loss"] == pytest.approx(f32.eval["validation"]["loss"],
                                                           rel=0.02)
+
+
+def test_loss_scale_halves_on_overflow_and_doubles_after_the_growth_interval():
+  update = jax.jit(LossScale.update)
+  scale = update(LossScale.initial(), jnp.array(False))
+  assert float(scale.scale) == 2.0 ** 14 and int(scale.good_steps) == 0
+  for _ in range(LossScale.GROWTH_INTERVAL - 1):
+    scale = update(scale, jnp.array(True))
+  assert float(scale.scale) == 2.0 ** 14 and int(scale.good_steps) == LossScale.GROWTH_INTERVAL - 1
+  scale = update(scale, jnp.array(True))
+  assert float(scale.scale) == 2.0 ** 15 and int(scale.good_steps) == 0
+  floor = LossScale(scale=jnp.float32(1.0), good_steps=jnp.int32(7))
+  assert float(update(floor, jnp.array(False)).scale) == 1.0
+
+
+def test_float16_compute_with_dynamic_loss_scaling_tracks_float32(tmp_path, one_device):
+  base = {"train.num_steps": 30, "train.log_every": 1, "train.eval_every": 1000,
+          "train.checkpoint_every": 1000, "sample.num_tokens": 0}
+  f32 = loop.run(tiny_config(**base), str(tmp_path / "f32"), devices=one_device)
+  f16 = loop.run(tiny_config(**base, **{"model.dtype": "float16"}), str(tmp_path / "f16"),
+                 devices=one_device)
+  a = np.array([f32.train_losses[s] for s in sorted(f32.train_losses)])
+  b = np.array([f16.train_losses[s] for s in sorted(f16.train_losses)])
+  assert b[-1] < b[0] - 0.3  # it learns
+  # Stated tolerance: every step within 2% of the float32 loss.
+  np.testing.assert_allclose(b, a, rtol=0.02)
+  logged = [json.loads(line) for line in open(tmp_path / "f16" / "metrics.jsonl")]
+  assert [m["train/loss_scale"] for m in logged if "train/loss_scale" in m] == [2.0 ** 15] * 30
+  assert "train/loss_scale" not in open(tmp_path / "f32" / "metrics.jsonl").read()
+
+
+def test_an_overflowing_float16_step_is_skipped_and_halves_the_scale(one_device):
+  config = tiny_config(**{"model.dtype": "float16"})
+  data = make_data(config)
+  trainer = Trainer(config, data.tokenizer.vocab_size, sharding.make_mesh(config.mesh,
+                                                                         one_device))
+  batch = trainer.shard_batch(dict(data.train_batches(8, config.data.seq_len, seed=0)[0]))
+  start = trainer.init_state()
+  before = jax.device_get(start.params)
+  # 2**40 times the loss overflows float16 in the backward pass (its largest is 65504).
+  state = start.replace(loss_scale=LossScale(scale=jnp.float32(2.0 ** 40),
+                                             good_steps=jnp.int32(5)))
+  state, metrics = trainer.train_step(state, batch)
+  assert int(metrics["nonfinite"]) == 0 and int(metrics["skipped"]) == 1  # not an error
+  assert np.isfinite(float(metrics["loss"]))
+  assert float(state.loss_scale.scale) == 2.0 ** 39 and int(state.loss_scale.good_steps) == 0
+  chex.assert_trees_all_equal(jax.device_get(state.params), before)
+  # At a sane scale the same batch trains, with the unscaled loss.
+  state, metrics = trainer.train_step(state.replace(loss_scale=LossScale.initial()), batch)
+  assert int(metrics["skipped"]) == 1 and float(state.loss_scale.scale) == 2.0 ** 15
+  assert not np.allclose(jax.device_get(state.params)["embed"]["embedding"],
+                         before["embed"]["embedding"])
 
 
 def test_profile_steps_writes_a_trace(tmp_path, one_device):

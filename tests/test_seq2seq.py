@@ -220,17 +220,22 @@ def test_cached_decoding_equals_uncached_and_beam_one_equals_greedy(trained_toy)
   segments = segments.astype(np.int32)
   max_len = 24
   greedy = search.translate_ids(model, params, ids, segments, max_len, tok.bos_id, tok.eos_id)
-  # Uncached: the whole target prefix through the decoder at every step (same batch).
+  # Uncached: the whole target prefix through the decoder at every step (same batch). The
+  # prefix sits in a buffer of fixed width (the decoder is causal: what follows position t
+  # changes nothing there), so the pass compiles once.
   apply = jax.jit(model.apply)
-  prefix = np.full((len(texts), 1), tok.bos_id, np.int32)
+  prefix = np.full((len(texts), max_len + 1), tok.pad_id, np.int32)
+  prefix[:, 0] = tok.bos_id
   finished = np.zeros(len(texts), bool)
-  while prefix.shape[1] <= max_len and not finished.all():
+  t = 0
+  while t < max_len and not finished.all():
     logits = apply({"params": params}, ids, segments, prefix)
-    nxt = np.where(finished, tok.pad_id, np.argmax(logits[:, -1], -1))
+    nxt = np.where(finished, tok.pad_id, np.argmax(logits[:, t], -1))
     finished |= nxt == tok.eos_id
-    prefix = np.concatenate([prefix, nxt[:, None].astype(np.int32)], axis=1)
+    prefix[:, t + 1] = nxt
+    t += 1
   uncached = []
-  for row in prefix[:, 1:].tolist():
+  for row in prefix[:, 1:t + 1].tolist():
     uncached.append(row[:row.index(tok.eos_id)] if tok.eos_id in row else row)
   assert greedy == uncached
   # The cached decoder's logits along the greedy path equal the uncached ones.

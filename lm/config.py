@@ -215,8 +215,10 @@ _POSITIVE = (
 )
 
 _NON_NEGATIVE = (
-    "train.min_learning_rate", "train.warmup_steps", "task.length_penalty", "train.head_learning_rate",
-    "train.early_stopping", "task.num_labels", "task.bleu_sentences", "model.type_vocab_size", "data.length_bucket", "model.extra_tokens", "train.weight_decay", "train.grad_clip",
+    "train.min_learning_rate", "train.warmup_steps", "task.length_penalty",
+    "train.head_learning_rate", "train.early_stopping", "task.num_labels",
+    "task.bleu_sentences", "model.type_vocab_size", "data.length_bucket", "model.extra_tokens",
+    "train.weight_decay", "train.grad_clip",
     "train.eval_steps", "train.profile_steps", "log.peak_flops", "sample.num_tokens",
     "sample.temperature",
     "sample.top_k", "data.validation_fraction", "data.test_fraction",

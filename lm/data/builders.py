@@ -429,8 +429,8 @@ def _prepare_catalog(name, data_config, data_dir):
   if name not in CATALOG:
     raise UserError(f"config.data.name: {name!r} is neither a local corpus "
                     f"({', '.join(LOCAL_NAMES)}), a download "
-                    f"({', '.join(downloads.DOWNLOADS)}) nor a supported TFDS dataset ({', '.join(CATALOG)}); or set "
-                    "config.data.path")
+                    f"({', '.join(downloads.DOWNLOADS)}) nor a supported TFDS dataset "
+                    f"({', '.join(CATALOG)}); or set config.data.path")
   import tensorflow_datasets as tfds  # pylint: disable=import-outside-toplevel
   fmt, fields, module = CATALOG[name]
   importlib.import_module(f"tensorflow_datasets.{module}")

@@ -126,15 +126,14 @@ class Checkpointer:
   def restore_state(self, step, abstract_state):
     """Restores onto the shardings in `abstract_state` (ShapeDtypeStructs with .sharding)."""
     tree = self.manager.item_metadata(step)["state"].tree
+    fields = {f.name: getattr(abstract_state, f.name) for f in dataclasses.fields(abstract_state)}
     saved = {f for f, value in tree.items() if value is not None}
-    wanted = {f.name for f in dataclasses.fields(abstract_state)
-              if getattr(abstract_state, f.name) is not None}  # e.g. no loss scale: None
+    wanted = {f for f, value in fields.items() if value is not None}  # no loss scale: None
     # A field this run leaves empty may be absent: checkpoints written before it existed.
     if saved != wanted:
       raise UserError(f"checkpoint {self.directory}/{step} holds a train state of "
                       f"{', '.join(sorted(saved))}; this run's is {', '.join(sorted(wanted))}")
-    names = {f.name for f in dataclasses.fields(abstract_state)}
-    target = {f: getattr(abstract_state, f) for f in tree if f in names}
+    target = {f: fields[f] for f in tree if f in fields}
     restored = self.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
     state = abstract_state.replace(**restored["state"])

@@ -2,9 +2,8 @@
 
 Classification: every example's class probabilities (`classify`), the confusion matrix and
 the most confidently wrong examples. Translation: BLEU, chrF and speed across beam sizes
-(`beam_sweep`). Functions return
-numpy arrays, lists or dicts; the `plot_*` functions return matplotlib figures with titled,
-labelled axes.
+(`beam_sweep`). Functions return numpy arrays, lists or dicts; the `plot_*` functions
+return matplotlib figures with titled, labelled axes.
 """
 
 import time

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from lm.models import Decoder, ModelConfig
+from lm.models import layers
 from lm.models.layers import attention_mask, dot_product_attention, rotary
 
 VOCAB = 50
@@ -91,6 +92,45 @@ def test_gqa_equals_attention_with_repeated_kv_heads():
   out = dot_product_attention(q, k, v, attention_mask(7))
   expected = numpy_attention(q, np.repeat(k, 3, axis=2), np.repeat(v, 3, axis=2))
   np.testing.assert_allclose(out, expected, atol=1e-5)
+
+
+def autodiff_attention(q, k, v, mask):
+  """The same attention through jax's own autodiff (dropout's path, with no dropout)."""
+  return dot_product_attention(q, k, v, mask, sow=lambda probs: None)
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
+def test_attention_backward_pass_equals_autodiff(heads, kv_heads):
+  q = jax.random.normal(jax.random.key(0), (2, 7, heads, 8))
+  k, v = (jax.random.normal(jax.random.key(i), (2, 7, kv_heads, 8)) for i in (1, 2))
+  # Two documents and padding in row 0: padding queries see no key at all.
+  segments = jnp.array([[1, 1, 1, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
+  mask = attention_mask(7, segments) & (segments[:, None, None, None, :] > 0)
+  weights = jax.random.normal(jax.random.key(3), (2, 7, heads, 8))
+  grads = lambda attn: jax.grad(lambda *qkv: jnp.sum(attn(*qkv, mask) * weights),
+                                argnums=(0, 1, 2))(q, k, v)
+  chex.assert_trees_all_close(layers.attention(q, k, v, mask),
+                              autodiff_attention(q, k, v, mask), atol=1e-6)
+  chex.assert_trees_all_close(grads(layers.attention), grads(autodiff_attention), atol=2e-6)
+
+
+def test_matmul_backward_pass_runs_in_the_compute_dtype():
+  x = jax.random.normal(jax.random.key(0), (24, 16))
+  w = jax.random.normal(jax.random.key(1), (16, 8))
+  g = jax.random.normal(jax.random.key(2), (24, 8))
+  grads = lambda f, dtype: jax.grad(lambda x, w: jnp.sum(f(x.astype(dtype), w.astype(dtype))
+                                                         * g), argnums=(0, 1))(x, w)
+  reference = lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
+  # float32: exactly the usual gradients, g w^T and x^T g.
+  chex.assert_trees_all_close(grads(layers.matmul, jnp.float32), (g @ w.T, x.T @ g), atol=1e-5)
+  chex.assert_trees_all_close(grads(layers.matmul, jnp.float32),
+                              grads(reference, jnp.float32), atol=1e-5)
+  # bfloat16: products of bfloat16-rounded operands (the cotangent rounded too), float32 sums.
+  bf = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))
+  dx, dw = grads(layers.matmul, jnp.bfloat16)
+  assert dx.dtype == dw.dtype == jnp.float32
+  np.testing.assert_allclose(dx, bf(bf(g) @ bf(w).T), rtol=2e-2, atol=2e-2)
+  np.testing.assert_allclose(dw, bf(bf(x).T @ bf(g)), rtol=2e-2, atol=2e-2)
 
 
 def test_rope_scores_depend_only_on_relative_position():

@@ -25,6 +25,7 @@ import jax.numpy as jnp
 
 from lm.models.layers import Attention, Dense, Mlp, ModelConfig, attention_mask, constrain
 from lm.models.layers import cached_attention, dot_product_attention, lp, make_norm
+from lm.models.layers import sow_attention
 from lm.models.layers import residual_std
 from lm.models.transformer import Block, layer_stack, padding_mask
 
@@ -53,7 +54,7 @@ class CrossAttention(nn.Module):
           q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask,
           dropout_rate=cfg.dropout if use_dropout else 0.0,
           dropout_rng=self.make_rng("dropout") if use_dropout else None,
-          sow=lambda probs: self.sow("intermediates", "attention", probs))
+          sow=sow_attention(self))
     else:
       if memory_BxSxD is not None:  # the first decoding step: keep them, heads first
         cache = {"k": k_BxSxKxDh.transpose(0, 2, 1, 3).astype(cfg.compute_dtype),

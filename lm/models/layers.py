@@ -17,6 +17,41 @@ lp = nn.with_logical_partitioning
 constrain = nn.with_logical_constraint
 
 
+@jax.custom_vjp
+def matmul(x_MxK, w_KxN):
+  """x @ w in the inputs' dtype with float32 accumulation, returning float32.
+
+  The backward products also run in the inputs' dtype (the incoming float32 cotangent is
+  cast to it), with float32 accumulation: with bfloat16 compute every matmul of a train step
+  is a bfloat16 one, as under PyTorch's autocast. (Plain autodiff of a float32-accumulating
+  product differentiates in float32: about half the speed on CPUs with bfloat16 dots.) With
+  float32 inputs this is exactly jnp.dot and its usual gradients."""
+  return jax.lax.dot(x_MxK, w_KxN, preferred_element_type=jnp.float32)
+
+
+def _matmul_fwd(x_MxK, w_KxN):
+  return matmul(x_MxK, w_KxN), (x_MxK, w_KxN)
+
+
+def _matmul_bwd(res, g_MxN):
+  x_MxK, w_KxN = res
+  g_MxN = g_MxN.astype(x_MxK.dtype)
+  dx_MxK = jax.lax.dot_general(g_MxN, w_KxN, (((1,), (1,)), ((), ())),
+                               preferred_element_type=jnp.float32)
+  if jax.default_backend() == "cpu":
+    # XLA's CPU kernels run x^T g about twice as fast with x^T materialised first (a
+    # small copy); the barrier keeps XLA from folding the transpose back into the product.
+    dw_KxN = jax.lax.dot(jax.lax.optimization_barrier(x_MxK.T), g_MxN,
+                         preferred_element_type=jnp.float32)
+  else:
+    dw_KxN = jax.lax.dot_general(x_MxK, g_MxN, (((0,), (0,)), ((), ())),
+                                 preferred_element_type=jnp.float32)
+  return dx_MxK.astype(x_MxK.dtype), dw_KxN.astype(w_KxN.dtype)
+
+
+matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
   """The model's hyper-parameters (a frozen, hashable view of config.model)."""
@@ -102,7 +137,22 @@ def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask, dropout_rate
                           dropout_rng=None, sow=None):
   """Grouped-query attention; softmax in float32. mask broadcasts to [B, K, G, L, S].
 
-  `sow(probs_BxHxLxS)`, if given, receives the attention weights (before dropout)."""
+  `sow(probs_BxHxLxS)`, if given, receives the attention weights (before dropout). Without
+  dropout or `sow`, the products run through `attention`, whose hand-written backward pass
+  is the fast one."""
+  if sow is None and not (dropout_rate > 0.0 and dropout_rng is not None):
+    return attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask)
+  b, length, h, dh = q_BxLxHxDh.shape
+  probs_BxKxGxLxS = _attention_probs(q_BxLxHxDh, k_BxSxKxDh, mask)
+  if sow is not None:
+    sow(probs_BxKxGxLxS.reshape(b, h, length, -1))
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BxKxGxLxS.shape)
+    probs_BxKxGxLxS = jnp.where(keep, probs_BxKxGxLxS / (1.0 - dropout_rate), 0.0)
+  return _attention_out(probs_BxKxGxLxS, v_BxSxKxDh, q_BxLxHxDh.shape)
+
+
+def _attention_probs(q_BxLxHxDh, k_BxSxKxDh, mask):
   b, length, h, dh = q_BxLxHxDh.shape
   k = k_BxSxKxDh.shape[2]
   q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, length, k, h // k, dh)
@@ -110,15 +160,63 @@ def dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask, dropout_rate
                                 preferred_element_type=jnp.float32)
   logits_BxKxGxLxS = logits_BxKxGxLxS * (dh ** -0.5)
   logits_BxKxGxLxS = jnp.where(mask, logits_BxKxGxLxS, jnp.finfo(jnp.float32).min)
-  probs_BxKxGxLxS = jax.nn.softmax(logits_BxKxGxLxS, axis=-1)
-  if sow is not None:
-    sow(probs_BxKxGxLxS.reshape(b, h, length, -1))
-  if dropout_rate > 0.0 and dropout_rng is not None:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BxKxGxLxS.shape)
-    probs_BxKxGxLxS = jnp.where(keep, probs_BxKxGxLxS / (1.0 - dropout_rate), 0.0)
+  return jax.nn.softmax(logits_BxKxGxLxS, axis=-1)
+
+
+def _attention_out(probs_BxKxGxLxS, v_BxSxKxDh, q_shape):
   out_BxLxKxGxDh = jnp.einsum("bkgls,bskd->blkgd", probs_BxKxGxLxS.astype(v_BxSxKxDh.dtype),
-                              v_BxSxKxDh)
-  return out_BxLxKxGxDh.reshape(b, length, h, dh)
+                              v_BxSxKxDh, preferred_element_type=jnp.float32)
+  return out_BxLxKxGxDh.reshape(q_shape).astype(v_BxSxKxDh.dtype)
+
+
+@jax.custom_vjp
+def attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask):
+  """dot_product_attention without dropout, with a hand-written backward pass.
+
+  The backward pass takes softmax's row term from the output, sum_d(dO * O) per query
+  (FlashAttention's D), instead of differentiating through the softmax (a reduction over
+  every [L, S] score: the slowest part of a small model's train step on a CPU), and runs
+  its four products in the inputs' dtype with float32 accumulation (bfloat16 products with
+  bfloat16 compute). The gradients equal plain autodiff's (tests/test_models.py)."""
+  probs_BxKxGxLxS = _attention_probs(q_BxLxHxDh, k_BxSxKxDh, mask)
+  return _attention_out(probs_BxKxGxLxS, v_BxSxKxDh, q_BxLxHxDh.shape)
+
+
+def _attention_fwd(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask):
+  probs_BxKxGxLxS = _attention_probs(q_BxLxHxDh, k_BxSxKxDh, mask)
+  out_BxLxHxDh = _attention_out(probs_BxKxGxLxS, v_BxSxKxDh, q_BxLxHxDh.shape)
+  return out_BxLxHxDh, (q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask, probs_BxKxGxLxS,
+                        out_BxLxHxDh)
+
+
+def _attention_bwd(res, g_BxLxHxDh):
+  q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask, probs_BxKxGxLxS, out_BxLxHxDh = res
+  b, length, h, dh = q_BxLxHxDh.shape
+  k = k_BxSxKxDh.shape[2]
+  dtype = q_BxLxHxDh.dtype
+  split = lambda x: x.reshape(b, length, k, h // k, dh)
+  g_BxLxKxGxDh = split(g_BxLxHxDh.astype(dtype))
+  f32 = jnp.float32
+  dprobs_BxKxGxLxS = jnp.einsum("blkgd,bskd->bkgls", g_BxLxKxGxDh, v_BxSxKxDh,
+                                preferred_element_type=f32)
+  dv_BxSxKxDh = jnp.einsum("bkgls,blkgd->bskd", probs_BxKxGxLxS.astype(dtype), g_BxLxKxGxDh,
+                           preferred_element_type=f32)
+  # sum_s(P * dP) = dO . O, one value per query: the softmax's backward row term.
+  rows_BxLxKxG = jnp.sum(g_BxLxKxGxDh.astype(f32) * split(out_BxLxHxDh).astype(f32), axis=-1)
+  rows_BxKxGxLx1 = rows_BxLxKxG.transpose(0, 2, 3, 1)[..., None]
+  dlogits_BxKxGxLxS = jnp.where(mask, probs_BxKxGxLxS * (dprobs_BxKxGxLxS - rows_BxKxGxLx1),
+                                0.0) * (dh ** -0.5)
+  dlogits_BxKxGxLxS = dlogits_BxKxGxLxS.astype(dtype)
+  dq_BxLxKxGxDh = jnp.einsum("bkgls,bskd->blkgd", dlogits_BxKxGxLxS, k_BxSxKxDh,
+                             preferred_element_type=f32)
+  q_BxLxKxGxDh = split(q_BxLxHxDh)
+  dk_BxSxKxDh = jnp.einsum("bkgls,blkgd->bskd", dlogits_BxKxGxLxS, q_BxLxKxGxDh,
+                           preferred_element_type=f32)
+  return (dq_BxLxKxGxDh.reshape(q_BxLxHxDh.shape).astype(dtype),
+          dk_BxSxKxDh.astype(k_BxSxKxDh.dtype), dv_BxSxKxDh.astype(v_BxSxKxDh.dtype), None)
+
+
+attention.defvjp(_attention_fwd, _attention_bwd)
 
 
 def cached_attention(q_BxLxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask):
@@ -148,6 +246,7 @@ class Dense(nn.Module):
   axes: tuple  # logical names of the kernel's axes: contracted ones, then `features`
   cfg: ModelConfig
   std: float = 0.02
+  out_dtype: object = None  # default: the compute dtype; float32 keeps the accumulator
 
   @nn.compact
   def __call__(self, x):
@@ -159,14 +258,13 @@ class Dense(nn.Module):
     lead = x.shape[:x.ndim - n_in]
     x2 = x.reshape((-1, math.prod(shape[:n_in])))
     k2 = kernel.reshape((math.prod(shape[:n_in]), -1))
-    y = jax.lax.dot_general(x2.astype(cfg.compute_dtype), k2.astype(cfg.compute_dtype),
-                            (((1,), (0,)), ((), ())), preferred_element_type=jnp.float32)
+    y = matmul(x2.astype(cfg.compute_dtype), k2.astype(cfg.compute_dtype))
     y = y.reshape(lead + tuple(self.features))
     if cfg.use_bias:
       bias = self.param("bias", lp(nn.initializers.zeros, self.axes[n_in:]), self.features,
                         cfg.weight_dtype)
       y = y + bias.astype(jnp.float32)
-    return y.astype(cfg.compute_dtype)
+    return y.astype(self.out_dtype or cfg.compute_dtype)
 
 
 class Attention(nn.Module):
@@ -202,10 +300,17 @@ class Attention(nn.Module):
           q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask,
           dropout_rate=cfg.dropout if use_dropout else 0.0,
           dropout_rng=self.make_rng("dropout") if use_dropout else None,
-          # Kept only when the caller asks for the "intermediates" collection (lm/inspect.py).
-          sow=lambda probs: self.sow("intermediates", "attention", probs))
+          sow=sow_attention(self))
     return Dense((cfg.d_model,), ("heads", "kv", "embed"), cfg, std=residual_std(cfg),
                  name="out")(out_BxLxHxDh), cache
+
+
+def sow_attention(module):
+  """The attention weights go to the "intermediates" collection when the caller asks for it
+  (lm/inspect.py); otherwise None, so that attention takes its fast path."""
+  if not module.is_mutable_collection("intermediates"):
+    return None
+  return lambda probs: module.sow("intermediates", "attention", probs)
 
 
 def residual_std(cfg):
@@ -221,11 +326,15 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BxLxD):
     cfg = self.cfg
-    up = lambda name: Dense((cfg.d_ff,), ("embed", "mlp"), cfg, name=name)
+    # The activation runs in float32 on the products' float32 accumulators; its result is
+    # cast once to the compute dtype for the next product.
+    up = lambda name: Dense((cfg.d_ff,), ("embed", "mlp"), cfg, out_dtype=jnp.float32,
+                            name=name)
     if cfg.mlp == "swiglu":
       h_BxLxF = nn.silu(up("wi_gate")(x_BxLxD)) * up("wi_up")(x_BxLxD)
     else:
       h_BxLxF = nn.gelu(up("wi")(x_BxLxD), approximate=cfg.mlp == "gelu_tanh")
+    h_BxLxF = h_BxLxF.astype(cfg.compute_dtype)
     h_BxLxF = constrain(h_BxLxF, ("batch", "length", "mlp"))
     return Dense((cfg.d_model,), ("mlp", "embed"), cfg, std=residual_std(cfg),
                  name="wo")(h_BxLxF)

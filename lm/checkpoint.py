@@ -27,6 +27,7 @@ RESUMABLE_CHANGES = ("train.num_steps", "train.eval_every", "train.eval_steps",
                      "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
                      "train.nonfinite", "train.profile_steps", "log.", "sample.", "mesh.",
                      "data.num_threads", "data.data_dir", "model.remat",
+                     "train.steps_per_dispatch",
                      "train.early_stopping", "init_from", "data.length_bucket",
                      # the final translations' settings; the data's own fingerprint is
                      # compared apart from its name and path

@@ -279,22 +279,30 @@ def _run(config, workdir, devices, stop_after, overwrite, lock):
   failing = False
   try:
     with stop_signals() as stop_signal:
-      for step in range(start_step + 1, end_step + 1):
-        profiler.before(step, state)
-        batch = trainer.shard_batch(next(train_batches))
-        state, step_metrics = trainer.train_step(state, batch)
-        pending.append((step, step_metrics))
-        rows, batch_len = batch["inputs"].shape  # seq_len, or a length bucket's
-        lengths = (batch["source"].shape[1] if "source" in batch else batch_len, batch_len)
-        if lengths not in flops_at:
-          flops_at[lengths] = example_flops(*lengths)
-        interval_tokens += batch["inputs"].size
-        interval_flops += rows * flops_at[lengths]
+      while step < end_step:
+        first, step = step + 1, _dispatch_end(step, end_step, t, profiler)
+        profiler.before(first, state)
+        host_batches = [next(train_batches) for _ in range(step - first + 1)]
+        for batch, size in _dispatches(trainer, host_batches):
+          if size:  # stacked: [size, B, ...]
+            state, step_metrics = trainer.train_steps(state, batch)
+            pending.append((range(first, first + size), step_metrics))
+          else:
+            state, step_metrics = trainer.train_step(state, batch)
+            pending.append((first, step_metrics))
+          size = size or 1
+          first += size
+          rows, batch_len = batch["inputs"].shape[-2:]  # seq_len, or a length bucket's
+          lengths = (batch["source"].shape[-1] if "source" in batch else batch_len, batch_len)
+          if lengths not in flops_at:
+            flops_at[lengths] = example_flops(*lengths)
+          interval_tokens += batch["inputs"].size
+          interval_flops += size * rows * flops_at[lengths]
         profiler.after(step, state)
         preempted = bool(stop_signal) or (jax.process_count() > 1 and
                                           checkpointer.manager.reached_preemption(step))
         if step % t.log_every == 0 or step == end_step or preempted:
-          fetched = jax.device_get(pending)
+          fetched = _per_step(jax.device_get(pending))
           check_finite(fetched, t.nonfinite, last_checkpoint)
           now = time.perf_counter()
           elapsed = now - last_log_time - paused
@@ -349,7 +357,7 @@ def _run(config, workdir, devices, stop_after, overwrite, lock):
                         f"validation {task.selection[0]} than step {best['step']}")
           paused += time.perf_counter() - eval_start
         if (step % t.checkpoint_every == 0 or step == end_step or preempted or stopped_early):
-          check_finite(jax.device_get(pending), t.nonfinite, last_checkpoint)
+          check_finite(_per_step(jax.device_get(pending)), t.nonfinite, last_checkpoint)
           # Every process's iterator is at the same batch index, so the primary's state (the
           # one Orbax writes) restores every process.
           checkpointer.save(step, state, {**meta, "data_state": train_batches.get_state(),
@@ -384,6 +392,41 @@ def _run(config, workdir, devices, stop_after, overwrite, lock):
       best_checkpointer.close()
   return RunResult(workdir=workdir, final_step=step, train_losses=train_losses, eval=final,
                    sample=sample, best=best or {})
+
+
+def _dispatch_end(step, end_step, t, profiler):
+  """The last step of the dispatch that follows `step`: at most train.steps_per_dispatch
+  steps, on a grid of its multiples (the same dispatches after a resume), ending at every
+  step that logs, evaluates or checkpoints, and around the profiled steps."""
+  n = t.steps_per_dispatch
+  last = min(end_step, (step // n + 1) * n)
+  for every in (t.log_every, t.eval_every, t.checkpoint_every):
+    last = min(last, (step // every + 1) * every)
+  if profiler.enabled:
+    for edge in (profiler.first - 1, profiler.last):
+      if edge > step:
+        last = min(last, edge)
+  return last
+
+
+def _dispatches(trainer, host_batches):
+  """(batch on the mesh, n): the host batches stacked into one dispatch of n steps where
+  they are alike in shape, else one at a time (n = 0: a plain batch)."""
+  shapes = {tuple(sorted((k, v.shape) for k, v in b.items())) for b in host_batches}
+  if len(host_batches) > 1 and len(shapes) == 1:
+    return [(trainer.shard_batches(host_batches), len(host_batches))]
+  return [(trainer.shard_batch(b), 0) for b in host_batches]
+
+
+def _per_step(fetched):
+  """[(step, metrics)] from pending entries of one step or of a dispatch's range of steps."""
+  out = []
+  for steps, m in fetched:
+    if isinstance(steps, range):
+      out.extend((s, {k: v[i] for k, v in m.items()}) for i, s in enumerate(steps))
+    else:
+      out.append((steps, m))
+  return out
 
 
 def _final_evaluations(trainer, data, config, state, best, best_checkpointer, writer, step,

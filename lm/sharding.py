@@ -49,6 +49,12 @@ def batch_sharding(mesh):
   return NamedSharding(mesh, PartitionSpec(("data", "fsdp")))
 
 
+def stacked_batch_sharding(mesh):
+  """[n, B, ...]: n batches stacked (several train steps per dispatch), each split as
+  batch_sharding splits one."""
+  return NamedSharding(mesh, PartitionSpec(None, ("data", "fsdp")))
+
+
 def _fit(spec, shape, mesh):
   """Drops mesh axes from dimensions they do not divide evenly."""
   fitted = []

@@ -17,6 +17,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 
 from lm import peft, sharding
@@ -146,6 +147,12 @@ class Trainer:
         self._train_step_fn,
         in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding),
         out_shardings=(self.state_shardings, replicated), donate_argnums=0)
+    # Several steps per dispatch: one lax.scan over batches stacked on a leading axis.
+    self.stacked_batch_sharding = sharding.stacked_batch_sharding(mesh)
+    self._train_steps = jax.jit(
+        self._train_steps_fn,
+        in_shardings=(self.state_shardings, self.frozen_shardings, self.stacked_batch_sharding),
+        out_shardings=(self.state_shardings, replicated), donate_argnums=0)
     self._eval_step = jax.jit(self._eval_step_fn,
                               in_shardings=(param_shardings, self.frozen_shardings,
                                             self.batch_sharding),
@@ -228,6 +235,10 @@ class Trainer:
                       opt_state=keep(opt_state, state.opt_state), skipped=skipped,
                       loss_scale=loss_scale), metrics
 
+  def _train_steps_fn(self, state, frozen, batches):
+    """len(batches) steps, one after another; their metrics stacked."""
+    return jax.lax.scan(lambda s, batch: self._train_step_fn(s, frozen, batch), state, batches)
+
   def _eval_step_fn(self, params, frozen, batch):
     return self.task.eval_outputs(peft.join(frozen, params), batch)
 
@@ -265,17 +276,32 @@ class Trainer:
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
             for k, v in batch.items()}
 
+  def shard_batches(self, batches):
+    """Places equally shaped host batches onto the mesh stacked: [n, B, ...] arrays for
+    train_steps."""
+    return {k: jax.make_array_from_process_local_data(
+        self.stacked_batch_sharding, np.stack([b[k] for b in batches])) for k in batches[0]}
+
   def train_step(self, state, batch):
     """One step; compiled once per batch shape (example batches cut to their length bucket
     bring a few shapes; packed text windows one)."""
-    shapes = tuple(sorted((k, v.shape) for k, v in batch.items()))
+    return self._run_compiled(self._train_step, "step", state, batch)
+
+  def train_steps(self, state, batches):
+    """len(batches) steps in one dispatch (a scan; batches from shard_batches): the same
+    updates as that many train_step calls, with the host's per-call work paid once.
+    Returns (state, metrics with a leading steps axis)."""
+    return self._run_compiled(self._train_steps, "steps", state, batches)
+
+  def _run_compiled(self, jitted, kind, state, batch):
+    shapes = (kind,) + tuple(sorted((k, v.shape) for k, v in batch.items()))
     with self.on_mesh():
       if shapes not in self._compiled:
         # Queued steps run on while XLA compiles: wait for them, so that the compile time
         # the loop takes out of its step times overlaps no training.
         jax.block_until_ready(state)
         start = time.perf_counter()
-        self._compiled[shapes] = self._train_step.lower(state, self.frozen, batch).compile()
+        self._compiled[shapes] = jitted.lower(state, self.frozen, batch).compile()
         self.compile_seconds = (self.compile_seconds or 0.0) + time.perf_counter() - start
       return self._compiled[shapes](state, self.frozen, batch)
 

@@ -13,6 +13,7 @@ import pytest
 from conftest import tiny_config
 from lm import loop, sharding
 from lm.data import make_data
+from lm.runtime import Profiler
 from lm.train import LossScale, Trainer
 
 STEPS = 3
@@ -177,3 +178,37 @@ def test_scanned_training_shards_the_stacked_parameters(tmp_path):
   assert kernel.sharding.spec == jax.sharding.PartitionSpec(None, "fsdp", "tensor", None)
   result = loop.run(config, str(tmp_path / "run"), devices=jax.devices())
   assert result.train_losses[4] < result.train_losses[1] and result.sample
+
+
+DISPATCH = {"train.num_steps": 24, "train.log_every": 5, "train.eval_every": 7,
+            "train.checkpoint_every": 10, "sample.num_tokens": 0}
+
+
+def test_dispatches_end_at_every_step_that_logs_evaluates_or_checkpoints():
+  t = tiny_config(**DISPATCH, **{"train.steps_per_dispatch": 4}).train
+  ends, step = [], 0
+  while step < t.num_steps:
+    step = loop._dispatch_end(step, t.num_steps, t, Profiler("unused", 3, 0))
+    ends.append(step)
+  # Multiples of 4, 5 (log), 7 (eval), 10 (checkpoint) and the last step, 24.
+  assert ends == [4, 5, 7, 8, 10, 12, 14, 15, 16, 20, 21, 24]
+  profiled = Profiler("unused", 3, 2)  # steps 3 and 4 alone in their dispatch(es)
+  assert loop._dispatch_end(0, 24, t, profiled) == 2
+  assert loop._dispatch_end(2, 24, t, profiled) == 4
+
+
+def test_several_steps_per_dispatch_train_as_single_steps(tmp_path, one_device):
+  runs = {n: loop.run(tiny_config(**DISPATCH, **{"train.steps_per_dispatch": n}),
+                      str(tmp_path / str(n)), devices=one_device) for n in (1, 4)}
+  single, stacked = runs[1], runs[4]
+  assert sorted(stacked.train_losses) == list(range(1, 25))
+  np.testing.assert_allclose([stacked.train_losses[s] for s in range(1, 25)],
+                             [single.train_losses[s] for s in range(1, 25)], rtol=1e-5)
+  assert stacked.eval["validation"]["loss"] == pytest.approx(
+      single.eval["validation"]["loss"], rel=1e-5)
+  for n in (1, 4):  # the same log lines, evaluations and checkpoints
+    logged = [json.loads(line) for line in open(tmp_path / str(n) / "metrics.jsonl")]
+    assert [m["step"] for m in logged if "train/loss" in m] == [5, 10, 15, 20, 24]
+    assert [m["step"] for m in logged if "eval/loss" in m][:3] == [7, 14, 21]
+    assert sorted(int(d) for d in os.listdir(tmp_path / str(n) / "checkpoints")
+                  if d.isdigit()) == [10, 20, 24]

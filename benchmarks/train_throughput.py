@@ -4,8 +4,9 @@
         [--steps=100] [--repeats=5] [--config.model.dtype=bfloat16]
 
 Times `repeats` windows of `steps` train steps each (fresh batches from the real Grain
-pipeline, as lm.main draws them, one jitted call per step as lm.main runs it) after
-compilation, and reports the median window: ms/step, tokens/s, MFU, plus compile seconds.
+pipeline, as lm.main draws them, dispatched as lm.main does: train.steps_per_dispatch
+steps per jitted call) after compilation, and reports the median window: ms/step,
+tokens/s, MFU, plus compile seconds.
 Never asserts on time: these machines are shared and noisy.
 """
 
@@ -39,14 +40,25 @@ def main(_):
   t = config.train
   batches = data.iterator(data.train_batches(t.batch_size, config.data.seq_len, t.seed))
   state = trainer.init_state()
-  state, _ = trainer.train_step(state, trainer.shard_batch(next(batches)))
+  per_call = t.steps_per_dispatch
+  if _STEPS.value % per_call:
+    raise app.UsageError(f"--steps={_STEPS.value} is not a multiple of "
+                         f"train.steps_per_dispatch={per_call}")
+
+  def steps(state):
+    if per_call == 1:
+      return trainer.train_step(state, trainer.shard_batch(next(batches)))
+    return trainer.train_steps(state, trainer.shard_batches(
+        [next(batches) for _ in range(per_call)]))
+
+  state, _ = steps(state)  # compiles
   jax.block_until_ready(state)
 
   windows = []
   for _ in range(_REPEATS.value):
     start = time.perf_counter()
-    for _ in range(_STEPS.value):
-      state, step_metrics = trainer.train_step(state, trainer.shard_batch(next(batches)))
+    for _ in range(_STEPS.value // per_call):
+      state, step_metrics = steps(state)
     jax.block_until_ready((state, step_metrics))
     windows.append((time.perf_counter() - start) / _STEPS.value)
 
@@ -63,6 +75,7 @@ def main(_):
       "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
       "cpu_count": os.cpu_count(), "machine": platform.machine(),
       "dtype": config.model.dtype, "params": trainer.num_params,
+      "steps_per_dispatch": per_call,
       "batch_size": t.batch_size, "seq_len": config.data.seq_len,
       "compile_s": round(trainer.compile_seconds, 3),
       "ms_per_step": round(1000 * seconds, 2),

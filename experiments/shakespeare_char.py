@@ -6,6 +6,10 @@ no dropout, learned positions, LayerNorm, GELU, tied embeddings; 90/10 train/val
 by characters. nanoGPT reaches validation loss 1.886 here; lm is held to <= 1.90 over the
 whole validation split.
 
+25 train steps per dispatch (train.steps_per_dispatch): a third faster than one per call on
+a 2-core CPU, with the same updates. On CPUs with bfloat16 dot products (AVX512-BF16, AMX)
+`--config.model.dtype=bfloat16` is about a tenth faster again, at the same validation loss.
+
     python -m lm.main --config=experiments/shakespeare_char.py \
         --config.data.path=../shared/data/tiny_shakespeare/input.txt
 
@@ -44,6 +48,7 @@ def get_config():
   config.model.tie_embeddings = True
 
   config.train.batch_size = 12
+  config.train.steps_per_dispatch = 25  # divides log_every, eval_every, checkpoint_every
   config.train.num_steps = 2000
   config.train.learning_rate = 1e-3
   config.train.min_learning_rate = 1e-4

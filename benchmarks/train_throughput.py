@@ -1,7 +1,7 @@
 """Training throughput of an experiment's train step: one JSON line of figures.
 
     python benchmarks/train_throughput.py --config=experiments/shakespeare_char.py \
-        [--steps=100] [--repeats=5] [--config.model.dtype=bfloat16]
+        [--steps=100] [--repeats=5] [--config.model.dtype=bfloat16] [--measure_peak]
 
 Times `repeats` windows of `steps` train steps each (fresh batches from the real Grain
 pipeline, as lm.main draws them, dispatched as lm.main does: train.steps_per_dispatch
@@ -22,6 +22,24 @@ from ml_collections import config_flags
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file.")
 _STEPS = flags.DEFINE_integer("steps", 100, "Train steps per timed window.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed windows; the median is reported.")
+_MEASURE_PEAK = flags.DEFINE_bool(
+    "measure_peak", False, "Also time a 2048^3 product in model.dtype with float32 "
+    "accumulation on one device, and report MFU against that measured peak (mfu_measured).")
+
+
+def measured_peak(dtype, size=2048, repeats=20):
+  """FLOP/s of the best of `repeats` size^3 products (dtype inputs, float32 accumulation)."""
+  import jax
+  import jax.numpy as jnp
+  a = jnp.ones((size, size), dtype)
+  product = jax.jit(lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32))
+  product(a, a).block_until_ready()
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    product(a, a).block_until_ready()
+    best = min(best, time.perf_counter() - start)
+  return 2 * size ** 3 / best
 
 
 def main(_):
@@ -69,6 +87,12 @@ def main(_):
       trainer.task.tied_output, trainer.abstract_frozen)
   peak, peak_source = metrics.peak_flops_per_device(config.model.dtype, config.log.peak_flops)
   tokens_per_s = tokens_per_step / seconds
+  extra = {}
+  if _MEASURE_PEAK.value:
+    measured = measured_peak(config.model.dtype)
+    extra = {"peak_measured_flops_per_device": round(measured),
+             "mfu_measured": round(flops_per_token * tokens_per_s
+                                   / (measured * jax.device_count()), 4)}
   print(json.dumps({
       "benchmark": "train_throughput",
       "config": config_flags.get_config_filename(flags.FLAGS["config"]),
@@ -83,7 +107,7 @@ def main(_):
       "tokens_per_s": round(tokens_per_s, 1),
       "gflop_per_step": round(flops_per_token * tokens_per_step / 1e9, 3),
       "mfu": round(flops_per_token * tokens_per_s / (peak * jax.device_count()), 4),
-      "peak_flops_per_device": peak, "peak_source": peak_source,
+      "peak_flops_per_device": peak, "peak_source": peak_source, **extra,
       "xla_flags": os.environ.get("XLA_FLAGS", ""),
   }), flush=True)
 

@@ -213,7 +213,8 @@ _CHOICES = {
 _POSITIVE = (
     "model.num_layers", "model.num_heads", "model.num_kv_heads", "model.d_model",
     "model.d_ff", "model.max_len", "train.batch_size", "train.num_steps",
-    "train.grad_accum_steps", "train.steps_per_dispatch", "peft.rank", "peft.alpha", "task.beam_size",
+    "train.grad_accum_steps", "train.steps_per_dispatch", "peft.rank", "peft.alpha",
+    "task.beam_size",
     "train.learning_rate", "train.eval_every", "train.checkpoint_every",
     "train.keep_checkpoints", "train.log_every", "data.seq_len", "data.vocab_size",
     "data.num_threads",

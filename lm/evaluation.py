@@ -1,0 +1,116 @@
+"""Evaluating a training run's parameters: periodic and final metrics, BLEU, a sample.
+
+lm/loop.py calls these between and after train steps: `eval_metrics` on a split (the
+task's metrics), `final_evaluations` at the end of a run (the best checkpoint's scores for
+tasks; the whole validation and test splits; BLEU and chrF for translation), and
+`sample_text` for language models.
+"""
+
+import jax
+
+from lm import decode, metrics, sharding
+from lm.checkpoint import abstract_like
+
+
+def eval_metrics(trainer, data, config, params, split, max_batches):
+  task = trainer.task
+  batches = data.eval_batches(split, config.train.batch_size, config.data.seq_len,
+                              jax.process_index(), jax.process_count(),
+                              objective=task.objective, seed=config.train.seed)
+  if max_batches and task.is_language_model:
+    batches = batches[:max_batches]
+  result = trainer.evaluate(params, data.iterator(batches))
+  if (task.objective == "causal" and not (max_batches and len(batches) >= max_batches)
+      and data.streams[split].characters):
+    # Every target's loss, document ends included, per character of the split's text: a
+    # figure that compares models with different vocabularies.
+    result["nats_per_char"] = result["loss"] * result["tokens"] / data.streams[split].characters
+  return result
+
+
+def describe(result):
+  return " | ".join(f"{k} {v:.4f}" for k, v in result.items()
+                    if k not in ("tokens", "examples"))
+
+
+def final_evaluations(trainer, data, config, state, best, best_checkpointer, writer, step,
+                       last_validation):
+  """Language models: the last step's parameters on the whole validation and test splits.
+  Tasks: the best checkpoint's (already evaluated on validation), on test too."""
+  params = state.params
+  final = {}
+  if trainer.task.is_language_model and last_validation is not None:
+    final["validation"] = last_validation
+  if not trainer.task.is_language_model and best is not None:
+    final["validation"] = best["validation"]
+    if best["step"] != step:
+      abstract = abstract_like(trainer.abstract_state, trainer.state_shardings)
+      params = best_checkpointer.restore_state(best["step"], abstract).params
+    metrics.log(f"best validation (step {best['step']}): {describe(best['validation'])}")
+  for split in ("validation", "test"):
+    if data.size(split) < (2 if data.streams else 1) or (
+        split in final and not trainer.task.is_language_model):
+      continue
+    if split not in final:
+      final[split] = eval_metrics(trainer, data, config, params, split, 0)
+      prefix = "eval" if split == "validation" else "test"
+      writer.write(step, {f"{prefix}/{k}": v for k, v in final[split].items()
+                          if k not in ("tokens", "examples")})
+    if trainer.task.objective == "seq2seq":
+      final[split].update(translation_scores(trainer, data, config, params, split))
+      prefix = "eval" if split == "validation" else "test"
+      writer.write(step, {f"{prefix}/{k}": final[split][k] for k in ("bleu", "chrf")})
+      scored = final[split]["sentences"]
+      which = (f"all {scored:,}" if scored == data.size(split) else
+               f"{scored:,} of {data.size(split):,}")
+      metrics.log(f"final {split}: BLEU {final[split]['bleu']:.2f} | chrF "
+                  f"{final[split]['chrf']:.2f} over {which} sentences "
+                  f"(beam {config.task.beam_size}, length penalty "
+                  f"{config.task.length_penalty})")
+    if trainer.task.is_language_model:
+      per_char = (f" | {final[split]['nats_per_char']:.4f} nats per character"
+                  if "nats_per_char" in final[split] else "")
+      accuracy = (f" | accuracy {final[split]['accuracy']:.4f}"
+                  if "accuracy" in final[split] else "")
+      kind = {"mlm": "masked ", "seq2seq": "target ", "span_corruption": "target "}.get(
+          trainer.task.objective, "")
+      metrics.log(f"final {split}: loss {final[split]['loss']:.4f} | perplexity "
+                  f"{final[split]['perplexity']:.2f}{accuracy} over all "
+                  f"{int(final[split]['tokens']):,} {kind}tokens"
+                  f"{per_char}")
+    else:
+      metrics.log(f"{split} (step {best['step'] if best else step}): "
+                  f"{describe(final[split])} over all {final[split]['examples']:,} examples")
+  return final
+
+
+def translation_scores(trainer, data, config, params, split):
+  """BLEU and chrF of the split's sources translated by beam search (lm/translate.py)."""
+  from lm import translate  # pylint: disable=import-outside-toplevel
+  records = data.prepared.sources[split]
+  count = min(len(records), config.task.bleu_sentences or len(records))
+  pairs = [(records[i]["source"], records[i]["target"]) for i in range(count)]
+  served = jax.jit(trainer.servable_params,
+                   out_shardings=sharding.replicated(trainer.mesh))(params)
+  with trainer.on_mesh():
+    hypotheses = translate.translate(
+        trainer.model, served, data.tokenizer, [p[0] for p in pairs], config.data.seq_len,
+        config.data.seq_len, config.task.beam_size, config.task.length_penalty,
+        config.train.batch_size)
+  return {**translate.scores(hypotheses, [p[1] for p in pairs]), "sentences": count}
+
+
+def sample_text(config, data, trainer, mesh, state, writer, step):
+  prompt = config.sample.prompt
+  prompt_ids = [data.tokenizer.bos_id, *data.tokenizer.encode(prompt).tolist()]
+  params = jax.jit(trainer.servable_params,
+                   out_shardings=sharding.replicated(mesh))(state.params)
+  ids = decode.generate(trainer.model, jax.device_get(params), [prompt_ids],
+                        config.sample.num_tokens,
+                        decode.Sampling(temperature=config.sample.temperature,
+                                        top_k=config.sample.top_k, seed=config.train.seed))
+  sample = prompt + data.tokenizer.decode(ids[0])
+  writer.write_text(step, "sample", sample)
+  metrics.log(f"sample (temperature {config.sample.temperature}, top-k "
+              f"{config.sample.top_k}):\n{sample}")
+  return sample

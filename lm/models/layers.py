@@ -178,8 +178,7 @@ def attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask):
   every [L, S] score: the slowest part of a small model's train step on a CPU), and runs
   its four products in the inputs' dtype with float32 accumulation (bfloat16 products with
   bfloat16 compute). The gradients equal plain autodiff's (tests/test_models.py)."""
-  probs_BxKxGxLxS = _attention_probs(q_BxLxHxDh, k_BxSxKxDh, mask)
-  return _attention_out(probs_BxKxGxLxS, v_BxSxKxDh, q_BxLxHxDh.shape)
+  return _attention_fwd(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask)[0]
 
 
 def _attention_fwd(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask):

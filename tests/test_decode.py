@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import chex
 import flax.linen as nn
 import jax
 import ml_collections
@@ -10,7 +11,8 @@ import numpy as np
 import pytest
 
 from lm import sharding
-from lm.decode import Sampling, decode, filter_logits, generate, outputs, prefill, sample_logits
+from lm.decode import Sampling, argmax, decode, filter_logits, generate, outputs, prefill
+from lm.decode import sample_logits
 from lm.models import Decoder, ModelConfig
 from lm.models.transformer import init_cache
 
@@ -65,6 +67,35 @@ def test_cached_logits_equal_full_recomputation(positions):
     logits, cache = step(params, jnp.asarray([[t]]), cache)
     cached.append(np.asarray(logits)[0, 0])
   np.testing.assert_allclose(np.stack(cached), full_logits(model, params, tokens), atol=2e-5)
+  # A prefill asks for the last position's logits only.
+  last, _ = model.apply({"params": params}, jnp.asarray([tokens]), last_only=True,
+                        cache=init_cache(model.cfg, 1, 16))
+  chex.assert_shape(last, (1, 1, 40))
+  np.testing.assert_allclose(np.asarray(last)[0, 0], full_logits(model, params, tokens)[-1],
+                             atol=2e-5)
+
+
+def test_bfloat16_cached_logits_track_full_recomputation():
+  """With bfloat16 compute (the cache is float32 on CPU, see ModelConfig.cache_dtype)."""
+  model, params = make_model("rope", sharpen=1.0, dtype="bfloat16")
+  tokens = [5, 3, 9, 1, 7, 2, 8, 6]
+  cache = init_cache(model.cfg, 1, 16)
+  step = jax.jit(lambda p, x, c: model.apply({"params": p}, x, cache=c))
+  logits, cache = step(params, jnp.asarray([tokens[:3]]), cache)
+  cached = list(np.asarray(logits)[0])
+  for t in tokens[3:]:
+    logits, cache = step(params, jnp.asarray([[t]]), cache)
+    cached.append(np.asarray(logits)[0, 0])
+  full = full_logits(model, params, tokens)
+  assert np.max(np.abs(np.stack(cached) - full)) < 0.05 * np.max(np.abs(full))
+
+
+def test_argmax_is_numpys_first_maximum():
+  rng = np.random.default_rng(0)
+  logits = rng.integers(0, 5, (64, 37)).astype(np.float32)  # many ties
+  logits[3] = -np.inf
+  logits[4, :] = 2.0
+  np.testing.assert_array_equal(np.asarray(argmax(jnp.asarray(logits))), logits.argmax(-1))
 
 
 @pytest.mark.parametrize("num_tokens", [6, 30])  # 30 runs past max_len = 16

@@ -25,8 +25,7 @@ import jax.numpy as jnp
 
 from lm.models.layers import Attention, Dense, Mlp, ModelConfig, attention_mask, constrain
 from lm.models.layers import cached_attention, dot_product_attention, lp, make_norm
-from lm.models.layers import sow_attention
-from lm.models.layers import residual_std
+from lm.models.layers import residual_std, sow_attention, tied_logits
 from lm.models.transformer import Block, layer_stack, padding_mask
 
 
@@ -57,8 +56,8 @@ class CrossAttention(nn.Module):
           sow=sow_attention(self))
     else:
       if memory_BxSxD is not None:  # the first decoding step: keep them, heads first
-        cache = {"k": k_BxSxKxDh.transpose(0, 2, 1, 3).astype(cfg.compute_dtype),
-                 "v": v_BxSxKxDh.transpose(0, 2, 1, 3).astype(cfg.compute_dtype)}
+        cache = {"k": k_BxSxKxDh.transpose(0, 2, 1, 3).astype(cfg.cache_dtype),
+                 "v": v_BxSxKxDh.transpose(0, 2, 1, 3).astype(cfg.cache_dtype)}
       out_BxLxHxDh = cached_attention(q_BxLxHxDh, cache["k"], cache["v"], mask)
     return Dense((cfg.d_model,), ("heads", "kv", "embed"), cfg, std=residual_std(cfg),
                  name="out")(out_BxLxHxDh), cache
@@ -172,7 +171,7 @@ class EncoderDecoder(nn.Module):
     x_BxLxD, layers = self.decoder(self._embed(tokens_BxL, positions_BxL), positions_BxL, mask,
                                    deterministic, (memory_BxSxD, memory_mask), layers, index)
     if self.cfg.tie_embeddings:
-      logits_BxLxV = self.embed.attend(x_BxLxD)
+      logits_BxLxV = tied_logits(self.cfg, self.embed.embedding, x_BxLxD)
     else:
       logits_BxLxV = self.lm_head(x_BxLxD)
     logits_BxLxV = logits_BxLxV.astype(jnp.float32)
@@ -194,8 +193,8 @@ def init_cache(cfg, batch, target_len, source_len):
   self_shape = (batch, cfg.num_kv_heads, target_len, cfg.head_dim)
   cross_shape = (batch, cfg.num_kv_heads, source_len, cfg.head_dim)
   stack = (cfg.num_layers,) if cfg.scan_layers else ()
-  layer = lambda: {name: {"k": jnp.zeros(stack + shape, cfg.compute_dtype),
-                          "v": jnp.zeros(stack + shape, cfg.compute_dtype)}
+  layer = lambda: {name: {"k": jnp.zeros(stack + shape, cfg.cache_dtype),
+                          "v": jnp.zeros(stack + shape, cfg.cache_dtype)}
                    for name, shape in (("self", self_shape), ("cross", cross_shape))}
   layers = layer() if cfg.scan_layers else tuple(layer() for _ in range(cfg.num_layers))
   # "length" carries the number of slots in its shape (a static size under jit).

@@ -29,6 +29,16 @@ def matmul(x_MxK, w_KxN):
   return jax.lax.dot(x_MxK, w_KxN, preferred_element_type=jnp.float32)
 
 
+def tied_logits(cfg, embedding_VxD, x_BxLxD):
+  """Output logits through the (tied) input embedding: x @ E^T in the compute dtype with
+  float32 accumulation, returned in float32 (flax's `Embed.attend` rounds them to the compute
+  dtype, and in bfloat16 XLA:CPU runs its product in float32 on a converted copy of E)."""
+  lead, d = x_BxLxD.shape[:-1], x_BxLxD.shape[-1]
+  y = matmul(x_BxLxD.reshape(-1, d).astype(cfg.compute_dtype),
+             embedding_VxD.T.astype(cfg.compute_dtype))
+  return y.reshape(lead + (embedding_VxD.shape[0],))
+
+
 def _matmul_fwd(x_MxK, w_KxN):
   return matmul(x_MxK, w_KxN), (x_MxK, w_KxN)
 
@@ -97,6 +107,15 @@ class ModelConfig:
   @property
   def weight_dtype(self):
     return jnp.dtype(self.param_dtype)
+
+  @property
+  def cache_dtype(self):
+    """The KV cache's dtype: the compute dtype, except float32 on CPU. XLA:CPU runs batched
+    bfloat16 products (attention over the cache) by converting both operands to float32 on
+    every call: for a bfloat16 cache that is a copy of the whole cache per decoded token."""
+    if jax.default_backend() == "cpu":
+      return jnp.dtype(jnp.float32)
+    return self.compute_dtype
 
 
 def make_norm(cfg, name):

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from lm.models.layers import Attention, Dense, Mlp, ModelConfig, attention_mask, constrain
-from lm.models.layers import lp, make_norm
+from lm.models.layers import lp, make_norm, tied_logits
 
 __all__ = ["Block", "Decoder", "Encoder", "ModelConfig", "init_cache"]
 
@@ -66,13 +66,14 @@ class Decoder(nn.Module):
   With a KV `cache` (see `init_cache`) it returns (logits, cache): the tokens fill slots
   cache["index"].. of the cache and attend to every earlier slot of their row from
   cache["start"][b] on (slots before it are left padding); positions count from that start.
+  `last_only`: logits for the last position only ([B, 1, V]), as a prefill needs them.
   """
 
   cfg: ModelConfig
 
   @nn.compact
   def __call__(self, tokens_BxL, positions_BxL=None, segment_ids_BxL=None,
-               deterministic=True, cache=None):
+               deterministic=True, cache=None, last_only=False):
     cfg = self.cfg
     b, length = tokens_BxL.shape
     if cache is not None:
@@ -94,11 +95,13 @@ class Decoder(nn.Module):
     cache_index = None if cache is None else cache["index"]
     x_BxLxD, layers = layer_stack(self, cfg, x_BxLxD, positions_BxL, mask, deterministic,
                                   None if cache is None else cache["layers"], cache_index)
+    if last_only:
+      x_BxLxD = x_BxLxD[:, -1:]
     if cfg.norm_position == "pre":
       x_BxLxD = make_norm(cfg, "ln_f")(x_BxLxD)
 
     if cfg.tie_embeddings:
-      logits_BxLxV = embed.attend(x_BxLxD)
+      logits_BxLxV = tied_logits(cfg, embed.embedding, x_BxLxD)
     else:
       logits_BxLxV = Dense((cfg.vocab_size,), ("embed", "vocab"), cfg, name="lm_head")(x_BxLxD)
     logits_BxLxV = logits_BxLxV.astype(jnp.float32)
@@ -203,11 +206,11 @@ def padding_mask(segment_ids_BxL):
 def init_cache(cfg, batch, length, start_B=None):
   """An empty KV cache of `length` slots per row; rows begin at slot `start_B` (default 0)."""
   shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)  # heads first: see cached_attention
-  layer = lambda: {"k": jnp.zeros(shape, cfg.compute_dtype),
-                   "v": jnp.zeros(shape, cfg.compute_dtype)}
+  layer = lambda: {"k": jnp.zeros(shape, cfg.cache_dtype),
+                   "v": jnp.zeros(shape, cfg.cache_dtype)}
   start_B = jnp.zeros((batch,), jnp.int32) if start_B is None else start_B
   if cfg.scan_layers:
-    layers = {k: jnp.zeros((cfg.num_layers,) + shape, cfg.compute_dtype) for k in ("k", "v")}
+    layers = {k: jnp.zeros((cfg.num_layers,) + shape, cfg.cache_dtype) for k in ("k", "v")}
   else:
     layers = tuple(layer() for _ in range(cfg.num_layers))
   return {"index": jnp.zeros((), jnp.int32), "start": jnp.asarray(start_B, jnp.int32),

@@ -12,6 +12,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _CACHE = tempfile.mkdtemp(prefix="lm-test-cache-")
 os.environ["LM_CACHE_DIR"] = _CACHE
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# One persistent XLA compilation cache for the whole run: the pytest-xdist workers and the
+# `python -m lm.main` subprocesses inherit it (set before they start), so a program that
+# many tests build (a tiny model's train step) compiles once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_CACHE, "xla"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 import sysconfig  # noqa: E402
 

@@ -117,6 +117,15 @@ class ModelConfig:
       return jnp.dtype(jnp.float32)
     return self.compute_dtype
 
+  @property
+  def caches_unembedding(self):
+    """Whether cached decoding keeps the tied output projection E^T in the cache: on CPU with
+    a compute dtype below float32. XLA:CPU runs a bfloat16 x @ E^T (E as stored, [V, D]) in
+    float32 on a converted copy of E; a transposed copy made once per prefill keeps the
+    per-token product in bfloat16 (about half the time for GPT-2's vocabulary)."""
+    return (jax.default_backend() == "cpu" and self.tie_embeddings and
+            self.compute_dtype != jnp.dtype(jnp.float32))
+
 
 def make_norm(cfg, name):
   scale_init = lp(nn.initializers.ones, ("embed",))

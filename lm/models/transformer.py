@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from lm.models.layers import Attention, Dense, Mlp, ModelConfig, attention_mask, constrain
-from lm.models.layers import lp, make_norm, tied_logits
+from lm.models.layers import lp, make_norm, matmul, tied_logits
 
 __all__ = ["Block", "Decoder", "Encoder", "ModelConfig", "init_cache"]
 
@@ -100,15 +100,24 @@ class Decoder(nn.Module):
     if cfg.norm_position == "pre":
       x_BxLxD = make_norm(cfg, "ln_f")(x_BxLxD)
 
-    if cfg.tie_embeddings:
+    new_cache = None if cache is None else {"index": cache["index"] + length,
+                                            "start": cache["start"], "layers": layers}
+    if cfg.tie_embeddings and cache is not None and cfg.caches_unembedding:
+      # E^T made once by the first call (the prefill), then carried with the cache.
+      unembed_DxV = cache.get("unembed")
+      if unembed_DxV is None:
+        unembed_DxV = embed.embedding.T.astype(cfg.compute_dtype)
+      new_cache["unembed"] = unembed_DxV
+      logits_BxLxV = matmul(x_BxLxD.reshape(-1, cfg.d_model).astype(cfg.compute_dtype),
+                            unembed_DxV).reshape(x_BxLxD.shape[:-1] + (cfg.vocab_size,))
+    elif cfg.tie_embeddings:
       logits_BxLxV = tied_logits(cfg, embed.embedding, x_BxLxD)
     else:
       logits_BxLxV = Dense((cfg.vocab_size,), ("embed", "vocab"), cfg, name="lm_head")(x_BxLxD)
     logits_BxLxV = logits_BxLxV.astype(jnp.float32)
     if cache is None:
       return logits_BxLxV
-    return logits_BxLxV, {"index": cache["index"] + length, "start": cache["start"],
-                          "layers": layers}
+    return logits_BxLxV, new_cache
 
 
 def embed_tokens(cfg, tokens_BxL, positions_BxL, type_ids_BxL, deterministic):

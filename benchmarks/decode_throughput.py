@@ -26,7 +26,21 @@ _BATCH_SIZES = flags.DEFINE_string("batch_sizes", "1,16", "Comma-separated batch
 _NEW_TOKENS = flags.DEFINE_integer("new_tokens", 128, "Tokens to generate.")
 _PROMPT_LEN = flags.DEFINE_integer("prompt_len", 16, "Prompt tokens.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Timed repeats; the median is reported.")
+_SAMPLED = flags.DEFINE_bool("sampled", True, "Also time lm sampling (top-p, top-k) at the "
+                             "largest batch, float32.")
 HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def timed(run):
+  """Median seconds of --repeats calls of `run`, after one that compiles."""
+  out = run()
+  assert all(len(row) == _NEW_TOKENS.value for row in out)
+  times = []
+  for _ in range(_REPEATS.value):
+    start = time.perf_counter()
+    run()
+    times.append(time.perf_counter() - start)
+  return statistics.median(times)
 
 
 def main(_):
@@ -51,19 +65,20 @@ def main(_):
     for b in (int(x) for x in _BATCH_SIZES.value.split(",")):
       prompts = np.random.default_rng(0).integers(0, 50257, (b, _PROMPT_LEN.value)).tolist()
       greedy = [decode.Sampling(temperature=0.0)] * b
-      run = lambda: decode.generate(model, params, prompts, _NEW_TOKENS.value, greedy)
-      out = run()  # compiles
-      assert all(len(row) == _NEW_TOKENS.value for row in out)
-      times = []
-      for _ in range(_REPEATS.value):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-      seconds = statistics.median(times)
+      seconds = timed(lambda: decode.generate(model, params, prompts, _NEW_TOKENS.value, greedy))
       results[(dtype, b)] = b * _NEW_TOKENS.value / seconds
       print(json.dumps({"impl": "lm", "dtype": dtype, "batch": b, "seconds": round(seconds, 3),
                         "tokens_per_s": round(results[(dtype, b)], 1),
                         "device": jax.devices()[0].device_kind}), flush=True)
+    if dtype == "float32" and _SAMPLED.value:
+      # What a server pays per token for sampling (temperature 0.8, top-p 0.95, top-k 50).
+      b = max(int(x) for x in _BATCH_SIZES.value.split(","))
+      prompts = np.random.default_rng(0).integers(0, 50257, (b, _PROMPT_LEN.value)).tolist()
+      hot = [decode.Sampling(temperature=0.8, top_p=0.95, top_k=50, seed=i) for i in range(b)]
+      seconds = timed(lambda: decode.generate(model, params, prompts, _NEW_TOKENS.value, hot))
+      print(json.dumps({"impl": "lm", "dtype": dtype, "batch": b, "sampling": "t0.8,p0.95,k50",
+                        "seconds": round(seconds, 3),
+                        "tokens_per_s": round(b * _NEW_TOKENS.value / seconds, 1)}), flush=True)
 
   summary = {"benchmark": "decode_throughput", "new_tokens": _NEW_TOKENS.value,
              "prompt_len": _PROMPT_LEN.value, "cpu_count": os.cpu_count()}

@@ -55,19 +55,52 @@ class DecodeState(NamedTuple):
   stop_ids: jax.Array  # [T] token ids that end a row
 
 
+def _order_keys(x):
+  """int32 keys in the order of the float32 values (IEEE bits, negatives' magnitude bits
+  flipped), so a threshold can be searched for by bisection over integers."""
+  i = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  return i ^ ((i >> 31) & 0x7FFFFFFF)
+
+
 def filter_logits(logits_BxV, top_k_B, top_p_B):
-  """-inf outside each row's top-k tokens and outside its top-p nucleus."""
+  """-inf outside each row's top-k tokens and outside its top-p nucleus (the fewest best
+  tokens whose probability reaches top_p); ties with the last kept token are kept.
+
+  Both thresholds are found by a 32-step bisection over the values' bit patterns, a few
+  passes over [B, V] each: exact, and over ten times faster than sorting a 50k vocabulary
+  on a CPU."""
   v = logits_BxV.shape[-1]
-  sorted_BxV = -jnp.sort(-logits_BxV, axis=-1)  # descending
+  keys_BxV = _order_keys(logits_BxV)
+  probs_BxV = jax.nn.softmax(logits_BxV, axis=-1)
   k_B = jnp.where((top_k_B > 0) & (top_k_B < v), top_k_B, v)
-  kth_B = jnp.take_along_axis(sorted_BxV, (k_B - 1)[:, None], axis=-1)[:, 0]
-  probs_BxV = jax.nn.softmax(sorted_BxV, axis=-1)
-  before_BxV = jnp.cumsum(probs_BxV, axis=-1) - probs_BxV  # mass of the better tokens
-  in_nucleus_BxV = (before_BxV < top_p_B[:, None]) | (jnp.arange(v) == 0)
-  last_B = jnp.sum(in_nucleus_BxV, axis=-1) - 1
-  pth_B = jnp.take_along_axis(sorted_BxV, last_B[:, None], axis=-1)[:, 0]
-  threshold_B = jnp.maximum(kth_B, pth_B)
-  return jnp.where(logits_BxV >= threshold_B[:, None], logits_BxV, -jnp.inf)
+  low_B, high_B = jnp.min(keys_BxV, axis=-1), jnp.max(keys_BxV, axis=-1)
+  middle = lambda a, b: (a >> 1) + (b >> 1) + (a & b & 1)  # no int32 overflow
+
+  def step(_, bounds):
+    # top-k: the largest key t with count(keys >= t) >= k lies in [k_lo, k_hi).
+    # top-p: the smallest key t with mass(keys > t) < top_p lies in (p_lo, p_hi].
+    k_lo, k_hi, p_lo, p_hi = bounds
+    k_mid, p_mid = middle(k_lo, k_hi), middle(p_lo, p_hi)
+    enough_B = jnp.sum(keys_BxV >= k_mid[:, None], axis=-1) >= k_B
+    below_B = jnp.sum(jnp.where(keys_BxV > p_mid[:, None], probs_BxV, 0.0), axis=-1) < top_p_B
+    return (jnp.where(enough_B, k_mid, k_lo), jnp.where(enough_B, k_hi, k_mid),
+            jnp.where(below_B, p_lo, p_mid), jnp.where(below_B, p_mid, p_hi))
+
+  kth_B, _, _, pth_B = jax.lax.fori_loop(0, 32, step, (low_B, high_B + 1, low_B - 1, high_B))
+  pth_B = jnp.where(top_p_B >= 1.0, low_B, pth_B)
+  return jnp.where(keys_BxV >= jnp.maximum(kth_B, pth_B)[:, None], logits_BxV, -jnp.inf)
+
+
+def categorical(keys_B, logits_BxV):
+  """One sample per row from softmax(logits) by inverting the cumulative distribution: one
+  uniform number per row (jax.random.categorical draws a Gumbel variate per token, several
+  times slower for a 50k vocabulary). Tokens at -inf are never drawn."""
+  v = logits_BxV.shape[-1]
+  weights_BxV = jnp.exp(logits_BxV - jnp.max(logits_BxV, axis=-1, keepdims=True))
+  cdf_BxV = jnp.cumsum(weights_BxV, axis=-1)
+  u_B = jax.vmap(jax.random.uniform)(keys_B) * cdf_BxV[:, -1]
+  first_B = jnp.min(jnp.where(cdf_BxV > u_B[:, None], jnp.arange(v, dtype=jnp.int32), v), -1)
+  return jnp.minimum(first_B, v - 1)
 
 
 def argmax(logits_BxV):
@@ -89,7 +122,7 @@ def sample_logits(logits_BxV, keys_B, temperature_B, top_k_B, top_p_B):
     needs_filter = jnp.any((top_k_B > 0) | (top_p_B < 1.0))
     scaled_BxV = jax.lax.cond(needs_filter, filter_logits, lambda x, *_: x, scaled_BxV,
                               top_k_B, top_p_B)
-    sampled_B = jax.vmap(jax.random.categorical)(keys_B, scaled_BxV).astype(jnp.int32)
+    sampled_B = categorical(keys_B, scaled_BxV)
     return jnp.where(temperature_B == 0.0, greedy_B, sampled_B)
 
   # An all-greedy batch skips drawing a Gumbel variate for every vocabulary entry.

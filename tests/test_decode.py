@@ -12,7 +12,7 @@ import pytest
 
 from lm import sharding
 from lm.decode import Sampling, argmax, decode, filter_logits, generate, outputs, prefill
-from lm.decode import sample_logits
+from lm.decode import categorical, sample_logits
 from lm.models import Decoder, ModelConfig
 from lm.models.transformer import init_cache
 
@@ -132,6 +132,33 @@ def test_filter_logits_keeps_exactly_the_top_k_and_nucleus():
     n_p = int(np.searchsorted(np.cumsum(probs), top_p[row] - 1e-6) + 1) if top_p[row] < 1 else 50
     n = min(n_p, top_k[row] or 50)
     assert set(np.flatnonzero(kept[row])) == set(order[:n])
+
+
+def test_filter_logits_with_ties_equals_a_sorting_reference():
+  rng = np.random.default_rng(1)
+  logits = np.round(rng.normal(size=(12, 1000)) * 2, 1).astype(np.float32)  # many ties
+  logits[0, :500] = -np.inf
+  top_k = np.array([0, 1, 7, 50, 999, 0, 0, 0, 3, 20, 1000, 0])
+  top_p = np.array([0.9, 1.0, 1.0, 0.5, 1.0, 0.05, 0.3, 0.999, 0.8, 0.2, 0.97, 1.0])
+  kept = np.isfinite(np.asarray(filter_logits(jnp.asarray(logits), jnp.asarray(top_k),
+                                              jnp.asarray(top_p, jnp.float32))))
+  for row in range(12):  # the k-th best value and the nucleus's last value, ties included
+    values = np.sort(logits[row])[::-1]
+    kth = values[top_k[row] - 1] if 0 < top_k[row] < 1000 else -np.inf
+    probs = np.exp(values.astype(np.float64) - values[0])
+    probs /= probs.sum()
+    before = np.cumsum(probs) - probs
+    pth = values[np.flatnonzero(before < top_p[row])[-1]] if top_p[row] < 1 else -np.inf
+    np.testing.assert_array_equal(kept[row], logits[row] >= max(kth, pth), err_msg=str(row))
+
+
+def test_categorical_draws_follow_the_softmax():
+  probs = np.array([0.05, 0.0, 0.4, 0.25, 0.0, 0.3])
+  logits = jnp.asarray(np.where(probs > 0, np.log(np.maximum(probs, 1e-30)) + 3.0, -np.inf),
+                       jnp.float32)[None]
+  keys = jax.random.split(jax.random.key(1), 20000)
+  draws = np.asarray(jax.vmap(lambda k: categorical(k[None], logits)[0])(keys))
+  np.testing.assert_allclose(np.bincount(draws, minlength=6) / len(draws), probs, atol=0.012)
 
 
 def test_samples_never_leave_the_allowed_set():

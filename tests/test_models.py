@@ -131,6 +131,15 @@ def test_matmul_backward_pass_runs_in_the_compute_dtype():
   assert dx.dtype == dw.dtype == jnp.float32
   np.testing.assert_allclose(dx, bf(bf(g) @ bf(w).T), rtol=2e-2, atol=2e-2)
   np.testing.assert_allclose(dw, bf(bf(x).T @ bf(g)), rtol=2e-2, atol=2e-2)
+  # matmul_nt(x, v) = x @ v^T for a weight stored [N, K] (a tied embedding): the same rules.
+  v = w.T
+  nt = lambda dtype: jax.grad(lambda x, v: jnp.sum(layers.matmul_nt(
+      x.astype(dtype), v.astype(dtype)) * g), argnums=(0, 1))(x, v)
+  np.testing.assert_allclose(layers.matmul_nt(x, v), x @ w, rtol=1e-5, atol=1e-5)
+  chex.assert_trees_all_close(nt(jnp.float32), (g @ v, g.T @ x), atol=1e-5)
+  dx, dv = nt(jnp.bfloat16)
+  np.testing.assert_allclose(dx, bf(bf(g) @ bf(v)), rtol=2e-2, atol=2e-2)
+  np.testing.assert_allclose(dv, bf(bf(g).T @ bf(x)), rtol=2e-2, atol=2e-2)
 
 
 def test_rope_scores_depend_only_on_relative_position():

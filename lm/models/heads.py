@@ -14,7 +14,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lm.models.layers import Dense, ModelConfig, make_norm
+from lm.models.layers import Dense, ModelConfig, make_norm, tied_logits
 from lm.models.transformer import Encoder
 
 HEAD_KINDS = ("mlm", "classification", "tagging")
@@ -42,8 +42,7 @@ class MlmHead(nn.Module):
     cfg = self.cfg
     x_BxLxD = Dense((cfg.d_model,), ("embed", None), _with_bias(cfg), name="dense")(h_BxLxD)
     x_BxLxD = make_norm(cfg, "norm")(nn.gelu(x_BxLxD, approximate=False))
-    logits_BxLxV = jnp.einsum("bld,vd->blv", x_BxLxD, embedding_VxD.astype(cfg.compute_dtype),
-                              preferred_element_type=jnp.float32)
+    logits_BxLxV = tied_logits(cfg, embedding_VxD, x_BxLxD)
     bias_V = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                         (cfg.vocab_size,), cfg.weight_dtype)
     return logits_BxLxV + bias_V.astype(jnp.float32)

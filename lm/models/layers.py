@@ -29,14 +29,24 @@ def matmul(x_MxK, w_KxN):
   return jax.lax.dot(x_MxK, w_KxN, preferred_element_type=jnp.float32)
 
 
-def tied_logits(cfg, embedding_VxD, x_BxLxD):
-  """Output logits through the (tied) input embedding: x @ E^T in the compute dtype with
-  float32 accumulation, returned in float32 (flax's `Embed.attend` rounds them to the compute
-  dtype, and in bfloat16 XLA:CPU runs its product in float32 on a converted copy of E)."""
-  lead, d = x_BxLxD.shape[:-1], x_BxLxD.shape[-1]
-  y = matmul(x_BxLxD.reshape(-1, d).astype(cfg.compute_dtype),
-             embedding_VxD.T.astype(cfg.compute_dtype))
-  return y.reshape(lead + (embedding_VxD.shape[0],))
+def _transpose_a_b(a_MxK, b_MxN):
+  """a^T b (contracting the leading axes), in the inputs' dtype with float32 accumulation."""
+  if jax.default_backend() == "cpu":
+    # XLA:CPU runs a^T b about twice as fast with a^T materialised row-major first (a small
+    # copy). The barrier keeps XLA from folding the transpose back into the product; taking
+    # it flat keeps layout assignment from giving a^T a column-major layout, with which
+    # XLA:CPU runs a bfloat16 product in float32.
+    m, k = a_MxK.shape
+    at_KxM = jax.lax.optimization_barrier(a_MxK.T.reshape(k * m)).reshape(k, m)
+    return jax.lax.dot(at_KxM, b_MxN, preferred_element_type=jnp.float32)
+  return jax.lax.dot_general(a_MxK, b_MxN, (((0,), (0,)), ((), ())),
+                             preferred_element_type=jnp.float32)
+
+
+def _a_transpose_b(a_MxN, b_KxN):
+  """a b^T (contracting the trailing axes), float32 accumulation."""
+  return jax.lax.dot_general(a_MxN, b_KxN, (((1,), (1,)), ((), ())),
+                             preferred_element_type=jnp.float32)
 
 
 def _matmul_fwd(x_MxK, w_KxN):
@@ -46,23 +56,45 @@ def _matmul_fwd(x_MxK, w_KxN):
 def _matmul_bwd(res, g_MxN):
   x_MxK, w_KxN = res
   g_MxN = g_MxN.astype(x_MxK.dtype)
-  dx_MxK = jax.lax.dot_general(g_MxN, w_KxN, (((1,), (1,)), ((), ())),
-                               preferred_element_type=jnp.float32)
-  if jax.default_backend() == "cpu":
-    # XLA:CPU runs x^T g about twice as fast with x^T materialised row-major first (a small
-    # copy). The barrier keeps XLA from folding the transpose back into the product; taking
-    # it flat keeps layout assignment from giving x^T a column-major layout, with which
-    # XLA:CPU runs a bfloat16 product in float32.
-    m, k = x_MxK.shape
-    xt_KxM = jax.lax.optimization_barrier(x_MxK.T.reshape(k * m)).reshape(k, m)
-    dw_KxN = jax.lax.dot(xt_KxM, g_MxN, preferred_element_type=jnp.float32)
-  else:
-    dw_KxN = jax.lax.dot_general(x_MxK, g_MxN, (((0,), (0,)), ((), ())),
-                                 preferred_element_type=jnp.float32)
+  dx_MxK = _a_transpose_b(g_MxN, w_KxN)
+  dw_KxN = _transpose_a_b(x_MxK, g_MxN)
   return dx_MxK.astype(x_MxK.dtype), dw_KxN.astype(w_KxN.dtype)
 
 
 matmul.defvjp(_matmul_fwd, _matmul_bwd)
+
+
+@jax.custom_vjp
+def matmul_nt(x_MxK, w_NxK):
+  """x @ w^T, as `matmul` (compute dtype, float32 accumulation, bfloat16 backward), for a
+  weight stored [N, K]: a tied embedding. (matmul(x, w.T) hands XLA a transposed operand,
+  which XLA:CPU runs in float32 when the dtype is bfloat16.)"""
+  return _a_transpose_b(x_MxK, w_NxK)
+
+
+def _matmul_nt_fwd(x_MxK, w_NxK):
+  return matmul_nt(x_MxK, w_NxK), (x_MxK, w_NxK)
+
+
+def _matmul_nt_bwd(res, g_MxN):
+  x_MxK, w_NxK = res
+  g_MxN = g_MxN.astype(x_MxK.dtype)
+  dx_MxK = jax.lax.dot(g_MxN, w_NxK, preferred_element_type=jnp.float32)
+  dw_NxK = _transpose_a_b(g_MxN, x_MxK)
+  return dx_MxK.astype(x_MxK.dtype), dw_NxK.astype(w_NxK.dtype)
+
+
+matmul_nt.defvjp(_matmul_nt_fwd, _matmul_nt_bwd)
+
+
+def tied_logits(cfg, embedding_VxD, x_BxLxD):
+  """Output logits through the (tied) input embedding: x @ E^T in the compute dtype with
+  float32 accumulation, returned in float32 (flax's `Embed.attend` rounds them to the
+  compute dtype)."""
+  lead, d = x_BxLxD.shape[:-1], x_BxLxD.shape[-1]
+  y = matmul_nt(x_BxLxD.reshape(-1, d).astype(cfg.compute_dtype),
+                embedding_VxD.astype(cfg.compute_dtype))
+  return y.reshape(lead + (embedding_VxD.shape[0],))
 
 
 @dataclasses.dataclass(frozen=True)

@@ -253,7 +253,11 @@ def generate(model, params, prompts, max_new, sampling=None, stop_ids=()):
     steps = min(max_new, room)
     seeds = [dataclasses.replace(sampling[i], seed=sampling[i].seed + 7919 * segment)
              for i in live]
-    state = prefill(model, params, context, bucket(steps), seeds, stop_ids,
+    # After the first window every window starts from a half-context, so sizing the output
+    # buffer by the room (not by what is left to generate) lets the last, shorter window
+    # reuse the compiled programs of the others.
+    buffer = bucket(steps if segment == 0 else room)
+    state = prefill(model, params, context, buffer, seeds, stop_ids,
                     limits=[steps] * len(live))
     state = decode(model, params, state, steps - 1)
     new = outputs(state, len(live))

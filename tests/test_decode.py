@@ -106,6 +106,19 @@ def test_greedy_generation_equals_a_host_loop(num_tokens):
   assert out == [host_greedy(model, params, prompt, num_tokens)]
 
 
+def test_windows_after_the_first_share_one_compiled_program():
+  from lm import decode as decode_module  # pylint: disable=import-outside-toplevel
+  cfg = ModelConfig(vocab_size=40, num_layers=1, num_heads=2, num_kv_heads=2, d_model=16,
+                    d_ff=32, max_len=64)
+  model = Decoder(cfg)
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
+  before = decode_module._decode._cache_size()  # pylint: disable=protected-access
+  # Windows of 61, 32, 32 and 13 tokens: the last, shorter one reuses the 32-token program.
+  out = generate(model, params, [[1, 2, 3]], 138, GREEDY)
+  assert len(out[0]) == 138
+  assert decode_module._decode._cache_size() - before == 2  # pylint: disable=protected-access
+
+
 def test_left_padding_changes_no_row():
   model, params = make_model("learned")
   prompts = [[7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [4, 4, 2]]

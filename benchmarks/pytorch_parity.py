@@ -60,7 +60,9 @@ def main(_):
     out = subprocess.run(
         [_TORCH_PYTHON.value, os.path.join(HERE, "pytorch_reference.py"), f"--data={_DATA.value}",
          f"--steps={_STEPS.value}", f"--decay_steps={config.train.num_steps}", f"--init={init}", f"--print_losses={_STEPS.value}", f"--batches={given}",
-         f"--seed={config.train.seed}"], capture_output=True, text=True, check=True).stdout
+         f"--seed={config.train.seed}", f"--lr={config.train.learning_rate}",
+         f"--min_lr={config.train.min_learning_rate}"],
+        capture_output=True, text=True, check=True).stdout
   torch_losses = [json.loads(line)["loss"] for line in out.splitlines()
                   if '"loss"' in line and '"step"' in line]
   diffs = [abs(a - b) for a, b in zip(lm_losses, torch_losses)]

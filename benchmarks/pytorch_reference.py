@@ -92,13 +92,15 @@ def main():
   ap.add_argument("--steps", type=int, default=2000)
   ap.add_argument("--decay_steps", type=int, default=2000, help="end of the cosine decay")
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument("--lr", type=float, default=1e-3, help="peak learning rate (nanoGPT: 1e-3)")
+  ap.add_argument("--min_lr", type=float, default=1e-4, help="end of the cosine decay")
   ap.add_argument("--init", default="")
   ap.add_argument("--print_losses", type=int, default=0)
   ap.add_argument("--batches", default="", help="npz of [steps, B, L+1] windows to train on")
   args = ap.parse_args()
   torch.manual_seed(args.seed)
   batch, length, layers, heads, d = 12, 64, 4, 4, 128
-  lr, min_lr, warmup = 1e-3, 1e-4, 100
+  lr, min_lr, warmup = args.lr, args.min_lr, 100
 
   text = open(args.data, encoding="utf-8").read()
   n_train = int(len(text) * 0.9)

@@ -25,8 +25,9 @@ def test_shakespeare_char_matches_the_nanogpt_reference():
   c = load_experiment("shakespeare_char")
   assert (c.model.num_layers, c.model.num_heads, c.model.d_model, c.data.seq_len,
           c.train.batch_size, c.train.num_steps) == (4, 4, 128, 64, 12, 2000)
+  # The one documented change: twice nanoGPT's learning rates (1e-3 to 1e-4).
   assert (c.train.learning_rate, c.train.min_learning_rate, c.train.warmup_steps) == (
-      1e-3, 1e-4, 100)
+      2e-3, 2e-4, 100)
   assert (c.train.b1, c.train.b2, c.train.weight_decay, c.train.grad_clip) == (
       0.9, 0.99, 0.1, 1.0)
   assert (c.model.dropout, c.model.positions, c.model.norm, c.model.mlp,

@@ -125,7 +125,7 @@ def sample_logits(logits_BxV, keys_B, temperature_B, top_k_B, top_p_B):
     sampled_B = categorical(keys_B, scaled_BxV)
     return jnp.where(temperature_B == 0.0, greedy_B, sampled_B)
 
-  # An all-greedy batch skips drawing a Gumbel variate for every vocabulary entry.
+  # An all-greedy batch skips the softmax, the filters and the draw.
   return jax.lax.cond(jnp.all(temperature_B == 0.0), lambda _: greedy_B, sample, None)
 
 

@@ -54,6 +54,7 @@ def main(_):
   from lm.models import Decoder, ModelConfig
 
   results = {}
+  batch_sizes = [int(x) for x in _BATCH_SIZES.value.split(",")]
   for dtype in ("float32", "bfloat16"):
     cfg = ModelConfig(vocab_size=50257, num_layers=12, num_heads=12, num_kv_heads=12,
                       d_model=768, d_ff=3072, max_len=1024, dtype=dtype, param_dtype=dtype,
@@ -62,7 +63,7 @@ def main(_):
     model = Decoder(cfg)
     params = jax.jit(lambda k: nn.unbox(model.init(k, jnp.zeros((1, 8), jnp.int32))["params"]))(
         jax.random.key(0))
-    for b in (int(x) for x in _BATCH_SIZES.value.split(",")):
+    for b in batch_sizes:
       prompts = np.random.default_rng(0).integers(0, 50257, (b, _PROMPT_LEN.value)).tolist()
       greedy = [decode.Sampling(temperature=0.0)] * b
       seconds = timed(lambda: decode.generate(model, params, prompts, _NEW_TOKENS.value, greedy))
@@ -72,7 +73,7 @@ def main(_):
                         "device": jax.devices()[0].device_kind}), flush=True)
     if dtype == "float32" and _SAMPLED.value:
       # What a server pays per token for sampling (temperature 0.8, top-p 0.95, top-k 50).
-      b = max(int(x) for x in _BATCH_SIZES.value.split(","))
+      b = max(batch_sizes)
       prompts = np.random.default_rng(0).integers(0, 50257, (b, _PROMPT_LEN.value)).tolist()
       hot = [decode.Sampling(temperature=0.8, top_p=0.95, top_k=50, seed=i) for i in range(b)]
       seconds = timed(lambda: decode.generate(model, params, prompts, _NEW_TOKENS.value, hot))

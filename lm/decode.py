@@ -95,22 +95,24 @@ def categorical(keys_B, logits_BxV):
   """One sample per row from softmax(logits) by inverting the cumulative distribution: one
   uniform number per row (jax.random.categorical draws a Gumbel variate per token, several
   times slower for a 50k vocabulary). Tokens at -inf are never drawn."""
-  v = logits_BxV.shape[-1]
   weights_BxV = jnp.exp(logits_BxV - jnp.max(logits_BxV, axis=-1, keepdims=True))
   cdf_BxV = jnp.cumsum(weights_BxV, axis=-1)
   u_B = jax.vmap(jax.random.uniform)(keys_B) * cdf_BxV[:, -1]
-  first_B = jnp.min(jnp.where(cdf_BxV > u_B[:, None], jnp.arange(v, dtype=jnp.int32), v), -1)
+  return _first_index(cdf_BxV > u_B[:, None])
+
+
+def _first_index(true_BxV):
+  """Per row, the first index where `true_BxV` holds (the last index where none does), as
+  one min-reduction: XLA:CPU runs argmax's (value, index) reduction several times slower."""
+  v = true_BxV.shape[-1]
+  first_B = jnp.min(jnp.where(true_BxV, jnp.arange(v, dtype=jnp.int32), v), axis=-1)
   return jnp.minimum(first_B, v - 1)
 
 
 def argmax(logits_BxV):
-  """jnp.argmax over the last axis (the first of equal maxima), as two plain reductions:
-  XLA:CPU runs argmax's (value, index) reduction several times slower. A row with a NaN
-  gives the last index."""
-  v = logits_BxV.shape[-1]
-  top_Bx1 = jnp.max(logits_BxV, axis=-1, keepdims=True)
-  first_B = jnp.min(jnp.where(logits_BxV == top_Bx1, jnp.arange(v, dtype=jnp.int32), v), -1)
-  return jnp.minimum(first_B, v - 1)
+  """jnp.argmax over the last axis (the first of equal maxima), as two plain reductions.
+  A row with a NaN gives the last index."""
+  return _first_index(logits_BxV == jnp.max(logits_BxV, axis=-1, keepdims=True))
 
 
 def sample_logits(logits_BxV, keys_B, temperature_B, top_k_B, top_p_B):

@@ -51,14 +51,13 @@ def final_evaluations(trainer, data, config, state, best, best_checkpointer, wri
     if data.size(split) < (2 if data.streams else 1) or (
         split in final and not trainer.task.is_language_model):
       continue
+    prefix = "eval" if split == "validation" else "test"
     if split not in final:
       final[split] = eval_metrics(trainer, data, config, params, split, 0)
-      prefix = "eval" if split == "validation" else "test"
       writer.write(step, {f"{prefix}/{k}": v for k, v in final[split].items()
                           if k not in ("tokens", "examples")})
     if trainer.task.objective == "seq2seq":
       final[split].update(translation_scores(trainer, data, config, params, split))
-      prefix = "eval" if split == "validation" else "test"
       writer.write(step, {f"{prefix}/{k}": final[split][k] for k in ("bleu", "chrf")})
       scored = final[split]["sentences"]
       which = (f"all {scored:,}" if scored == data.size(split) else
@@ -90,8 +89,7 @@ def translation_scores(trainer, data, config, params, split):
   records = data.prepared.sources[split]
   count = min(len(records), config.task.bleu_sentences or len(records))
   pairs = [(records[i]["source"], records[i]["target"]) for i in range(count)]
-  served = jax.jit(trainer.servable_params,
-                   out_shardings=sharding.replicated(trainer.mesh))(params)
+  served = _servable(trainer, params)
   with trainer.on_mesh():
     hypotheses = translate.translate(
         trainer.model, served, data.tokenizer, [p[0] for p in pairs], config.data.seq_len,
@@ -100,12 +98,17 @@ def translation_scores(trainer, data, config, params, split):
   return {**translate.scores(hypotheses, [p[1] for p in pairs]), "sentences": count}
 
 
-def sample_text(config, data, trainer, mesh, state, writer, step):
+def _servable(trainer, params):
+  """The parameters as decoding reads them (LoRA merged, frozen parts joined), replicated."""
+  return jax.jit(trainer.servable_params,
+                 out_shardings=sharding.replicated(trainer.mesh))(params)
+
+
+def sample_text(config, data, trainer, state, writer, step):
   prompt = config.sample.prompt
   prompt_ids = [data.tokenizer.bos_id, *data.tokenizer.encode(prompt).tolist()]
-  params = jax.jit(trainer.servable_params,
-                   out_shardings=sharding.replicated(mesh))(state.params)
-  ids = decode.generate(trainer.model, jax.device_get(params), [prompt_ids],
+  ids = decode.generate(trainer.model, jax.device_get(_servable(trainer, state.params)),
+                        [prompt_ids],
                         config.sample.num_tokens,
                         decode.Sampling(temperature=config.sample.temperature,
                                         top_k=config.sample.top_k, seed=config.train.seed))

@@ -358,7 +358,7 @@ def _run(config, workdir, devices, stop_after, overwrite, lock):
                                            best_checkpointer, writer, step, last_validation)
     sample = ""
     if config.sample.num_tokens and finished and task.objective == "causal":
-      sample = evaluation.sample_text(config, data, trainer, mesh, state, writer, step)
+      sample = evaluation.sample_text(config, data, trainer, state, writer, step)
   except BaseException:
     failing = True
     raise

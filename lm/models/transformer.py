@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 
 from lm.models.layers import Attention, Dense, Mlp, ModelConfig, attention_mask, constrain
-from lm.models.layers import lp, make_norm, matmul, tied_logits
+from lm.models.layers import lp, make_norm, tied_logits
 
 __all__ = ["Block", "Decoder", "Encoder", "ModelConfig", "init_cache"]
 
@@ -102,16 +102,15 @@ class Decoder(nn.Module):
 
     new_cache = None if cache is None else {"index": cache["index"] + length,
                                             "start": cache["start"], "layers": layers}
-    if cfg.tie_embeddings and cache is not None and cfg.caches_unembedding:
-      # E^T made once by the first call (the prefill), then carried with the cache.
-      unembed_DxV = cache.get("unembed")
-      if unembed_DxV is None:
-        unembed_DxV = embed.embedding.T.astype(cfg.compute_dtype)
-      new_cache["unembed"] = unembed_DxV
-      logits_BxLxV = matmul(x_BxLxD.reshape(-1, cfg.d_model).astype(cfg.compute_dtype),
-                            unembed_DxV).reshape(x_BxLxD.shape[:-1] + (cfg.vocab_size,))
-    elif cfg.tie_embeddings:
-      logits_BxLxV = tied_logits(cfg, embed.embedding, x_BxLxD)
+    if cfg.tie_embeddings:
+      unembed_DxV = None
+      if cache is not None and cfg.caches_unembedding:
+        # E^T made once by the first call (the prefill), then carried with the cache.
+        unembed_DxV = cache.get("unembed")
+        if unembed_DxV is None:
+          unembed_DxV = embed.embedding.T.astype(cfg.compute_dtype)
+        new_cache["unembed"] = unembed_DxV
+      logits_BxLxV = tied_logits(cfg, embed.embedding, x_BxLxD, unembed_DxV)
     else:
       logits_BxLxV = Dense((cfg.vocab_size,), ("embed", "vocab"), cfg, name="lm_head")(x_BxLxD)
     logits_BxLxV = logits_BxLxV.astype(jnp.float32)

@@ -196,17 +196,18 @@ def bucket(n, minimum=8):
 
 
 def prefill(model, params, prompts, max_new, sampling, stop_ids=(), batch_size=None,
-            limits=None):
+            limits=None, prompt_len=None):
   """Starts decoding `prompts` (lists of ids); returns a DecodeState with one new token.
 
   `sampling` is one Sampling per prompt; `limits` the most tokens per row (default and at
   most: max_new, the size of the output buffer). Rows are padded to `batch_size` (default:
-  the next power of two) with finished dummy rows, prompts to a power-of-two length."""
+  the next power of two) with finished dummy rows, prompts to a power-of-two length (at
+  least `prompt_len`)."""
   n = len(prompts)
   if n == 0 or any(len(p) == 0 for p in prompts):
     raise ValueError("prefill: every prompt needs at least one token")
   b = batch_size or bucket(n, minimum=1)
-  p = bucket(max(len(x) for x in prompts))
+  p = bucket(max(max(len(x) for x in prompts), prompt_len or 0))
   prompt_BxP = np.zeros((b, p), np.int32)
   lengths_B = np.ones((b,), np.int32)
   for i, ids in enumerate(prompts):
@@ -248,6 +249,11 @@ def generate(model, params, prompts, max_new, sampling=None, stop_ids=()):
   rows = [list(p)[-max_len:] for p in prompts]
   out = [[] for _ in prompts]
   live = list(range(len(prompts)))
+  # Every window is padded to one prompt length and one output buffer, so a run past the
+  # context compiles one prefill and one decode program, not a pair per window shape: the
+  # cache is up to half a context longer than needed, which costs far less than a compile.
+  shortest = min(min(len(r) for r in rows), max_len // 2)
+  longest = max(max(len(r) for r in rows), max_len // 2)
   segment = 0
   while live and max_new > 0:
     context = [rows[i] if len(rows[i]) < max_len else rows[i][-(max_len // 2):] for i in live]
@@ -255,12 +261,12 @@ def generate(model, params, prompts, max_new, sampling=None, stop_ids=()):
     steps = min(max_new, room)
     seeds = [dataclasses.replace(sampling[i], seed=sampling[i].seed + 7919 * segment)
              for i in live]
-    # After the first window every window starts from a half-context, so sizing the output
-    # buffer by the room (not by what is left to generate) lets the last, shorter window
-    # reuse the compiled programs of the others.
-    buffer = bucket(steps if segment == 0 else room)
+    if segment == 0 and steps == max_new:  # one window: sized by what it generates
+      prompt_len, buffer = None, bucket(steps)
+    else:
+      prompt_len, buffer = longest, bucket(max_len - shortest)
     state = prefill(model, params, context, buffer, seeds, stop_ids,
-                    limits=[steps] * len(live))
+                    limits=[steps] * len(live), prompt_len=prompt_len)
     state = decode(model, params, state, steps - 1)
     new = outputs(state, len(live))
     stopped = set()

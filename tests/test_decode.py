@@ -106,17 +106,26 @@ def test_greedy_generation_equals_a_host_loop(num_tokens):
   assert out == [host_greedy(model, params, prompt, num_tokens)]
 
 
-def test_windows_after_the_first_share_one_compiled_program():
+def test_every_window_shares_one_compiled_prefill_and_decode():
   from lm import decode as decode_module  # pylint: disable=import-outside-toplevel
   cfg = ModelConfig(vocab_size=40, num_layers=1, num_heads=2, num_kv_heads=2, d_model=16,
                     d_ff=32, max_len=64)
   model = Decoder(cfg)
   params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-  before = decode_module._decode._cache_size()  # pylint: disable=protected-access
-  # Windows of 61, 32, 32 and 13 tokens: the last, shorter one reuses the 32-token program.
+  programs = lambda: (decode_module._prefill._cache_size(),  # pylint: disable=protected-access
+                      decode_module._decode._cache_size())  # pylint: disable=protected-access
+  before = programs()
+  # Windows of 61, 32, 32 and 13 tokens from 3-, 32-, 32- and 32-token contexts.
   out = generate(model, params, [[1, 2, 3]], 138, GREEDY)
   assert len(out[0]) == 138
-  assert decode_module._decode._cache_size() - before == 2  # pylint: disable=protected-access
+  assert np.subtract(programs(), before).tolist() == [1, 1]
+  # The same tokens as windows each sized to fit: padding changes nothing.
+  ids = [1, 2, 3]
+  while len(ids) < 3 + 138:
+    context = ids if len(ids) < 64 else ids[-32:]
+    ids += generate(model, params, [context], min(64 - len(context), 3 + 138 - len(ids)),
+                    GREEDY)[0]
+  assert out[0] == ids[3:]
 
 
 def test_left_padding_changes_no_row():

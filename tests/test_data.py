@@ -285,14 +285,43 @@ def test_resuming_the_iterator_mid_epoch_gives_the_same_batches(tmp_path):
       np.testing.assert_array_equal(got[key], want[key])
 
 
-def test_eval_batches_score_every_target_once_with_padding_masked():
-  data = make_data(tiny_config())
+def test_eval_batches_score_every_target_once_with_padding_masked(tmp_path):
+  data = make_data(tiny_config(**{"data.path": str(folder_corpus(tmp_path)),
+                                  "data.tokenizer": "byte"}))
   batches = data.eval_batches("validation", 8, 16)
   stream = data.streams["validation"].tokens
   targets = np.concatenate([b["targets"][b["weights"] > 0] for b in batches])
   np.testing.assert_array_equal(targets, stream[1:])
   last = batches[len(batches) - 1]
   assert (last["segment_ids"][last["weights"] == 0] == 0).all()
+
+
+def test_one_document_batches_leave_out_segments_and_positions_and_lose_nothing():
+  """A single-file corpus is one document: its causal batches carry no segment ids or
+  positions (the model's defaults), and the loss is what the full arrays give."""
+  config = tiny_config()
+  data = make_data(config)
+  assert len(data.streams["validation"].doc_starts) == 1
+  train = data.train_batches(8, 16, seed=0)[3]
+  evals = data.eval_batches("validation", 8, 16)
+  assert set(train) == set(evals[0]) == {"inputs", "targets", "weights"}
+  cfg = ModelConfig.from_config(config.model, data.tokenizer.vocab_size)
+  model = Decoder(cfg)
+  params = model.init(jax.random.key(0), train["inputs"][:1])
+
+  def loss(batch, full):
+    logits = model.apply(params, batch["inputs"], full.get("positions"),
+                         full.get("segment_ids"))
+    nll = -np.take_along_axis(np.asarray(jax.nn.log_softmax(logits)),
+                              batch["targets"][..., None], -1)[..., 0]
+    return (nll * batch["weights"]).sum() / batch["weights"].sum()
+
+  stream = data.streams["validation"]
+  last = len(evals) - 1  # the padded tail
+  full = pipeline.windows(stream, (last * 8 + np.arange(8)) * 16, 16, data.tokenizer.pad_id)
+  assert (full["weights"] == 0).any() and (full["segment_ids"] == 0).any()
+  np.testing.assert_array_equal(evals[last]["weights"], full["weights"])
+  np.testing.assert_allclose(loss(evals[last], {}), loss(evals[last], full), rtol=1e-6)
 
 
 def test_mlm_masking_statistics_and_determinism(tmp_path):

@@ -74,7 +74,8 @@ class Data:
       self._require_streams(objective)
       batch_fn = pipeline.StreamWindows(self.streams["train"], seq_len, seed,
                                         self.tokenizer.pad_id).batch
-      batch_fn = self._self_supervised(batch_fn, objective, seed, seq_len, process_count)
+      batch_fn = self._self_supervised(batch_fn, objective, seed, seq_len, process_count,
+                                       self.streams["train"])
     else:
       batch_fn = self._bucketed(pipeline.rows(self._record_examples(
           "train", seq_len, target_len, objective, shuffle_seed=seed)), process_count)
@@ -99,7 +100,8 @@ class Data:
       def batch_fn(indices):
         return pipeline.windows(stream, indices * seq_len, seq_len, self.tokenizer.pad_id)
 
-      batch_fn = self._self_supervised(batch_fn, objective, seed, seq_len, process_count)
+      batch_fn = self._self_supervised(batch_fn, objective, seed, seq_len, process_count,
+                                       stream)
       return pipeline.eval_batches(num_windows, batch_fn, batch_size, process_index,
                                    process_count)
     num = self.prepared.num_examples(split)
@@ -111,12 +113,19 @@ class Data:
   def iterator(self, dataset, state=None):
     return pipeline.iterator(dataset, self.num_threads, state=state)
 
-  def _self_supervised(self, batch_fn, objective, seed, seq_len, process_count):
+  def _self_supervised(self, batch_fn, objective, seed, seq_len, process_count, stream):
     """Packed windows as they are (causal), masked (mlm) or span-corrupted."""
     if objective == "mlm":
       return self._mlm(batch_fn, seed)
     if objective == "span_corruption":
       return self._bucketed(self._span_corruption(batch_fn, seed, seq_len), process_count)
+    if len(stream.doc_starts) <= 1:
+      # A stream of one document (Tiny Shakespeare, enwik8): every window is one segment at
+      # positions 0..L-1, the model's defaults, so the batches leave both out and the model
+      # applies its plain causal mask, cheaper than comparing segment ids. Only padding at
+      # the end of an evaluation split differs, and it is weighted 0 and attended by nothing.
+      return lambda indices: {k: v for k, v in batch_fn(indices).items()
+                              if k not in ("segment_ids", "positions")}
     return batch_fn
 
   def _span_corruption(self, batch_fn, seed, seq_len):

@@ -28,6 +28,11 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the j
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _DISTRIBUTED = flags.DEFINE_bool("distributed", False,
                                  "Initialise jax.distributed from the environment.")
+_COMPILATION_CACHE = flags.DEFINE_string(
+    "compilation_cache", None,
+    "Folder of XLA's persistent compilation cache: a rerun of the same programs (a resumed "
+    "or repeated run, a sweep's next trial) loads them instead of compiling. Default: "
+    "$JAX_COMPILATION_CACHE_DIR, else $LM_CACHE_DIR/xla (~/.cache/lm/xla); '' turns it off.")
 
 # Exit statuses: 0 done; 2 bad input (config, data, checkpoint, workdir); 3 the loss or
 # gradients became NaN/Inf (train.nonfinite=stop); 75 preempted (SIGTERM/SIGINT): a
@@ -82,6 +87,20 @@ def loaded_config():
   return config
 
 
+def use_compilation_cache(path):
+  """Turns on JAX's persistent compilation cache in `path` (None: the default folder)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from lm.data.corpus import cache_dir  # pylint: disable=import-outside-toplevel
+  if path is None:
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or os.path.join(cache_dir(), "xla")
+  if not path:
+    return
+  jax.config.update("jax_compilation_cache_dir", os.path.expanduser(path))
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    # JAX's default (1 s) would leave out a small model's evaluation and decoding programs.
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.3)
+
+
 def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments: {' '.join(argv[1:])}")
@@ -91,6 +110,7 @@ def main(argv):
   from lm.errors import NonFiniteLoss, Preempted, UserError  # late: --help stays fast
   from lm.loop import run
   config = loaded_config()
+  use_compilation_cache(_COMPILATION_CACHE.value)
   given = [f for f in (_COORDINATOR, _NUM_PROCESSES, _PROCESS_ID) if f.value is not None]
   if given and len(given) < 3:
     fail("--coordinator_address, --num_processes and --process_id go together")

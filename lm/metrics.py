@@ -1,8 +1,11 @@
 """Metric writers (stdout, metrics.jsonl, TensorBoard) and FLOP / MFU accounting."""
 
+import contextlib
+import importlib.abc
 import json
 import math
 import os
+import sys
 
 import jax
 
@@ -112,7 +115,8 @@ class MetricWriter:
       if os.path.exists(path):
         _truncate_after(path, resume_step)
       self._jsonl = open(path, "a", encoding="utf-8")
-      from tensorboardX import SummaryWriter  # writes event files without TensorFlow
+      with _torch_hidden():
+        from tensorboardX import SummaryWriter  # writes event files without TensorFlow
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), flush_secs=10)
 
   def write(self, step, scalars):
@@ -133,6 +137,28 @@ class MetricWriter:
     if self.enabled:
       self._jsonl.close()
       self._tb.close()
+
+
+class _NoTorch(importlib.abc.MetaPathFinder):
+  def find_spec(self, name, path=None, target=None):
+    if name == "torch" or name.startswith("torch."):
+      raise ImportError(f"{name} is hidden while tensorboardX is imported")
+    return None
+
+
+@contextlib.contextmanager
+def _torch_hidden():
+  """tensorboardX imports PyTorch where it is installed (a second, in every run) only to
+  accept torch tensors, which lm never passes: hide it, unless it is already loaded."""
+  if "torch" in sys.modules or "tensorboardX" in sys.modules:
+    yield
+    return
+  finder = _NoTorch()
+  sys.meta_path.insert(0, finder)
+  try:
+    yield
+  finally:
+    sys.meta_path.remove(finder)
 
 
 def _truncate_after(path, step):

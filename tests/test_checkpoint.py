@@ -3,12 +3,15 @@
 import json
 import os
 import shutil
+import struct
+import subprocess
+import sys
 
 import chex
 import jax
 import pytest
 
-from conftest import tiny_config
+from conftest import REPO, tiny_config, user_env
 from lm import loop, sharding
 from lm.checkpoint import Checkpointer, abstract_like
 from lm import data as data_lib
@@ -115,6 +118,28 @@ def test_run_writes_metrics_tensorboard_and_keeps_last_checkpoints(tmp_path, one
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["8", "9"]
   assert json.load(open(os.path.join(workdir, "config.json")))["model"]["d_model"] == 32
   assert result.sample.startswith("def ") and len(result.sample) > len("def ")
+
+
+def test_tensorboard_events_hold_the_scalars_and_torch_is_not_imported(tmp_path):
+  """In a fresh process (PyTorch, where installed, stays unloaded: tensorboardX would
+  import it); the event file is read back record by record."""
+  code = ("import sys; from lm import metrics; w = metrics.MetricWriter(sys.argv[1]); "
+          "w.write(3, {'train/loss': 2.5}); w.write_text(3, 'sample', 'hi'); w.close(); "
+          "assert 'torch' not in sys.modules, 'torch was imported'")
+  done = subprocess.run([sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                        text=True, env=user_env(PYTHONPATH=REPO), timeout=120)
+  assert done.returncode == 0, done.stderr[-2000:]
+  from tensorboardX.proto import event_pb2  # pylint: disable=import-outside-toplevel
+  folder = tmp_path / "tensorboard"
+  raw = (folder / os.listdir(folder)[0]).read_bytes()
+  scalars, offset = [], 0
+  while offset < len(raw):  # TFRecord framing: length, its CRC, the data, its CRC
+    (length,) = struct.unpack("<Q", raw[offset:offset + 8])
+    event = event_pb2.Event.FromString(raw[offset + 12:offset + 12 + length])
+    offset += 16 + length
+    scalars += [(v.tag, event.step, v.simple_value) for v in event.summary.value
+                if v.HasField("simple_value")]
+  assert scalars == [("train/loss", 3, 2.5)]
 
 
 def test_resume_after_a_lost_checkpoint_logs_each_step_once(tmp_path, one_device):

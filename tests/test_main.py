@@ -15,14 +15,16 @@ TINY = ["--config.train.num_steps=4", "--config.train.warmup_steps=2", "--config
         "--config.data.validation_fraction=0.02", "--config.data.test_fraction=0.02"]
 
 
-def run_main(*args, cwd):
+def run_main(*args, cwd, **env):
   return subprocess.run(
       [sys.executable, "-m", "lm.main", f"--config={REPO}/experiments/base.py", *TINY, *args],
-      cwd=cwd, env=user_env(PYTHONPATH=REPO), capture_output=True, text=True, timeout=300)
+      cwd=cwd, env=user_env(PYTHONPATH=REPO, **env), capture_output=True, text=True,
+      timeout=300)
 
 
 def test_main_trains_evaluates_checkpoints_samples_and_resumes(tmp_path):
-  first = run_main(cwd=tmp_path)
+  cache = str(tmp_path / "xla")
+  first = run_main(f"--compilation_cache={cache}", cwd=tmp_path)
   assert first.returncode == 0, first.stderr[-3000:]
   out = first.stdout
   workdir = re.search(r"lm: workdir (\S+)", out).group(1)
@@ -34,7 +36,16 @@ def test_main_trains_evaluates_checkpoints_samples_and_resumes(tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   assert "Traceback" not in first.stderr
 
-  longer = run_main(f"--workdir={workdir}", "--config.train.num_steps=6", cwd=tmp_path)
+  assert {"jit__train_step_fn", "jit__eval_step_fn", "jit__prefill", "jit__decode"} <= {
+      n.rsplit("-", 2)[0] for n in os.listdir(cache)}
+
+  # JAX_LOG_COMPILES makes JAX report each persistent cache hit.
+  longer = run_main(f"--workdir={workdir}", "--config.train.num_steps=6",
+                    f"--compilation_cache={cache}", cwd=tmp_path, JAX_LOG_COMPILES="1")
   assert longer.returncode == 0, longer.stderr[-3000:]
+  # The resumed run loads the programs it shares with the first (its train step differs:
+  # the schedule's length is part of it).
+  for name in ("jit__eval_step_fn", "jit__prefill", "jit__decode"):
+    assert f"Persistent compilation cache hit for '{name}'" in longer.stderr, name
   assert "resumed from step 4" in longer.stdout
   assert "step      6 | loss" in longer.stdout and "step      2 | loss" not in longer.stdout

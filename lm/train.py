@@ -8,6 +8,7 @@ of step s is fold_in(key(seed), s), so nothing random lives outside the state's 
 a resumed run continues exactly where the uninterrupted one would be.
 """
 
+import concurrent.futures
 import contextlib
 import functools
 import time
@@ -296,23 +297,53 @@ class Trainer:
   def _run_compiled(self, jitted, kind, state, batch):
     shapes = (kind,) + tuple(sorted((k, v.shape) for k, v in batch.items()))
     with self.on_mesh():
-      if shapes not in self._compiled:
+      compiled = self._compiled.get(shapes)
+      if not isinstance(compiled, jax.stages.Compiled):
         # Queued steps run on while XLA compiles: wait for them, so that the compile time
         # the loop takes out of its step times overlaps no training.
         jax.block_until_ready(state)
         start = time.perf_counter()
-        self._compiled[shapes] = jitted.lower(state, self.frozen, batch).compile()
+        if compiled is None:
+          compiled = jitted.lower(state, self.frozen, batch).compile()
+        else:  # compiling ahead (compile_ahead): wait for the rest
+          compiled = compiled.result()
+        self._compiled[shapes] = compiled
         self.compile_seconds = (self.compile_seconds or 0.0) + time.perf_counter() - start
-      return self._compiled[shapes](state, self.frozen, batch)
+      return compiled(state, self.frozen, batch)
+
+  def compile_ahead(self, host_batch, size):
+    """Starts compiling, on a background thread, the train step for `size` steps per
+    dispatch (1: train_step) of batches shaped like `host_batch` (this process's rows),
+    so that XLA compiles while the caller initialises or restores the state and opens the
+    data; the first such dispatch then waits only for what is left. An error in the
+    compilation is raised by that dispatch."""
+    rows = len(next(iter(host_batch.values()))) * jax.process_count()
+    lead, batch_sharding = ((size,), self.stacked_batch_sharding) if size > 1 else (
+        (), self.batch_sharding)
+    batch = {k: jax.ShapeDtypeStruct(lead + (rows,) + v.shape[1:], v.dtype,
+                                     sharding=batch_sharding) for k, v in host_batch.items()}
+    kind, jitted = ("steps", self._train_steps) if size > 1 else ("step", self._train_step)
+    shapes = (kind,) + tuple(sorted((k, v.shape) for k, v in batch.items()))
+    if shapes in self._compiled:
+      return
+    state = _placed(self.abstract_state, self.state_shardings)
+    frozen = _placed(self.abstract_frozen, self.frozen_shardings)
+
+    def build():
+      with self.on_mesh():  # the mesh and the axis rules are per thread
+        return jitted.lower(state, frozen, batch).compile()
+
+    pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lm-compile")
+    self._compiled[shapes] = pool.submit(build)
+    pool.shutdown(wait=False)  # the thread ends with the compilation
 
   def lower_train_step(self, batch):
     """The train step lowered for `batch` (arrays or ShapeDtypeStructs with shardings) and
     an abstract state and base: for XLA's cost and memory analyses (benchmarks, tests)."""
-    like = lambda tree, shardings: jax.tree.map(
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, shardings)
     with self.on_mesh():
-      return self._train_step.lower(like(self.abstract_state, self.state_shardings),
-                                    like(self.abstract_frozen, self.frozen_shardings), batch)
+      return self._train_step.lower(_placed(self.abstract_state, self.state_shardings),
+                                    _placed(self.abstract_frozen, self.frozen_shardings),
+                                    batch)
 
   def eval_step(self, params, batch):
     """`params`: the trainable parameters (a state's), with the frozen base."""
@@ -341,3 +372,9 @@ class Trainer:
   @functools.cached_property
   def num_trainable(self):
     return peft.count(self.abstract_state.params)
+
+
+def _placed(abstract, shardings):
+  """ShapeDtypeStructs of an abstract tree with these shardings: what lower() needs."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract, shardings)

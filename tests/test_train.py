@@ -110,3 +110,25 @@ def test_abstract_state_describes_the_real_state(one_device):
   state = trainer.init_state()
   chex.assert_trees_all_equal_shapes_and_dtypes(state, trainer.abstract_state)
   assert trainer.num_params == sum(x.size for x in jax.tree.leaves(state.params))
+
+
+def test_compile_ahead_builds_the_programs_the_dispatches_run():
+  """Train steps compiled on a background thread from batch shapes alone (on a data x FSDP
+  x tensor mesh) are the ones the dispatches run (nothing compiles twice), and train as
+  lazily compiled ones do."""
+  config = tiny_config(**{"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2})
+  devices = jax.devices()[:8]
+  ahead, data = make_trainer(config, devices)
+  lazy, _ = make_trainer(config, devices)
+  host = [data.train_batches(8, 16, 0)[k] for k in range(3)]
+  ahead.compile_ahead(host[0], 3)
+  ahead.compile_ahead(host[0], 1)
+  results = []
+  for trainer in (ahead, lazy):
+    state = trainer.init_state()
+    state, stacked = trainer.train_steps(state, trainer.shard_batches(host))
+    state, single = trainer.train_step(state, trainer.shard_batch(host[0]))
+    results.append((state.params, stacked["loss"], single["loss"]))
+  compiled = list(ahead._compiled.values())  # pylint: disable=protected-access
+  assert len(compiled) == 2 and all(isinstance(c, jax.stages.Compiled) for c in compiled)
+  chex.assert_trees_all_close(results[0], results[1])

@@ -191,3 +191,18 @@ def test_dropout_is_active_only_in_training():
   train = model.apply({"params": params}, tokens, deterministic=False,
                       rngs={"dropout": jax.random.key(3)})
   assert np.abs(train - eval_a).max() > 1e-3
+
+
+def test_exact_gelu_and_its_gradient_match_float64_erf():
+  import math  # pylint: disable=import-outside-toplevel
+  x = np.linspace(-12.0, 12.0, 4801)
+  erf = np.vectorize(math.erf)
+  want = 0.5 * x * (1.0 + erf(x / math.sqrt(2.0)))
+  want_grad = (0.5 * (1.0 + erf(x / math.sqrt(2.0))) +
+               x * np.exp(-x * x / 2) / math.sqrt(2 * math.pi))
+  x32 = jnp.asarray(x, jnp.float32)
+  np.testing.assert_allclose(layers.gelu(x32), want, atol=2e-6, rtol=1e-6)
+  np.testing.assert_allclose(jax.vmap(jax.grad(layers.gelu))(x32), want_grad, atol=2e-6,
+                             rtol=1e-6)
+  np.testing.assert_allclose(layers.gelu(x32, approximate=True),
+                             jax.nn.gelu(x32, approximate=True))

@@ -14,7 +14,7 @@ import dataclasses
 import flax.linen as nn
 import jax.numpy as jnp
 
-from lm.models.layers import Dense, ModelConfig, make_norm, tied_logits
+from lm.models.layers import Dense, ModelConfig, gelu, make_norm, tied_logits
 from lm.models.transformer import Encoder
 
 HEAD_KINDS = ("mlm", "classification", "tagging")
@@ -41,7 +41,7 @@ class MlmHead(nn.Module):
   def __call__(self, h_BxLxD, embedding_VxD):
     cfg = self.cfg
     x_BxLxD = Dense((cfg.d_model,), ("embed", None), _with_bias(cfg), name="dense")(h_BxLxD)
-    x_BxLxD = make_norm(cfg, "norm")(nn.gelu(x_BxLxD, approximate=False))
+    x_BxLxD = make_norm(cfg, "norm")(gelu(x_BxLxD))
     logits_BxLxV = tied_logits(cfg, embedding_VxD, x_BxLxD)
     bias_V = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, ("vocab",)),
                         (cfg.vocab_size,), cfg.weight_dtype)

@@ -158,11 +158,11 @@ def _run(config, workdir, devices, stop_after, overwrite, lock):
                                      jax.process_index(), jax.process_count(),
                                      objective=task.objective)
   begin = start_step or 0
-  end = t.num_steps if stop_after is None else min(t.num_steps, stop_after)
-  if data.streams and task.objective in ("causal", "mlm") and begin < end:
+  end_step = t.num_steps if stop_after is None else min(t.num_steps, stop_after)
+  if data.streams and task.objective in ("causal", "mlm") and begin < end_step:
     # Every batch has one shape: the first dispatch's train step compiles on a background
     # thread while the state is initialised or restored.
-    first = _dispatch_end(begin, end, t, Profiler(None, begin + 3, t.profile_steps))
+    first = _dispatch_end(begin, end_step, t, Profiler(None, begin + 3, t.profile_steps))
     trainer.compile_ahead(train_dataset[0], first - begin)
   state = None
   data_state = None
@@ -248,7 +248,6 @@ def _run(config, workdir, devices, stop_after, overwrite, lock):
     metrics.log(f"lm: resumed from step {start_step}")
 
   train_batches = data.iterator(train_dataset, state=data_state)
-  end_step = t.num_steps if stop_after is None else min(t.num_steps, stop_after)
   # A rerun of a run that stopped early does not train on.
   stopped_early = bool(t.early_stopping and best and best["bad_evals"] >= t.early_stopping)
   if stopped_early:

@@ -120,7 +120,7 @@ class Data:
     if objective == "span_corruption":
       return self._bucketed(self._span_corruption(batch_fn, seed, seq_len), process_count)
     if len(stream.doc_starts) <= 1:
-      # A stream of one document (Tiny Shakespeare, enwik8): every window is one segment at
+      # A stream of one document (a single text file): every window is one segment at
       # positions 0..L-1, the model's defaults, so the batches leave both out and the model
       # applies its plain causal mask, cheaper than comparing segment ids. Only padding at
       # the end of an evaluation split differs, and it is weighted 0 and attended by nothing.

@@ -1,6 +1,7 @@
 """Shared test settings: 8 fake CPU devices (set before jax is imported) and tiny configs."""
 
 import atexit
+import json
 import os
 import shutil
 import tempfile
@@ -35,6 +36,18 @@ def user_env(**extra):
   """The environment of `python -m lm.main` as a user runs it: one CPU device, not eight."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
   return {**env, **extra}
+
+
+def metrics_records(workdir):
+  """The records of a run's metrics.jsonl, in order."""
+  with open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8") as f:
+    return [json.loads(line) for line in f]
+
+
+def run_config(workdir):
+  """The config.json a run wrote, as a dict."""
+  with open(os.path.join(workdir, "config.json"), encoding="utf-8") as f:
+    return json.load(f)
 
 
 def tiny_config(**overrides):

@@ -11,7 +11,7 @@ import chex
 import jax
 import pytest
 
-from conftest import REPO, tiny_config, user_env
+from conftest import REPO, metrics_records, run_config, tiny_config, user_env
 from lm import loop, sharding
 from lm.checkpoint import Checkpointer, abstract_like
 from lm import data as data_lib
@@ -104,7 +104,7 @@ def test_run_writes_metrics_tensorboard_and_keeps_last_checkpoints(tmp_path, one
                           "train.keep_checkpoints": 2, "train.log_every": 3})
   workdir = str(tmp_path / "run")
   result = loop.run(config, workdir, devices=one_device)
-  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  records = metrics_records(workdir)
   train = [r for r in records if "train/loss" in r]
   assert [r["step"] for r in train] == [3, 6, 9]
   assert all(r["train/loss"] == pytest.approx(result.train_losses[r["step"]]) for r in train)
@@ -116,7 +116,7 @@ def test_run_writes_metrics_tensorboard_and_keeps_last_checkpoints(tmp_path, one
   events = os.listdir(os.path.join(workdir, "tensorboard"))
   assert any(name.startswith("events.out.tfevents") for name in events)
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["8", "9"]
-  assert json.load(open(os.path.join(workdir, "config.json")))["model"]["d_model"] == 32
+  assert run_config(workdir)["model"]["d_model"] == 32
   assert result.sample.startswith("def ") and len(result.sample) > len("def ")
 
 
@@ -149,7 +149,7 @@ def test_resume_after_a_lost_checkpoint_logs_each_step_once(tmp_path, one_device
   shutil.rmtree(os.path.join(workdir, "checkpoints", "6"))  # as if killed before saving it
   again = loop.run(config, workdir, devices=one_device)
   assert sorted(again.train_losses) == [4, 5, 6]
-  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  records = metrics_records(workdir)
   steps = [r["step"] for r in records if "train/loss" in r]
   assert steps == [1, 2, 3, 4, 5, 6]
   for r in records:
@@ -178,7 +178,7 @@ def test_overwrite_discards_a_different_experiment(tmp_path, one_device):
     loop.run(other, workdir, devices=one_device)
   result = loop.run(other, workdir, devices=one_device, overwrite=True)
   assert min(result.train_losses) == 1 and result.final_step == 6
-  assert json.load(open(os.path.join(workdir, "config.json")))["model"]["d_model"] == 64
+  assert run_config(workdir)["model"]["d_model"] == 64
 
 
 def test_resume_on_a_mesh_is_bit_identical(tmp_path):

@@ -14,7 +14,7 @@ import time
 import numpy as np
 import pytest
 
-from conftest import REPO, tiny_config, user_env
+from conftest import REPO, metrics_records, tiny_config, user_env
 from lm import loop
 from lm.checkpoint import CheckpointError, Checkpointer
 from lm.data import pipeline
@@ -40,8 +40,7 @@ def cli(workdir, *args, **popen):
 def losses(workdir):
   """step -> train loss from metrics.jsonl (each step once)."""
   out = {}
-  for line in open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8"):
-    record = json.loads(line)
+  for record in metrics_records(workdir):
     if "train/loss" in record:
       assert record["step"] not in out, f"step {record['step']} logged twice"
       out[record["step"]] = record["train/loss"]
@@ -86,7 +85,7 @@ def test_nan_step_is_skipped_and_counted(tmp_path, one_device, nan_at_step):
                                                             for s in (1, 2, 3, 4)]
   # Step 6 starts from step 4's parameters, so it differs from the clean run's step 6.
   assert result.train_losses[6] != clean.train_losses[6]
-  records = [json.loads(x) for x in open(os.path.join(workdir, "metrics.jsonl"))]
+  records = metrics_records(workdir)
   skipped = {r["step"]: r["train/skipped_steps"] for r in records if "train/skipped_steps" in r}
   assert skipped[4] == 0 and skipped[5] == 1 and skipped[8] == 1
 

@@ -2,7 +2,6 @@
 through jax.distributed: the same losses as one process with 8 devices, Orbax checkpoints
 written together, and a SIGTERM to both handled at one agreed step, then resumed."""
 
-import json
 import os
 import signal
 import socket
@@ -12,7 +11,7 @@ import time
 
 import numpy as np
 
-from conftest import REPO, user_env
+from conftest import REPO, metrics_records, user_env
 
 ARGS = ["--config.data.path=" + os.path.join(os.path.dirname(os.__file__), "argparse.py"),
         "--config.data.tokenizer=char", "--config.data.seq_len=16", "--config.model.max_len=16",
@@ -44,8 +43,7 @@ def two_processes(workdir, *args):
 
 def losses(workdir):
   out = {}
-  for line in open(os.path.join(workdir, "metrics.jsonl"), encoding="utf-8"):
-    record = json.loads(line)
+  for record in metrics_records(workdir):
     if "train/loss" in record:
       out[record["step"]] = record["train/loss"]
   return out

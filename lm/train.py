@@ -295,7 +295,7 @@ class Trainer:
     return self._run_compiled(self._train_steps, "steps", state, batches)
 
   def _run_compiled(self, jitted, kind, state, batch):
-    shapes = (kind,) + tuple(sorted((k, v.shape) for k, v in batch.items()))
+    shapes = _program_key(kind, batch)
     with self.on_mesh():
       compiled = self._compiled.get(shapes)
       if not isinstance(compiled, jax.stages.Compiled):
@@ -323,7 +323,7 @@ class Trainer:
     batch = {k: jax.ShapeDtypeStruct(lead + (rows,) + v.shape[1:], v.dtype,
                                      sharding=batch_sharding) for k, v in host_batch.items()}
     kind, jitted = ("steps", self._train_steps) if size > 1 else ("step", self._train_step)
-    shapes = (kind,) + tuple(sorted((k, v.shape) for k, v in batch.items()))
+    shapes = _program_key(kind, batch)
     if shapes in self._compiled:
       return
     state = _placed(self.abstract_state, self.state_shardings)
@@ -378,3 +378,8 @@ def _placed(abstract, shardings):
   """ShapeDtypeStructs of an abstract tree with these shardings: what lower() needs."""
   return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                       abstract, shardings)
+
+
+def _program_key(kind, batch):
+  """Which compiled train step serves `batch` (global arrays or ShapeDtypeStructs)."""
+  return (kind,) + tuple(sorted((k, v.shape) for k, v in batch.items()))

@@ -51,6 +51,9 @@ class LossScale:
     return LossScale(scale=scale.astype(jnp.float32), good_steps=good_steps.astype(jnp.int32))
 
 
+INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}  # by platform
+
+
 def uses_loss_scale(config):
   """train.loss_scale: dynamic, or auto with float16 compute."""
   mode = config.train.get("loss_scale", "auto")
@@ -142,8 +145,13 @@ class Trainer:
     # The frozen parameters, on the mesh: set by init_state / state_from_params / set_base.
     self.frozen = {} if not self.peft_method else None
 
-    self._init = jax.jit(self._init_state,
-                         out_shardings=(self.state_shardings, self.frozen_shardings))
+    # On a CPU the initialiser compiles at LLVM optimisation level 1 instead of 3: a third
+    # faster to compile (most of it is one random-bits and erf_inv chain per parameter,
+    # which the higher levels do not speed up), with bit-identical parameters and the same
+    # run time (tests/test_train.py; benchmarks/README.md).
+    self._init = jax.jit(
+        self._init_state, out_shardings=(self.state_shardings, self.frozen_shardings),
+        compiler_options=INIT_COMPILER_OPTIONS.get(mesh.devices.flat[0].platform))
     self._train_step = jax.jit(
         self._train_step_fn,
         in_shardings=(self.state_shardings, self.frozen_shardings, self.batch_sharding),

@@ -112,6 +112,16 @@ def test_abstract_state_describes_the_real_state(one_device):
   assert trainer.num_params == sum(x.size for x in jax.tree.leaves(state.params))
 
 
+def test_cheaper_compiled_initialiser_gives_the_same_parameters(one_device):
+  """The initialiser compiled at INIT_COMPILER_OPTIONS (the one init_state runs) and at
+  XLA's defaults give bit-identical parameters."""
+  trainer, _ = make_trainer(tiny_config(), one_device)
+  cheaper = trainer.init_state()
+  with jax.set_mesh(trainer.mesh):
+    default, _ = jax.jit(trainer._init_state)(trainer.init_key)  # pylint: disable=protected-access
+  chex.assert_trees_all_equal(cheaper.params, default.params)
+
+
 def test_compile_ahead_builds_the_programs_the_dispatches_run():
   """Train steps compiled on a background thread from batch shapes alone (on a data x FSDP
   x tensor mesh) are the ones the dispatches run (nothing compiles twice), and train as

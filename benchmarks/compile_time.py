@@ -1,9 +1,12 @@
-"""Compile seconds of the train step against depth, with and without model.scan_layers.
+"""Compile seconds of the train step against depth, with and without model.scan_layers,
+and of the initialiser.
 
     python benchmarks/compile_time.py --config=experiments/base.py [--layers=2,8,24,48]
 
 Lowers and compiles the jitted train step (nothing runs) and prints one JSON line per
-(layers, scan) setting.
+(layers, scan) setting. `init_compile_s` is the initialiser's compile time with the options
+init_state uses (lm/train.py, INIT_COMPILER_OPTIONS), `init_compile_default_s` at XLA's
+default optimisation level.
 """
 
 import json
@@ -39,10 +42,18 @@ def main(_):
       with trainer.on_mesh():
         lowered.compile()
       done = time.perf_counter()
+      init = trainer.lower_init()
+      init_start = time.perf_counter()
+      init.compile()
+      init_done = time.perf_counter()
+      init.compile(compiler_options={"xla_backend_optimization_level": 3})
       print(json.dumps({"benchmark": "compile_time", "num_layers": layers, "scan_layers": scan,
                         "trace_lower_s": round(traced - start, 2),
                         "compile_s": round(done - traced, 2),
-                        "total_s": round(done - start, 2)}), flush=True)
+                        "total_s": round(done - start, 2),
+                        "init_compile_s": round(init_done - init_start, 2),
+                        "init_compile_default_s": round(time.perf_counter() - init_done, 2)}),
+            flush=True)
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ a resumed run continues exactly where the uninterrupted one would be.
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import functools
 import time
 from typing import Any
@@ -23,6 +24,7 @@ import optax
 
 from lm import peft, sharding
 from lm.models import ModelConfig, lora
+from lm.models.transformer import unstack_layers
 from lm.tasks import Task
 
 
@@ -52,6 +54,7 @@ class LossScale:
 
 
 INIT_COMPILER_OPTIONS = {"cpu": {"xla_backend_optimization_level": 1}}  # by platform
+TWIN_INIT_MIN_LAYERS = 8  # Trainer._init_params
 
 
 def uses_loss_scale(config):
@@ -107,9 +110,7 @@ class Trainer:
   def __init__(self, config, vocab_size, mesh, num_labels=0):
     self.config, self.mesh = config, mesh
     self.model_cfg = ModelConfig.from_config(config.model, vocab_size)
-    self.task = Task(config.task.objective, self.model_cfg, num_labels, config.task.pooling,
-                     adapters=peft.adapters(config.peft),
-                     label_smoothing=config.task.label_smoothing)
+    self.task = self._make_task(self.model_cfg, num_labels)
     self.model = self.task.model  # the plain model: serve it lora.merge'd parameters
     self.peft_method = config.peft.method
     self.is_trainable = peft.trainable(self.peft_method, self.task.head_keys)
@@ -171,13 +172,38 @@ class Trainer:
 
   # Pure functions (traced once under the mesh and the logical axis rules).
 
-  def _init_boxed_params(self, key):
+  def _make_task(self, model_cfg, num_labels):
+    c = self.config
+    return Task(c.task.objective, model_cfg, num_labels, c.task.pooling,
+                adapters=peft.adapters(c.peft), label_smoothing=c.task.label_smoothing)
+
+  def _init_boxed_params(self, key, task=None):
     tokens_BxL = jnp.zeros((1, self.seq_len), jnp.int32)
-    return self.task.init(key, tokens_BxL)
+    return (task or self.task).init(key, tokens_BxL)
+
+  def _init_params(self, key):
+    """All the model's parameters, unboxed: what init_state starts from.
+
+    From TWIN_INIT_MIN_LAYERS layers on, a model without model.scan_layers is initialised
+    as its scanned twin (model.scan_layers, the same key) and the stacked layers are then
+    split into layer_0, layer_1, ...: XLA then compiles one layer's initialiser instead of
+    one per layer (48 layers of experiments/base.py: 28 s of compiling instead of 2.5).
+    Shallower models keep their direct initialisation, and the parameters earlier
+    versions of lm gave them."""
+    cfg = self.model_cfg
+    if cfg.scan_layers or cfg.num_layers < TWIN_INIT_MIN_LAYERS:
+      return nn.unbox(self._init_boxed_params(key))
+    twin = self._make_task(dataclasses.replace(cfg, scan_layers=True), self.task.num_labels)
+    params = unstack_layers(nn.unbox(self._init_boxed_params(key, twin)))
+    if jax.tree.structure(params) != jax.tree.structure(self.abstract_params):
+      raise AssertionError("the scanned twin's parameters do not unstack into the model's: "
+                           f"{jax.tree.structure(params)} != "
+                           f"{jax.tree.structure(self.abstract_params)}")
+    return params
 
   def _init_state(self, key):
     """(train state, frozen parameters)."""
-    params, frozen = peft.split(nn.unbox(self._init_boxed_params(key)), self.is_trainable)
+    params, frozen = peft.split(self._init_params(key), self.is_trainable)
     return self._fresh_state(params), frozen
 
   def _fresh_state(self, params):
@@ -344,6 +370,12 @@ class Trainer:
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lm-compile")
     self._compiled[shapes] = pool.submit(build)
     pool.shutdown(wait=False)  # the thread ends with the compilation
+
+  def lower_init(self):
+    """The initialiser lowered (init_state's program, with INIT_COMPILER_OPTIONS): for
+    compile-time benchmarks."""
+    with jax.set_mesh(self.mesh):
+      return self._init.lower(self.init_key)
 
   def lower_train_step(self, batch):
     """The train step lowered for `batch` (arrays or ShapeDtypeStructs with shardings) and

@@ -7,9 +7,9 @@ import optax
 import pytest
 
 from conftest import tiny_config
-from lm import sharding
+from lm import pretrained, sharding
 from lm.data import make_data
-from lm.train import Trainer, learning_rate_schedule
+from lm.train import TWIN_INIT_MIN_LAYERS, Trainer, learning_rate_schedule
 
 
 def make_trainer(config, devices):
@@ -120,6 +120,37 @@ def test_cheaper_compiled_initialiser_gives_the_same_parameters(one_device):
   with jax.set_mesh(trainer.mesh):
     default, _ = jax.jit(trainer._init_state)(trainer.init_key)  # pylint: disable=protected-access
   chex.assert_trees_all_equal(cheaper.params, default.params)
+
+
+def _flat(tree):
+  return {"/".join(k.key for k in path): leaf
+          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def test_deep_models_initialise_through_their_scanned_twin():
+  """From TWIN_INIT_MIN_LAYERS layers on, an unscanned model starts from its scanned twin's
+  parameters split per layer (pretrained.stack_layers, a second code path, puts them back),
+  with different values in every layer, on one device and on a data x FSDP x tensor mesh.
+  Encoder-decoder, encoder and LoRA models map onto their own trees too."""
+  n = TWIN_INIT_MIN_LAYERS
+  devices = jax.devices()
+  looped = Trainer(tiny_config(**{"model.num_layers": n}), 70,
+                   sharding.make_mesh(tiny_config().mesh, devices[:1])).init_state().params
+  scanned = Trainer(tiny_config(**{"model.num_layers": n, "model.scan_layers": True}), 70,
+                    sharding.make_mesh(tiny_config().mesh, devices[:1])).init_state().params
+  chex.assert_trees_all_equal(pretrained.stack_layers(_flat(looped)), _flat(scanned))
+  first, second = looped["layer_0"], looped["layer_1"]
+  assert not np.array_equal(first["mlp"]["wi"]["kernel"], second["mlp"]["wi"]["kernel"])
+  meshed = tiny_config(**{"model.num_layers": n, "mesh.data": 2, "mesh.fsdp": 2,
+                          "mesh.tensor": 2})
+  on_mesh = Trainer(meshed, 70, sharding.make_mesh(meshed.mesh, devices[:8])).init_state()
+  chex.assert_trees_all_equal(jax.device_get(on_mesh.params), jax.device_get(looped))
+  for fields in ({"task.objective": "seq2seq"}, {"task.objective": "mlm"},
+                 {"task.objective": "classification", "peft.method": "lora",
+                  "peft.targets": r"attn/(query|value)$"}):
+    config = tiny_config(**{"model.num_layers": n, **fields})
+    trainer = Trainer(config, 70, sharding.make_mesh(config.mesh, devices[:1]), num_labels=3)
+    assert "layer_7" in str(jax.tree.structure(trainer.abstract_params))
 
 
 def test_compile_ahead_builds_the_programs_the_dispatches_run():

@@ -31,7 +31,7 @@ import orbax.checkpoint as ocp
 from lm import metrics, peft
 from lm.checkpoint import Checkpointer
 from lm.errors import UserError
-from lm.models import lora
+from lm.models import lora, transformer
 
 ARCHITECTURE = ("num_layers", "num_heads", "num_kv_heads", "d_model", "d_ff", "vocab_size",
                 "max_len", "norm", "norm_eps", "norm_position", "positions", "rope_theta", "mlp",
@@ -185,17 +185,7 @@ def stack_layers(flat):
 
 def unstack_layers(flat):
   """The inverse of stack_layers."""
-  out = {}
-  for name, value in flat.items():
-    parts = name.split("/")
-    if "layers" in parts and parts[parts.index("layers") + 1:parts.index("layers") + 2] == \
-        ["block"]:
-      index = parts.index("layers")
-      for i, layer in enumerate(value):
-        out["/".join(parts[:index] + [f"layer_{i}"] + parts[index + 2:])] = layer
-    else:
-      out[name] = value
-  return out
+  return _flat(transformer.unstack_layers(_nest(flat)))
 
 
 def load_params(pretrained, params, head_keys, sharding, tensors=None, announce=True):

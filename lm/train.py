@@ -187,7 +187,7 @@ class Trainer:
     From TWIN_INIT_MIN_LAYERS layers on, a model without model.scan_layers is initialised
     as its scanned twin (model.scan_layers, the same key) and the stacked layers are then
     split into layer_0, layer_1, ...: XLA then compiles one layer's initialiser instead of
-    one per layer (48 layers of experiments/base.py: 28 s of compiling instead of 2.5).
+    one per layer (48 layers of experiments/base.py: 28 s of compiling instead of 3.3).
     Shallower models keep their direct initialisation, and the parameters earlier
     versions of lm gave them."""
     cfg = self.model_cfg

@@ -19,6 +19,8 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
+from lm import trees
+from lm.config import defaults
 from lm.errors import UserError
 
 # Fields that may differ between a checkpoint's config and the config resuming from it:
@@ -33,11 +35,6 @@ RESUMABLE_CHANGES = ("train.num_steps", "train.eval_every", "train.eval_steps",
                      # compared apart from its name and path
                      "task.beam_size", "task.length_penalty", "task.bleu_sentences",
                      "data.name", "data.path")
-
-
-def _param_paths(tree):
-  return {"/".join(str(getattr(k, "key", getattr(k, "name", k))) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
 class CheckpointError(UserError):
@@ -109,11 +106,11 @@ class Checkpointer:
 
   def saved_params(self, step):
     """{"path/to/param": its metadata (.shape, .dtype)} of checkpoint `step`, unread."""
-    return _param_paths(self.manager.item_metadata(step)["state"].tree["params"])
+    return trees.flatten(self.manager.item_metadata(step)["state"].tree["params"])
 
   def check_shapes(self, step, abstract_state):
     """Raises UserError naming every parameter whose saved shape differs from the model's."""
-    have, want = self.saved_params(step), _param_paths(abstract_state.params)
+    have, want = self.saved_params(step), trees.flatten(abstract_state.params)
     problems = [f"{name}: missing from the checkpoint" for name in want if name not in have]
     problems += [f"{name}: in the checkpoint, not in the model" for name in have
                  if name not in want]
@@ -158,22 +155,11 @@ class Checkpointer:
     self.manager.close()
 
 
-def _flat(d, prefix=""):
-  out = {}
-  for k, v in d.items():
-    if isinstance(v, dict):
-      out.update(_flat(v, f"{prefix}{k}."))
-    else:
-      out[f"{prefix}{k}"] = v
-  return out
-
-
 def config_differences(saved, current):
   """Fields whose change makes resuming from `saved` compute something else."""
-  from lm.config import defaults  # pylint: disable=import-outside-toplevel
-  a, b = _flat(saved), _flat(current)
+  a, b = trees.flatten(saved, "."), trees.flatten(current, ".")
   # A field the saved config lacks came into lm later: the run used what is its default.
-  a = {**{k: v for k, v in _flat(defaults().to_dict()).items() if k not in a}, **a}
+  a = {**{k: v for k, v in trees.flatten(defaults().to_dict(), ".").items() if k not in a}, **a}
   changed = []
   for name in sorted(set(a) | set(b)):
     if name.startswith(RESUMABLE_CHANGES) or a.get(name) == b.get(name):
@@ -182,9 +168,3 @@ def config_differences(saved, current):
       continue
     changed.append(f"{name}: {a.get(name)!r} -> {b.get(name)!r}")
   return changed
-
-
-def abstract_like(tree, shardings):
-  """ShapeDtypeStructs carrying target shardings, for restoring."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      tree, shardings)

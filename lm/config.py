@@ -15,6 +15,7 @@ import ml_collections
 from ml_collections import config_dict
 
 from lm.errors import UserError
+from lm.trees import flatten
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -231,17 +232,6 @@ _NON_NEGATIVE = (
 )
 
 
-def _flatten(c, prefix=""):
-  out = {}
-  for key, value in c.items():
-    name = f"{prefix}{key}"
-    if isinstance(value, (ml_collections.ConfigDict, dict)):
-      out.update(_flatten(value, name + "."))
-    else:
-      out[name] = value
-  return out
-
-
 def _check_schema(flat, schema, schema_types):
   for name, value in flat.items():
     if name not in schema:
@@ -264,7 +254,7 @@ def _check_schema(flat, schema, schema_types):
 def validate(config, num_devices):
   """Raises ConfigError naming the first bad field; returns the config otherwise."""
   schema_dict = defaults()
-  schema = _flatten(schema_dict)
+  schema = flatten(schema_dict, ".")
   schema_types = {}
   for name, value in schema.items():
     if value is None:  # placeholders carry their type on the FieldReference
@@ -277,7 +267,7 @@ def validate(config, num_devices):
       close = difflib.get_close_matches(section, [n.split(".")[0] for n in schema], n=1)
       hint = f"; did you mean {close[0]}?" if close else ""
       raise ConfigError(section, f"unknown field{hint}")
-  flat = _flatten(config)
+  flat = flatten(config, ".")
   _check_schema(flat, schema, schema_types)
   for name in schema:
     if name not in flat:

@@ -9,7 +9,6 @@ tasks; the whole validation and test splits; BLEU and chrF for translation), and
 import jax
 
 from lm import decode, metrics, sharding
-from lm.checkpoint import abstract_like
 
 
 def eval_metrics(trainer, data, config, params, split, max_batches):
@@ -44,7 +43,7 @@ def final_evaluations(trainer, data, config, state, best, best_checkpointer, wri
   if not trainer.task.is_language_model and best is not None:
     final["validation"] = best["validation"]
     if best["step"] != step:
-      abstract = abstract_like(trainer.abstract_state, trainer.state_shardings)
+      abstract = sharding.abstract_like(trainer.abstract_state, trainer.state_shardings)
       params = best_checkpointer.restore_state(best["step"], abstract).params
     metrics.log(f"best validation (step {best['step']}): {describe(best['validation'])}")
   for split in ("validation", "test"):

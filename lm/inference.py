@@ -15,7 +15,7 @@ import jax
 import ml_collections
 
 from lm import decode, sharding
-from lm.checkpoint import Checkpointer, abstract_like
+from lm.checkpoint import Checkpointer
 from lm.data.tokenizers import from_dict
 from lm.errors import UserError
 
@@ -86,7 +86,7 @@ def load(workdir, step=None, devices=None, decoder=True):
     else:
       trainer = Trainer(config, tokenizer.vocab_size, mesh, num_labels)
       checkpointer.check_shapes(step, trainer.abstract_state)
-      params = checkpointer.restore_state(step, abstract_like(trainer.abstract_state,
+      params = checkpointer.restore_state(step, sharding.abstract_like(trainer.abstract_state,
                                                               trainer.state_shardings)).params
   finally:
     checkpointer.close()

@@ -19,7 +19,7 @@ import jax
 
 from lm import config as config_lib
 from lm import evaluation, metrics, pretrained, sharding
-from lm.checkpoint import Checkpointer, abstract_like, config_differences
+from lm.checkpoint import Checkpointer, config_differences
 from lm.data import make_data
 from lm.errors import Preempted, UserError
 from lm.runtime import Profiler, WorkdirLock, check_finite, stop_signals
@@ -62,7 +62,7 @@ def _latest_meta(checkpointer, config):
 
 def _restore(checkpointer, trainer, newest):
   """The newest checkpoint at or before `newest` that restores completely."""
-  abstract = abstract_like(trainer.abstract_state, trainer.state_shardings)
+  abstract = sharding.abstract_like(trainer.abstract_state, trainer.state_shardings)
   for step in checkpointer.all_steps():
     if step > newest:
       continue

@@ -22,6 +22,7 @@ import jax
 import numpy as np
 
 from lm.errors import UserError
+from lm.trees import unstack_layers
 from lm.models import lora
 
 METHODS = ("", "lora", "bitfit")
@@ -90,7 +91,6 @@ def check_trainable(method, trainable_tree, head_keys, config):
 def fingerprint(flat):
   """A digest of a checkpoint's tensors ({name: host array}), layout-independent: the same
   for per-layer and stacked (scanned) copies of the same weights."""
-  from lm.pretrained import unstack_layers  # pylint: disable=import-outside-toplevel
   digest = hashlib.sha256()
   for name, value in sorted(unstack_layers(flat).items()):
     value = np.ascontiguousarray(value)

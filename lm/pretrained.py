@@ -28,10 +28,13 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lm import metrics, peft
+from lm import metrics, peft, trees
+from lm.config import defaults
 from lm.checkpoint import Checkpointer
 from lm.errors import UserError
-from lm.models import lora, transformer
+from lm.interop.hf_folder import Converted
+from lm.models import lora
+from lm.trees import stack_layers, unstack_layers
 
 ARCHITECTURE = ("num_layers", "num_heads", "num_kv_heads", "d_model", "d_ff", "vocab_size",
                 "max_len", "norm", "norm_eps", "norm_position", "positions", "rope_theta", "mlp",
@@ -71,7 +74,7 @@ def from_workdir(path, folders=("best", "checkpoints"), step=None):
             manager.item_metadata(step)["state"].tree)
         saved = manager.restore(step, args=ocp.args.Composite(
             state=ocp.args.StandardRestore(target)))
-        return _flat(jax.device_get(saved["state"]["params"]))
+        return trees.flatten(jax.device_get(saved["state"]["params"]))
 
       peft_config = meta["config"].get("peft", {})
       if peft_config.get("method"):  # the checkpoint holds the trained part only
@@ -85,9 +88,7 @@ def from_workdir(path, folders=("best", "checkpoints"), step=None):
 def open_pretrained(path):
   """An lm workdir, or "hf:FOLDER" for a Hugging Face checkpoint (lm/interop/hf.py)."""
   if path.startswith("hf:"):
-    from lm.config import defaults  # pylint: disable=import-outside-toplevel
-    from lm.interop import hf  # pylint: disable=import-outside-toplevel
-    converted = hf.Converted(path[3:])
+    converted = Converted(path[3:])
     model = {**defaults().model.to_dict(), **converted.fields}
     return Pretrained(f"{converted.arch} checkpoint {converted.folder}",
                       {"config": {"model": model}, "tokenizer": converted.tokenizer.to_dict()},
@@ -134,7 +135,7 @@ def _with_base(read_trained, meta, peft_config):
     full = {**unstack_layers(read_base(meta["base"], sharding)),
             **unstack_layers(read_trained(sharding))}
     if peft_config["method"] == "lora":
-      full = _flat(lora.merge(_nest(full), peft_config["alpha"]))
+      full = trees.flatten(lora.merge(trees.nest(full), peft_config["alpha"]))
     return full
   return read
 
@@ -150,44 +151,6 @@ def adopt_architecture(config, saved_config):
   return changed
 
 
-def _nest(flat):
-  tree = {}
-  for name, value in flat.items():
-    *parents, leaf = name.split("/")
-    node = tree
-    for p in parents:
-      node = node.setdefault(p, {})
-    node[leaf] = value
-  return tree
-
-
-def _flat(tree):
-  return {"/".join(str(getattr(k, "key", k)) for k in path): leaf
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def stack_layers(flat):
-  """Per-layer names (layer_3/...) -> one stacked array per name under layers/block/..., as
-  a model with model.scan_layers keeps them."""
-  out, stacked = {}, {}
-  for name, value in flat.items():
-    parts = name.split("/")
-    index = next((i for i, p in enumerate(parts) if p.startswith("layer_")), None)
-    if index is None:
-      out[name] = value
-      continue
-    key = "/".join(parts[:index] + ["layers", "block"] + parts[index + 1:])
-    stacked.setdefault(key, {})[int(parts[index][len("layer_"):])] = value
-  for key, layers in stacked.items():
-    out[key] = np.stack([layers[i] for i in sorted(layers)])
-  return out
-
-
-def unstack_layers(flat):
-  """The inverse of stack_layers."""
-  return _flat(transformer.unstack_layers(_nest(flat)))
-
-
 def load_params(pretrained, params, head_keys, sharding, tensors=None, announce=True):
   """`params` (the new model's, initialised) with the checkpoint's tensors, as host arrays
   in the same tree structure. Every body tensor must be there with its shape; head tensors
@@ -195,7 +158,7 @@ def load_params(pretrained, params, head_keys, sharding, tensors=None, announce=
   shape, and keep their initialisation otherwise. `sharding`: where to read the saved state
   to (replicated on the new run's mesh: the old run may have had another). `tensors`: what
   pretrained.read(sharding) gave, if already read. `announce`: log what was loaded."""
-  ours = _flat(params)
+  ours = trees.flatten(params)
   saved = unstack_layers(pretrained.read(sharding) if tensors is None else tensors)
   if any("/layers/block/" in "/" + n for n in ours):
     saved = stack_layers(saved)

@@ -73,3 +73,10 @@ def logical_shardings(abstract_boxed, mesh, rules=RULES):
       return NamedSharding(mesh, _fit(spec, leaf.value.shape, mesh))
     return replicated(mesh)
   return jax.tree.map(one, abstract_boxed, is_leaf=lambda x: isinstance(x, nn.Partitioned))
+
+
+def abstract_like(tree, shardings):
+  """ShapeDtypeStructs of a (concrete or abstract) tree carrying these shardings: what
+  lower() and Orbax's restore take."""
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      tree, shardings)

@@ -24,7 +24,7 @@ import optax
 
 from lm import peft, sharding
 from lm.models import ModelConfig, lora
-from lm.models.transformer import unstack_layers
+from lm.trees import unstack_layers_tree
 from lm.tasks import Task
 
 
@@ -194,7 +194,7 @@ class Trainer:
     if cfg.scan_layers or cfg.num_layers < TWIN_INIT_MIN_LAYERS:
       return nn.unbox(self._init_boxed_params(key))
     twin = self._make_task(dataclasses.replace(cfg, scan_layers=True), self.task.num_labels)
-    params = unstack_layers(nn.unbox(self._init_boxed_params(key, twin)))
+    params = unstack_layers_tree(nn.unbox(self._init_boxed_params(key, twin)))
     if jax.tree.structure(params) != jax.tree.structure(self.abstract_params):
       raise AssertionError("the scanned twin's parameters do not unstack into the model's: "
                            f"{jax.tree.structure(params)} != "
@@ -360,8 +360,8 @@ class Trainer:
     shapes = _program_key(kind, batch)
     if shapes in self._compiled:
       return
-    state = _placed(self.abstract_state, self.state_shardings)
-    frozen = _placed(self.abstract_frozen, self.frozen_shardings)
+    state = sharding.abstract_like(self.abstract_state, self.state_shardings)
+    frozen = sharding.abstract_like(self.abstract_frozen, self.frozen_shardings)
 
     def build():
       with self.on_mesh():  # the mesh and the axis rules are per thread
@@ -381,8 +381,8 @@ class Trainer:
     """The train step lowered for `batch` (arrays or ShapeDtypeStructs with shardings) and
     an abstract state and base: for XLA's cost and memory analyses (benchmarks, tests)."""
     with self.on_mesh():
-      return self._train_step.lower(_placed(self.abstract_state, self.state_shardings),
-                                    _placed(self.abstract_frozen, self.frozen_shardings),
+      return self._train_step.lower(sharding.abstract_like(self.abstract_state, self.state_shardings),
+                                    sharding.abstract_like(self.abstract_frozen, self.frozen_shardings),
                                     batch)
 
   def eval_step(self, params, batch):
@@ -412,12 +412,6 @@ class Trainer:
   @functools.cached_property
   def num_trainable(self):
     return peft.count(self.abstract_state.params)
-
-
-def _placed(abstract, shardings):
-  """ShapeDtypeStructs of an abstract tree with these shardings: what lower() needs."""
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                      abstract, shardings)
 
 
 def _program_key(kind, batch):

@@ -13,7 +13,7 @@ import pytest
 
 from conftest import REPO, metrics_records, run_config, tiny_config, user_env
 from lm import loop, sharding
-from lm.checkpoint import Checkpointer, abstract_like
+from lm.checkpoint import Checkpointer
 from lm import data as data_lib
 from lm.data import SentencePieceTokenizer, make_data
 from lm.errors import UserError
@@ -35,7 +35,7 @@ def test_save_restore_round_trip_is_exact(tmp_path, one_device):
           "data_fingerprint": data.fingerprint}
   checkpointer.save(2, state, meta)
   checkpointer.wait()
-  restored = checkpointer.restore_state(2, abstract_like(trainer.abstract_state,
+  restored = checkpointer.restore_state(2, sharding.abstract_like(trainer.abstract_state,
                                                          trainer.state_shardings))
   chex.assert_trees_all_equal(jax.device_get(restored), saved)
   assert checkpointer.read_meta(2) == json.loads(json.dumps(meta))
@@ -77,7 +77,7 @@ def test_checkpoints_from_before_the_loss_scale_field_still_resume(tmp_path, one
   loop.run(config, workdir, devices=one_device, stop_after=3)
   trainer = Trainer(config, make_data(config).tokenizer.vocab_size,
                     sharding.make_mesh(config.mesh, one_device))
-  abstract = abstract_like(trainer.abstract_state, trainer.state_shardings)
+  abstract = sharding.abstract_like(trainer.abstract_state, trainer.state_shardings)
   checkpointer = Checkpointer(workdir, keep=3)
   meta, state = checkpointer.read_meta(3), checkpointer.restore_state(3, abstract)
   shutil.rmtree(os.path.join(workdir, "checkpoints", "3"))

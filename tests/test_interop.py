@@ -17,7 +17,7 @@ transformers = pytest.importorskip("transformers")
 from lm import decode, pretrained  # noqa: E402
 from lm.errors import UserError  # noqa: E402
 from lm.inference import load  # noqa: E402
-from lm.interop import hf, hf_models  # noqa: E402
+from lm.interop import hf, hf_folder, hf_models, weights  # noqa: E402
 from lm.loop import run  # noqa: E402
 
 SENTENCES = ["Hello world, this is lm.", "A longer sentence about films that are rather good!",
@@ -160,12 +160,12 @@ def test_torch_bin_is_read_without_unpickling_code(tmp_path):
   state = collections.OrderedDict(w=torch.arange(12, dtype=torch.float32).reshape(3, 4).T,
                                   b=torch.tensor([1.5, -2.0], dtype=torch.bfloat16))
   torch.save(state, tmp_path / "pytorch_model.bin")
-  read = hf.read_torch_bin(str(tmp_path / "pytorch_model.bin"))
+  read = weights.read_torch_bin(str(tmp_path / "pytorch_model.bin"))
   np.testing.assert_array_equal(read["w"], state["w"].numpy())
   np.testing.assert_array_equal(read["b"].astype(np.float32), [1.5, -2.0])
   torch.save({"w": torch.zeros(2), "evil": collections.Counter()}, tmp_path / "bad.bin")
   with pytest.raises(UserError, match="refuses to unpickle collections.Counter"):
-    hf.read_torch_bin(str(tmp_path / "bad.bin"))
+    weights.read_torch_bin(str(tmp_path / "bad.bin"))
   with zipfile.ZipFile(tmp_path / "bad.bin") as z:  # a real pickle, not run: still refused
     assert any(n.endswith("data.pkl") for n in z.namelist())
 
@@ -174,8 +174,8 @@ def test_a_tensor_that_does_not_map_is_named(tmp_path):
   folder = str(tmp_path / "hf")
   os.makedirs(folder)
   _gpt2_folder(folder)
-  tensors = hf.read_tensors(folder)
-  config = hf._read_json(folder, "config.json")  # pylint: disable=protected-access
+  tensors = weights.read_tensors(folder)
+  config = hf_folder.read_json(folder, "config.json")
   broken = dict(tensors)
   del broken["transformer.h.1.mlp.c_fc.bias"]
   broken["transformer.h.0.attn.extra.weight"] = np.zeros(3)

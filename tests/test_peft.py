@@ -11,8 +11,8 @@ import optax
 import pytest
 from conftest import tiny_config
 
-from lm import metrics, peft, pretrained, sharding
-from lm.checkpoint import Checkpointer, abstract_like
+from lm import metrics, peft, pretrained, sharding, trees
+from lm.checkpoint import Checkpointer
 from lm.config import ConfigError, validate
 from lm.errors import UserError
 from lm.inference import load
@@ -198,8 +198,8 @@ def test_a_lora_run_saves_adapters_resumes_and_serves_merged(base_workdir, tmp_p
   loaded = load(str(tmp_path / "whole"))
   served = jax.device_get(loaded.params)
   here = sharding.replicated(loaded.mesh)
-  base = pretrained._nest(pretrained.from_workdir(base_workdir).read(here))  # pylint: disable=protected-access
-  restored = pretrained._nest(pretrained.from_workdir(  # pylint: disable=protected-access
+  base = trees.nest(pretrained.from_workdir(base_workdir).read(here))
+  restored = trees.nest(pretrained.from_workdir(
       str(tmp_path / "whole"), ("checkpoints",)).read(here))
   assert "lora_a" not in str(jax.tree_util.tree_structure(served))
   # Untargeted weights are the base's, bit for bit.
@@ -211,7 +211,7 @@ def test_a_lora_run_saves_adapters_resumes_and_serves_merged(base_workdir, tmp_p
   trainer = Trainer(lora_config(base_workdir), loaded.tokenizer.vocab_size, loaded.mesh)
   checkpointer = Checkpointer(str(tmp_path / "whole"), keep=None)
   factors = jax.device_get(checkpointer.restore_state(
-      6, abstract_like(trainer.abstract_state, trainer.state_shardings)).params)
+      6, sharding.abstract_like(trainer.abstract_state, trainer.state_shardings)).params)
   checkpointer.close()
   assert any(np.abs(f).max() > 0 for f in jax.tree.leaves(factors))
   x = batch(length=12)
@@ -233,4 +233,4 @@ def test_a_changed_base_is_refused(base_workdir, one_device):
   assert peft.fingerprint(tensors) != described["fingerprint"]
   # Layout-independent: stacked (scanned) copies of the same weights give the same digest.
   tensors = source.read(here)
-  assert peft.fingerprint(pretrained.stack_layers(tensors)) == described["fingerprint"]
+  assert peft.fingerprint(trees.stack_layers(tensors)) == described["fingerprint"]

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from conftest import REPO, tiny_config, user_env
 
-from lm import objectives, pretrained, report, search
+from lm import objectives, report, search, trees
 from lm.data import examples
 from lm.inference import load
 from lm.loop import run
@@ -81,7 +81,7 @@ def test_the_decoder_is_causal_and_memory_comes_from_encode():
 def test_scanned_layers_equal_looped_layers():
   looped, params = model()
   scanned, _ = model(scan_layers=True)
-  stacked = pretrained._nest(pretrained.stack_layers(pretrained._flat(params)))  # pylint: disable=protected-access
+  stacked = trees.nest(trees.stack_layers(trees.flatten(params)))
   source, segments, target = example(2)
   chex.assert_trees_all_close(
       jax.jit(scanned.apply)({"params": stacked}, source, segments, target),

@@ -12,7 +12,7 @@ import pytest
 from conftest import tiny_config
 
 from lm import pretrained, report, sharding
-from lm.checkpoint import Checkpointer, abstract_like
+from lm.checkpoint import Checkpointer
 from lm.config import ConfigError
 from lm.data import make_data
 from lm.data.examples import classification_example
@@ -145,7 +145,7 @@ def test_init_from_loads_the_pretrained_body_and_a_fresh_head(labelled, tmp_path
   mlm_trainer = Trainer(mlm, data.tokenizer.vocab_size, mesh)
   best = Checkpointer(str(tmp_path / "mlm"), 1, folder="best")
   saved = best.restore_state(
-      best.all_steps()[0], abstract_like(mlm_trainer.abstract_state, mlm_trainer.state_shardings))
+      best.all_steps()[0], sharding.abstract_like(mlm_trainer.abstract_state, mlm_trainer.state_shardings))
   chex.assert_trees_all_equal(params["encoder"], jax.device_get(saved.params["encoder"]))
   chex.assert_trees_all_equal(params["classification_head"], fresh["classification_head"])
   # A model that does not fit names the tensor.

@@ -7,7 +7,7 @@ import optax
 import pytest
 
 from conftest import tiny_config
-from lm import pretrained, sharding
+from lm import sharding, trees
 from lm.data import make_data
 from lm.train import TWIN_INIT_MIN_LAYERS, Trainer, learning_rate_schedule
 
@@ -130,7 +130,7 @@ def _flat(tree):
 
 def test_deep_models_initialise_through_their_scanned_twin():
   """From TWIN_INIT_MIN_LAYERS layers on, an unscanned model starts from its scanned twin's
-  parameters split per layer (pretrained.stack_layers, a second code path, puts them back),
+  parameters split per layer (trees.stack_layers, a second code path, puts them back),
   with different values in every layer, on one device and on a data x FSDP x tensor mesh.
   Encoder-decoder, encoder and LoRA models map onto their own trees too."""
   n = TWIN_INIT_MIN_LAYERS
@@ -139,7 +139,7 @@ def test_deep_models_initialise_through_their_scanned_twin():
                    sharding.make_mesh(tiny_config().mesh, devices[:1])).init_state().params
   scanned = Trainer(tiny_config(**{"model.num_layers": n, "model.scan_layers": True}), 70,
                     sharding.make_mesh(tiny_config().mesh, devices[:1])).init_state().params
-  chex.assert_trees_all_equal(pretrained.stack_layers(_flat(looped)), _flat(scanned))
+  chex.assert_trees_all_equal(trees.stack_layers(_flat(looped)), _flat(scanned))
   first, second = looped["layer_0"], looped["layer_1"]
   assert not np.array_equal(first["mlp"]["wi"]["kernel"], second["mlp"]["wi"]["kernel"])
   meshed = tiny_config(**{"model.num_layers": n, "mesh.data": 2, "mesh.fsdp": 2,

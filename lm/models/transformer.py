@@ -204,21 +204,6 @@ class Encoder(nn.Module):
     return x_BxLxD, pooled_BxD
 
 
-def unstack_layers(params):
-  """A model.scan_layers model's parameters (layers/block/..., stacked on a leading axis)
-  as the same model without scan_layers keeps them (layer_0/..., layer_1/...)."""
-  if not isinstance(params, dict):
-    return params
-  out = {}
-  for name, value in params.items():
-    if name == "layers" and isinstance(value, dict) and set(value) == {"block"}:
-      for i in range(jax.tree.leaves(value["block"])[0].shape[0]):
-        out[f"layer_{i}"] = jax.tree.map(lambda x, i=i: x[i], value["block"])
-    else:
-      out[name] = unstack_layers(value)
-  return out
-
-
 def padding_mask(segment_ids_BxL):
   """[B, 1, 1, L, S]: query and key in the same segment, and the key is not padding (0)."""
   same_BxLxS = ((segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]) &

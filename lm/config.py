@@ -14,18 +14,11 @@ import re
 import ml_collections
 from ml_collections import config_dict
 
-from lm.errors import UserError
+from lm import tasks
+from lm.errors import ConfigError, UserError
 from lm.trees import flatten
 
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-class ConfigError(UserError):
-  """A user-fixable problem with a config; the message names the field."""
-
-  def __init__(self, field, message):
-    self.field = field
-    super().__init__(f"config.{field}: {message}")
 
 
 def load_experiment(path):
@@ -49,7 +42,7 @@ def defaults():
   # causal: decoder LM on text | mlm: encoder, masked LM on text | classification /
   # regression: encoder + pooled head on a labelled dataset | tagging: encoder + per-token
   # head on a tagged dataset | seq2seq: encoder-decoder on a parallel dataset (translation)
-  # | span_corruption: encoder-decoder, T5's pretraining on text. See lm/tasks.py.
+  # | span_corruption: encoder-decoder, T5's pretraining on text. See lm/tasks/.
   c.task.objective = "causal"
   c.task.num_labels = 0  # classification / tagging; 0: as many as the dataset has
   # cls: the first token (the tokenizer's bos, BERT's [CLS]), through the encoder's pooler
@@ -126,7 +119,7 @@ def defaults():
   c.train.grad_clip = 1.0  # global norm; 0 disables clipping
   c.train.head_learning_rate = 0.0  # > 0: the task head's own peak rate (same schedule)
   # > 0: stop after this many evaluations in a row without a better validation score
-  # (lm/tasks.py says which score). The best checkpoint is kept in workdir/best either way.
+  # (lm/tasks/ says which score). The best checkpoint is kept in workdir/best either way.
   c.train.early_stopping = 0
   c.train.eval_every = 250
   # Batches per periodic eval of a language model; 0: the whole validation split. Task
@@ -198,8 +191,7 @@ _CHOICES = {
     "model.param_dtype": DTYPES,
     "model.norm": ("layernorm", "rmsnorm"),
     "model.norm_position": ("pre", "post"),
-    "task.objective": ("causal", "mlm", "classification", "regression", "tagging", "seq2seq",
-                       "span_corruption"),
+    "task.objective": tasks.OBJECTIVES,
     "task.pooling": ("cls", "mean"),
     "peft.method": ("", "lora", "bitfit"),
     "model.positions": ("learned", "rope"),
@@ -328,9 +320,7 @@ def validate(config, num_devices):
       raise ConfigError("peft.targets", f"{config.peft.targets!r} is not a regular "
                         f"expression ({e})") from None
 
-  if config.task.objective == "span_corruption" and not m.extra_tokens:
-    raise ConfigError("model.extra_tokens", "span_corruption replaces each noise span by a "
-                      "sentinel id after the vocabulary: set it > 0 (T5 uses 100)")
+  tasks.get(config.task.objective).check_config(config)
 
   if m.pooler and config.task.pooling != "cls":
     raise ConfigError("task.pooling", "model.pooler pools the first token; use cls with it")

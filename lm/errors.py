@@ -16,3 +16,11 @@ class Preempted(Exception):
 
 class NonFiniteLoss(Exception):
   """The loss or gradients became NaN/Inf and config.train.nonfinite is 'stop'."""
+
+
+class ConfigError(UserError):
+  """A user-fixable problem with a config; the message names the field."""
+
+  def __init__(self, field, message):
+    self.field = field
+    super().__init__(f"config.{field}: {message}")

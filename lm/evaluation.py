@@ -15,11 +15,11 @@ def eval_metrics(trainer, data, config, params, split, max_batches):
   task = trainer.task
   batches = data.eval_batches(split, config.train.batch_size, config.data.seq_len,
                               jax.process_index(), jax.process_count(),
-                              objective=task.objective, seed=config.train.seed)
-  if max_batches and task.is_language_model:
+                              batching=task.batching, seed=config.train.seed)
+  if max_batches and task.token_scored:
     batches = batches[:max_batches]
   result = trainer.evaluate(params, data.iterator(batches))
-  if (task.objective == "causal" and not (max_batches and len(batches) >= max_batches)
+  if (task.per_character and not (max_batches and len(batches) >= max_batches)
       and data.streams[split].characters):
     # Every target's loss, document ends included, per character of the split's text: a
     # figure that compares models with different vocabularies.
@@ -38,9 +38,9 @@ def final_evaluations(trainer, data, config, state, best, best_checkpointer, wri
   Tasks: the best checkpoint's (already evaluated on validation), on test too."""
   params = state.params
   final = {}
-  if trainer.task.is_language_model and last_validation is not None:
+  if trainer.task.token_scored and last_validation is not None:
     final["validation"] = last_validation
-  if not trainer.task.is_language_model and best is not None:
+  if not trainer.task.token_scored and best is not None:
     final["validation"] = best["validation"]
     if best["step"] != step:
       abstract = sharding.abstract_like(trainer.abstract_state, trainer.state_shardings)
@@ -48,14 +48,14 @@ def final_evaluations(trainer, data, config, state, best, best_checkpointer, wri
     metrics.log(f"best validation (step {best['step']}): {describe(best['validation'])}")
   for split in ("validation", "test"):
     if data.size(split) < (2 if data.streams else 1) or (
-        split in final and not trainer.task.is_language_model):
+        split in final and not trainer.task.token_scored):
       continue
     prefix = "eval" if split == "validation" else "test"
     if split not in final:
       final[split] = eval_metrics(trainer, data, config, params, split, 0)
       writer.write(step, {f"{prefix}/{k}": v for k, v in final[split].items()
                           if k not in ("tokens", "examples")})
-    if trainer.task.objective == "seq2seq":
+    if trainer.task.translates:
       final[split].update(translation_scores(trainer, data, config, params, split))
       writer.write(step, {f"{prefix}/{k}": final[split][k] for k in ("bleu", "chrf")})
       scored = final[split]["sentences"]
@@ -65,13 +65,12 @@ def final_evaluations(trainer, data, config, state, best, best_checkpointer, wri
                   f"{final[split]['chrf']:.2f} over {which} sentences "
                   f"(beam {config.task.beam_size}, length penalty "
                   f"{config.task.length_penalty})")
-    if trainer.task.is_language_model:
+    if trainer.task.token_scored:
       per_char = (f" | {final[split]['nats_per_char']:.4f} nats per character"
                   if "nats_per_char" in final[split] else "")
       accuracy = (f" | accuracy {final[split]['accuracy']:.4f}"
                   if "accuracy" in final[split] else "")
-      kind = {"mlm": "masked ", "seq2seq": "target ", "span_corruption": "target "}.get(
-          trainer.task.objective, "")
+      kind = trainer.task.token_kind
       metrics.log(f"final {split}: loss {final[split]['loss']:.4f} | perplexity "
                   f"{final[split]['perplexity']:.2f}{accuracy} over all "
                   f"{int(final[split]['tokens']):,} {kind}tokens"

@@ -14,7 +14,7 @@ import flax.linen as nn
 import jax
 import ml_collections
 
-from lm import decode, sharding
+from lm import decode, sharding, tasks
 from lm.checkpoint import Checkpointer
 from lm.data.tokenizers import from_dict
 from lm.errors import UserError
@@ -71,7 +71,7 @@ def load(workdir, step=None, devices=None, decoder=True):
     meta = checkpointer.read_meta(step)
     config = ml_collections.ConfigDict(meta["config"])
     objective = config.get("task", {}).get("objective", "causal")
-    if decoder and objective != "causal":
+    if decoder and tasks.get(objective).architecture != "decoder":
       raise UserError(f"--workdir: {workdir} holds a {objective} model (an encoder); "
                       "sampling and serving decode causal language models")
     tokenizer = from_dict(meta["tokenizer"])

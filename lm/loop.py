@@ -1,7 +1,7 @@
 """The training loop: data -> train steps -> eval -> checkpoints -> a sample.
 
 `run(config, workdir)` is what `python -m lm.main` calls; config.task.objective says what it
-trains (lm/tasks.py). Re-running it on the same workdir resumes from the latest complete
+trains (lm/tasks/). Re-running it on the same workdir resumes from the latest complete
 checkpoint and continues with the losses an uninterrupted run has. SIGTERM/SIGINT save a
 checkpoint at the current step and raise Preempted; a NaN/Inf step raises NonFiniteLoss (or
 is skipped, by config) without touching the checkpoints. The checkpoint with the best
@@ -18,12 +18,11 @@ import time
 import jax
 
 from lm import config as config_lib
-from lm import evaluation, metrics, pretrained, sharding
+from lm import evaluation, metrics, pretrained, sharding, tasks
 from lm.checkpoint import Checkpointer, config_differences
 from lm.data import make_data
 from lm.errors import Preempted, UserError
 from lm.runtime import Profiler, WorkdirLock, check_finite, stop_signals
-from lm.tasks import ENCODER_DECODER
 from lm.train import Trainer
 
 WORKDIR_FILES = ("checkpoints", "best", "corrupt_checkpoints", "metrics.jsonl", "tensorboard",
@@ -85,23 +84,6 @@ def _discard_earlier_run(workdir):
       os.remove(path)
 
 
-def _num_labels(config, data):
-  objective = config.task.objective
-  if objective in ("causal", "mlm", "seq2seq", "span_corruption"):
-    return 0
-  if objective == "regression":
-    return 1
-  have = len(data.prepared.label_names)
-  wanted = config.task.num_labels or have
-  if wanted < have:
-    raise UserError(f"config.task.num_labels: {wanted} is fewer than the {have} labels of "
-                    f"{data.source}")
-  if wanted < 2:
-    raise UserError(f"config.task.num_labels: {data.source} has {have} label(s); "
-                    f"{objective} needs at least 2")
-  return wanted
-
-
 def _check_data(config, data, task):
   if data.format not in task.data_formats:
     raise UserError(f"config.task.objective: {task.objective} trains on a "
@@ -144,22 +126,24 @@ def _run(config, workdir, devices, stop_after, overwrite, lock):
     config_lib.validate(config, len(devices))
 
   tokenizer_spec = meta["tokenizer"] if meta else source.meta["tokenizer"] if source else None
-  data = make_data(config, tokenizer_spec=tokenizer_spec)
+  task_type = tasks.get(config.task.objective)
+  data = make_data(config, tokenizer_spec=tokenizer_spec, windows=task_type.batching.windows)
   if meta and meta["data_fingerprint"] != data.fingerprint:
     raise UserError(f"config.data: the corpus at {data.source} changed since the checkpoint "
                     "in this workdir was written; resuming would train on other data")
   if config.model.vocab_size is not None and config.model.vocab_size < data.tokenizer.vocab_size:
     raise UserError(f"config.model.vocab_size: {config.model.vocab_size} is smaller than the "
                     f"tokenizer's vocabulary ({data.tokenizer.vocab_size})")
-  trainer = Trainer(config, data.tokenizer.vocab_size, mesh, _num_labels(config, data))
+  trainer = Trainer(config, data.tokenizer.vocab_size, mesh,
+                    task_type.resolve_num_labels(config, data))
   task = trainer.task
   _check_data(config, data, task)
   train_dataset = data.train_batches(t.batch_size, config.data.seq_len, t.seed,
                                      jax.process_index(), jax.process_count(),
-                                     objective=task.objective)
+                                     batching=task.batching)
   begin = start_step or 0
   end_step = t.num_steps if stop_after is None else min(t.num_steps, stop_after)
-  if data.streams and task.objective in ("causal", "mlm") and begin < end_step:
+  if task.batching.windows and not task.batching.bucketed and begin < end_step:
     # Every batch has one shape: the first dispatch's train step compiles on a background
     # thread while the state is initialised or restored.
     first = _dispatch_end(begin, end_step, t, Profiler(None, begin + 3, t.profile_steps))
@@ -219,18 +203,12 @@ def _run(config, workdir, devices, stop_after, overwrite, lock):
         f.write(data.tokenizer.model_proto)
 
   writer = metrics.MetricWriter(workdir, resume_step=start_step)
-  def example_flops(source_len, target_len):
-    """Model FLOPs of one training example (row) of these lengths."""
-    if task.objective in ENCODER_DECODER:  # the encoder reads the source, the decoder the target
-      return metrics.encoder_decoder_train_flops(
-          trainer.abstract_params, trainer.model_cfg, source_len, target_len,
-          task.tied_output, trainer.abstract_frozen)
-    return target_len * metrics.train_flops_per_token(
-        trainer.abstract_params, trainer.model_cfg, target_len, task.tied_output,
-        trainer.abstract_frozen)
+  def example_flops(lengths):
+    """Model FLOPs of one training example (row) of these lengths (task.batch_lengths)."""
+    return task.example_flops(trainer.abstract_params, trainer.abstract_frozen, lengths)
 
-  flops_at = {}  # (source, target) lengths -> FLOPs of an example (length buckets vary them)
-  flops_per_token = example_flops(config.data.seq_len, config.data.seq_len) / config.data.seq_len
+  flops_at = {}  # lengths -> FLOPs of an example (length buckets vary them)
+  flops_per_token = example_flops(task.nominal_lengths(config.data.seq_len)) / config.data.seq_len
   peak, peak_source = metrics.peak_flops_per_device(config.model.dtype, config.log.peak_flops)
   tokens_per_step = t.batch_size * config.data.seq_len
   unit = "tokens" if data.streams else "examples"
@@ -278,11 +256,11 @@ def _run(config, workdir, devices, stop_after, overwrite, lock):
             pending.append((first, step_metrics))
           size = size or 1
           first += size
-          rows, batch_len = batch["inputs"].shape[-2:]  # seq_len, or a length bucket's
-          lengths = (batch["source"].shape[-1] if "source" in batch else batch_len, batch_len)
+          rows, _ = batch.rows_and_length  # seq_len, or a length bucket's
+          lengths = task.batch_lengths(batch)
           if lengths not in flops_at:
-            flops_at[lengths] = example_flops(*lengths)
-          interval_tokens += batch["inputs"].size
+            flops_at[lengths] = example_flops(lengths)
+          interval_tokens += batch.inputs_BxL.size
           interval_flops += size * rows * flops_at[lengths]
         profiler.after(step, state)
         preempted = bool(stop_signal) or (jax.process_count() > 1 and
@@ -319,7 +297,7 @@ def _run(config, workdir, devices, stop_after, overwrite, lock):
         # validation split: the last step's evaluation is then the final one, and may be
         # the best. Otherwise the final evaluation over the whole split comes after the loop.
         at_end = step == t.num_steps
-        full = not task.is_language_model or not t.eval_steps
+        full = not task.token_scored or not t.eval_steps
         if (step % t.eval_every == 0 and not at_end or at_end and full) and not preempted:
           jax.block_until_ready(state)  # so the pause excludes queued train steps
           eval_start = time.perf_counter()
@@ -364,7 +342,7 @@ def _run(config, workdir, devices, stop_after, overwrite, lock):
       final = evaluation.final_evaluations(trainer, data, config, state, best,
                                            best_checkpointer, writer, step, last_validation)
     sample = ""
-    if config.sample.num_tokens and finished and task.objective == "causal":
+    if config.sample.num_tokens and finished and task.ends_with_sample:
       sample = evaluation.sample_text(config, data, trainer, state, writer, step)
   except BaseException:
     failing = True

@@ -5,7 +5,7 @@
 
 lora: low-rank adapters (lm/models/lora.py) on the dense projections that config.peft.targets
 names; only the adapters train. bitfit (Ben Zaken et al. 2022): only the bias vectors train
-(every Dense's and LayerNorm's). Either way the task head (lm/tasks.py) trains fully.
+(every Dense's and LayerNorm's). Either way the task head (lm/tasks/) trains fully.
 
 The model's parameter tree is split in two by path: the trainable part is the train state's
 `params` (so Adam's moments, the gradients and the checkpoints hold only it), and the frozen

@@ -9,7 +9,7 @@ folder is converted on the fly (lm/interop/hf.py). Its model architecture replac
 config.model's architecture fields (dropout, dtypes, remat and scan stay the new run's), and
 its tokenizer is used as is. Every parameter of the new model's body is loaded from it by
 name; a body parameter missing from the checkpoint, or there with another shape, is an error
-that names it. The task head (lm/tasks.py) is loaded when the checkpoint has one that fits,
+that names it. The task head (lm/tasks/) is loaded when the checkpoint has one that fits,
 and initialised afresh otherwise (a pretraining run has none); the checkpoint's other heads
 (e.g. mlm_head under a classifier) are left. Per-layer and scanned (model.scan_layers)
 layouts convert either way.

@@ -7,7 +7,7 @@
 Run k of the grid trains in WORKDIR/<field=value,...>; an interrupted sweep rerun with the
 same command resumes each run from its checkpoints (finished runs only re-evaluate). At the
 end it prints the best validation score of each setting (the objective's selection score,
-lm/tasks.py), best first, and writes the table to WORKDIR/sweep.jsonl.
+lm/tasks/), best first, and writes the table to WORKDIR/sweep.jsonl.
 """
 
 import functools
@@ -81,7 +81,7 @@ def sweep(config, axes, root, overwrite=False):
 
   from lm import config as config_lib  # pylint: disable=import-outside-toplevel
   from lm import loop, tasks  # pylint: disable=import-outside-toplevel
-  name, mode = tasks.SELECTION[config.task.objective]
+  name, mode = tasks.get(config.task.objective).selection
   rows = []
   settings = grid(axes)
   configs = []

@@ -25,7 +25,7 @@ import optax
 from lm import peft, sharding
 from lm.models import ModelConfig, lora
 from lm.trees import unstack_layers_tree
-from lm.tasks import Task
+from lm import tasks
 
 
 @flax.struct.dataclass
@@ -173,9 +173,8 @@ class Trainer:
   # Pure functions (traced once under the mesh and the logical axis rules).
 
   def _make_task(self, model_cfg, num_labels):
-    c = self.config
-    return Task(c.task.objective, model_cfg, num_labels, c.task.pooling,
-                adapters=peft.adapters(c.peft), label_smoothing=c.task.label_smoothing)
+    return tasks.make_from_config(self.config, model_cfg, num_labels,
+                                  peft.adapters(self.config.peft))
 
   def _init_boxed_params(self, key, task=None):
     tokens_BxL = jnp.zeros((1, self.seq_len), jnp.int32)
@@ -214,7 +213,7 @@ class Trainer:
   def _train_step_fn(self, state, frozen, batch):
     dropout_key = jax.random.fold_in(self.dropout_key, state.step)
     n = self.config.train.grad_accum_steps
-    weights = batch["example_weight" if "example_weight" in batch else "weights"]
+    weights = batch.loss_weights()
     total_weight = jnp.maximum(jnp.sum(weights.astype(jnp.float32)), 1.0)
 
     scale = None if state.loss_scale is None else state.loss_scale.scale
@@ -308,14 +307,15 @@ class Trainer:
 
   def shard_batch(self, batch):
     """Places a host batch (this process's rows) onto the mesh as one global array."""
-    return {k: jax.make_array_from_process_local_data(self.batch_sharding, v)
-            for k, v in batch.items()}
+    return jax.tree.map(lambda v: jax.make_array_from_process_local_data(self.batch_sharding, v),
+                        self.task.Batch.from_host(batch))
 
   def shard_batches(self, batches):
     """Places equally shaped host batches onto the mesh stacked: [n, B, ...] arrays for
     train_steps."""
-    return {k: jax.make_array_from_process_local_data(
-        self.stacked_batch_sharding, np.stack([b[k] for b in batches])) for k in batches[0]}
+    return jax.tree.map(
+        lambda v: jax.make_array_from_process_local_data(self.stacked_batch_sharding, v),
+        self.task.Batch.from_host({k: np.stack([b[k] for b in batches]) for k in batches[0]}))
 
   def train_step(self, state, batch):
     """One step; compiled once per batch shape (example batches cut to their length bucket
@@ -354,8 +354,9 @@ class Trainer:
     rows = len(next(iter(host_batch.values()))) * jax.process_count()
     lead, batch_sharding = ((size,), self.stacked_batch_sharding) if size > 1 else (
         (), self.batch_sharding)
-    batch = {k: jax.ShapeDtypeStruct(lead + (rows,) + v.shape[1:], v.dtype,
-                                     sharding=batch_sharding) for k, v in host_batch.items()}
+    batch = self.task.Batch.from_host(
+        {k: jax.ShapeDtypeStruct(lead + (rows,) + v.shape[1:], v.dtype, sharding=batch_sharding)
+         for k, v in host_batch.items()})
     kind, jitted = ("steps", self._train_steps) if size > 1 else ("step", self._train_step)
     shapes = _program_key(kind, batch)
     if shapes in self._compiled:
@@ -383,7 +384,7 @@ class Trainer:
     with self.on_mesh():
       return self._train_step.lower(sharding.abstract_like(self.abstract_state, self.state_shardings),
                                     sharding.abstract_like(self.abstract_frozen, self.frozen_shardings),
-                                    batch)
+                                    self.task.Batch.from_host(batch))
 
   def eval_step(self, params, batch):
     """`params`: the trainable parameters (a state's), with the frozen base."""
@@ -400,7 +401,7 @@ class Trainer:
     return lora.merge(full, self.config.peft.alpha) if self.peft_method == "lora" else full
 
   def evaluate(self, params, batches):
-    """The task's metrics (lm/tasks.py) over all the host `batches`: {"loss", ...}."""
+    """The task's metrics (lm/tasks/) over all the host `batches`: {"loss", ...}."""
     outputs = [self.eval_step(params, self.shard_batch(host_batch)) for host_batch in batches]
     return self.task.summarize(jax.device_get(outputs))  # one transfer, not one per batch
 
@@ -416,4 +417,4 @@ class Trainer:
 
 def _program_key(kind, batch):
   """Which compiled train step serves `batch` (global arrays or ShapeDtypeStructs)."""
-  return (kind,) + tuple(sorted((k, v.shape) for k, v in batch.items()))
+  return (kind, type(batch).__name__) + batch.shapes()

@@ -73,7 +73,7 @@ def _define_flags():
 
 def main(argv, f):
   logging.set_verbosity(logging.WARNING)
-  from lm import inference  # pylint: disable=import-outside-toplevel
+  from lm import inference, tasks  # pylint: disable=import-outside-toplevel
   from lm.errors import UserError  # pylint: disable=import-outside-toplevel
 
   def fail(message):
@@ -94,7 +94,7 @@ def main(argv, f):
   except UserError as e:
     fail(str(e))
   objective = loaded.config.task.objective
-  if objective != "seq2seq":
+  if not tasks.get(objective).translates:
     fail(f"--workdir: {workdir} holds a {objective} model; lm.translate needs an "
          "encoder-decoder (task.objective=seq2seq)")
   try:

@@ -8,6 +8,7 @@ import pytest
 
 from conftest import STDLIB_TEXT, tiny_config
 from lm.data import ByteTokenizer, CharTokenizer, SentencePieceTokenizer, make_data, prepare
+from lm import tasks
 from lm.data import pipeline
 from lm.data.examples import classification_example, seq2seq_example
 from lm.data.tokenizers import from_dict, train_tokenizer
@@ -327,8 +328,8 @@ def test_one_document_batches_leave_out_segments_and_positions_and_lose_nothing(
 def test_mlm_masking_statistics_and_determinism(tmp_path):
   data = make_data(tiny_config(**{"data.tokenizer": "byte"}))
   tok = data.tokenizer
-  batches = data.train_batches(16, 64, seed=5, objective="mlm")
-  again = data.train_batches(16, 64, seed=5, objective="mlm")
+  batches = data.train_batches(16, 64, seed=5, batching=tasks.get("mlm").batching)
+  again = data.train_batches(16, 64, seed=5, batching=tasks.get("mlm").batching)
   plain = data.train_batches(16, 64, seed=5)
   chosen = masked = randomised = kept = total = 0
   for k in range(40):
@@ -455,7 +456,7 @@ def test_parallel_batches_cut_source_and_target_each_to_its_bucket(tmp_path):
     (tmp_path / f"{split}.de").write_text("a much longer target\nd\n")
   config = tiny_config(**{"data.path": str(tmp_path), "data.format": "parallel",
                           "data.seq_len": 32, "data.length_bucket": 8})
-  batch = make_data(config).eval_batches("validation", 2, 32, objective="seq2seq")[0]
+  batch = make_data(config).eval_batches("validation", 2, 32, batching=tasks.get("seq2seq").batching)[0]
   assert batch["source"].shape == batch["source_segment_ids"].shape == (2, 8)  # "ab" + eos
   assert batch["inputs"].shape == batch["targets"].shape == batch["weights"].shape == (2, 24)
   assert batch["segment_ids"].shape == (2, 24)  # bos + 20 characters -> 24

@@ -11,7 +11,7 @@ import scipy.stats
 from lm import objectives, scores
 from lm.models.heads import EncoderWithHead, HeadSpec
 from lm.models.transformer import Encoder, ModelConfig
-from lm.tasks import Task
+from lm import tasks
 
 CFG = ModelConfig(vocab_size=50, num_layers=2, num_heads=4, num_kv_heads=4, d_model=32,
                   d_ff=64, max_len=16, use_bias=True)
@@ -103,7 +103,7 @@ def test_post_norm_encoder_equals_a_numpy_bert():
 
 
 def test_mlm_loss_counts_the_masked_positions_only():
-  task = Task("mlm", CFG)
+  task = tasks.make("mlm", CFG)
   tokens = _tokens(2, 10)
   params = task.init(jax.random.key(0), tokens)
   targets = np.array(_tokens(2, 10, seed=1))

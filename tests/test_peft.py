@@ -18,7 +18,7 @@ from lm.errors import UserError
 from lm.inference import load
 from lm.loop import run
 from lm.models import ModelConfig, lora
-from lm.tasks import Task
+from lm import tasks
 from lm.train import Trainer
 
 VOCAB = 40
@@ -45,8 +45,8 @@ def forward(task, params, x):
 def adapted_and_plain(objective, scan, targets=r"attn/(query|value)$|mlp/wo$"):
   cfg = model_config(scan)
   adapters = lora.Adapters(rank=4, alpha=8.0, targets=targets)
-  plain = Task(objective, cfg, num_labels=2)
-  adapted = Task(objective, cfg, num_labels=2, adapters=adapters)
+  plain = tasks.make(objective, cfg, num_labels=2)
+  adapted = tasks.make(objective, cfg, num_labels=2, adapters=adapters)
   tokens = jnp.zeros((1, 10), jnp.int32)
   base = jax.tree.map(np.asarray, nn.unbox(plain.init(jax.random.key(0), tokens)))
   with_adapters = nn.unbox(adapted.init(jax.random.key(1), tokens))
@@ -217,7 +217,7 @@ def test_a_lora_run_saves_adapters_resumes_and_serves_merged(base_workdir, tmp_p
   x = batch(length=12)
   x["inputs"] = x["inputs"] % loaded.tokenizer.vocab_size
   unmerged = forward(trainer.task, peft.join(base, factors), x)
-  chex.assert_trees_all_close(forward(Task("causal", trainer.model_cfg), served, x), unmerged,
+  chex.assert_trees_all_close(forward(tasks.make("causal", trainer.model_cfg), served, x), unmerged,
                               atol=1e-5)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import tiny_config
 
-from lm import pretrained, report, sharding
+from lm import pretrained, report, sharding, tasks
 from lm.checkpoint import Checkpointer
 from lm.config import ConfigError
 from lm.data import make_data
@@ -92,7 +92,7 @@ def test_tagging_head_learns_tags_at_each_words_first_token(tagged, tmp_path, on
                                                        "train.eval_every": 40})
   data = make_data(config)
   assert data.prepared.label_names == ("NAME", "O")
-  batch = data.eval_batches("validation", 8, 24, objective="tagging")[0]
+  batch = data.eval_batches("validation", 8, 24, batching=tasks.get("tagging").batching)[0]
   records = data.prepared.sources["validation"]
   for i in range(len(records)):  # one scored token per word, carrying the word's tag
     words = records[i]["words"].split("\t")

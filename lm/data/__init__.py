@@ -20,12 +20,43 @@ from lm.data.tokenizers import (ByteTokenizer, CharTokenizer, SentencePieceToken
                                 fingerprint, from_dict, train_tokenizer)
 from lm.errors import UserError
 
-__all__ = ["ByteTokenizer", "CharTokenizer", "Data", "Prepared", "SentencePieceTokenizer",
+__all__ = ["Batching", "ByteTokenizer", "CharTokenizer", "Data", "Prepared", "SentencePieceTokenizer",
            "make_data", "prepare"]
 
-MLM_SEED_SALT = 0x4D4C4D  # keeps MLM masks independent of the window order
-SPAN_SEED_SALT = 0x5350414E  # and span-corruption noise
-LM_OBJECTIVES = ("causal", "mlm", "span_corruption")  # self-supervised, on token streams
+@dataclasses.dataclass(frozen=True)
+class Batching:
+  """How a task's rows come out of a dataset (each task in lm/tasks/ declares one).
+
+  windows: packed windows of the split's token stream (a text dataset, or a labelled one's
+  text column), each optionally passed through `transform(row, tokenizer, rng, data)`, whose
+  rng is seeded by (seed, `salt`, window index), so a resumed run sees the same rows.
+  examples: one row per record, `example(record, data, seq_len, target_len)`.
+  """
+  kind: str  # "windows" | "examples"
+  transform: object = None  # windows: per-row function (masking, span corruption)
+  salt: int = 0
+  bucketed: bool = False  # windows: rows cut to data.length_bucket after the transform
+  # windows of a one-document stream carry no segment ids or positions: every window is one
+  # segment at positions 0..L-1, which the model's plain causal mask already assumes
+  one_document_plain: bool = False
+  example: object = None  # examples: record -> row
+
+  @property
+  def windows(self):
+    return self.kind == "windows"
+
+
+def _default_example(record, data, seq_len, target_len):
+  """A format's own rows, for a Batching-less call: classification, tagging, seq2seq."""
+  if data.format == "labelled":
+    return examples.classification_example(record, data.tokenizer, seq_len)
+  if data.format == "tagged":
+    return examples.tagging_example(record, data.tokenizer, seq_len, data.tag_ids)
+  return examples.seq2seq_example(record, data.tokenizer, seq_len, target_len or seq_len)
+
+
+FORMAT_BATCHING = {"text": Batching("windows", one_document_plain=True)}
+EXAMPLE_BATCHING = Batching("examples", example=_default_example)
 
 
 @dataclasses.dataclass
@@ -50,35 +81,37 @@ class Data:
   def source(self):
     return self.prepared.source
 
+  @property
+  def tag_ids(self):
+    """Tagged datasets: tag name -> id."""
+    return {name: i for i, name in enumerate(self.prepared.label_names)}
+
   def size(self, split):
     """Tokens (text) or examples (labelled, parallel) in `split`."""
     if self.streams:
       return len(self.streams[split]) if split in self.streams else 0
     return self.prepared.num_examples(split)
 
-  def _require_streams(self, objective):
-    if not self.streams:
-      raise UserError(f"config.data: objective {objective} needs a text or labelled dataset "
-                      f"(made with that objective); {self.source} is {self.format}")
-
-  def _objective(self, objective):
-    """The objective's batches; None: the format's own (causal LM windows of text; rows of
-    examples otherwise)."""
-    return objective or ("causal" if self.format == "text" else self.format)
+  def _batching(self, batching):
+    """`batching`, or the format's own (causal windows of text; rows of examples)."""
+    batching = batching or FORMAT_BATCHING.get(self.format, EXAMPLE_BATCHING)
+    if batching.windows and not self.streams:
+      raise UserError(f"config.data: this objective trains on a token stream: a text or "
+                      f"labelled dataset (made with that objective); {self.source} is "
+                      f"{self.format}")
+    return batching
 
   def train_batches(self, batch_size, seq_len, seed, process_index=0, process_count=1,
-                    objective=None, target_len=None):
+                    batching=None, target_len=None):
     """Grain MapDataset: batch k is this process's rows of global training batch k."""
-    objective = self._objective(objective)
-    if objective in LM_OBJECTIVES:
-      self._require_streams(objective)
+    batching = self._batching(batching)
+    if batching.windows:
       batch_fn = pipeline.StreamWindows(self.streams["train"], seq_len, seed,
                                         self.tokenizer.pad_id).batch
-      batch_fn = self._self_supervised(batch_fn, objective, seed, seq_len, process_count,
-                                       self.streams["train"])
+      batch_fn = self._windows(batch_fn, batching, seed, process_count, self.streams["train"])
     else:
       batch_fn = self._bucketed(pipeline.rows(self._record_examples(
-          "train", seq_len, target_len, objective, shuffle_seed=seed)), process_count)
+          "train", seq_len, target_len, batching, shuffle_seed=seed)), process_count)
     return pipeline.train_batches(batch_fn, batch_size, process_index, process_count)
 
   def _bucketed(self, batch_fn, process_count):
@@ -89,37 +122,34 @@ class Data:
     return lambda indices: pipeline.trim_to_bucket(batch_fn(indices), self.length_bucket)
 
   def eval_batches(self, split, batch_size, seq_len, process_index=0, process_count=1,
-                   objective=None, seed=0, target_len=None):
+                   batching=None, seed=0, target_len=None):
     """Grain MapDataset over every example of `split` once, in order, padded at the end."""
-    objective = self._objective(objective)
-    if objective in LM_OBJECTIVES:
-      self._require_streams(objective)
+    batching = self._batching(batching)
+    if batching.windows:
       stream = self.streams[split]
       num_windows = -(-(len(stream) - 1) // seq_len) if len(stream) > 1 else 0
 
       def batch_fn(indices):
         return pipeline.windows(stream, indices * seq_len, seq_len, self.tokenizer.pad_id)
 
-      batch_fn = self._self_supervised(batch_fn, objective, seed, seq_len, process_count,
-                                       stream)
+      batch_fn = self._windows(batch_fn, batching, seed, process_count, stream)
       return pipeline.eval_batches(num_windows, batch_fn, batch_size, process_index,
                                    process_count)
     num = self.prepared.num_examples(split)
     return pipeline.eval_batches(
         num, self._bucketed(pipeline.rows(self._record_examples(split, seq_len, target_len,
-                                                                objective)), process_count),
+                                                                batching)), process_count),
         batch_size, process_index, process_count)
 
   def iterator(self, dataset, state=None):
     return pipeline.iterator(dataset, self.num_threads, state=state)
 
-  def _self_supervised(self, batch_fn, objective, seed, seq_len, process_count, stream):
-    """Packed windows as they are (causal), masked (mlm) or span-corrupted."""
-    if objective == "mlm":
-      return self._mlm(batch_fn, seed)
-    if objective == "span_corruption":
-      return self._bucketed(self._span_corruption(batch_fn, seed, seq_len), process_count)
-    if len(stream.doc_starts) <= 1:
+  def _windows(self, batch_fn, batching, seed, process_count, stream):
+    """Packed windows as they are, or each row transformed (masked, span-corrupted)."""
+    if batching.transform is not None:
+      batch_fn = self._per_row(batch_fn, batching, seed)
+      return self._bucketed(batch_fn, process_count) if batching.bucketed else batch_fn
+    if batching.one_document_plain and len(stream.doc_starts) <= 1:
       # A stream of one document (a single text file): every window is one segment at
       # positions 0..L-1, the model's defaults, so the batches leave both out and the model
       # applies its plain causal mask, cheaper than comparing segment ids. Only padding at
@@ -128,44 +158,23 @@ class Data:
                               if k not in ("segment_ids", "positions")}
     return batch_fn
 
-  def _span_corruption(self, batch_fn, seed, seq_len):
-    def corrupted(indices):
+  def _per_row(self, batch_fn, batching, seed):
+    def transformed(indices):
       batch = batch_fn(indices)
-      out = [examples.span_corruption_example(
-          {k: v[r] for k, v in batch.items()}, self.tokenizer, self.sentinels,
-          np.random.default_rng([seed, SPAN_SEED_SALT, int(i)]), seq_len)
+      out = [batching.transform({k: v[r] for k, v in batch.items()}, self.tokenizer,
+                                np.random.default_rng([seed, batching.salt, int(i)]), self)
              for r, i in enumerate(indices)]
       return pipeline.stack(out)
-    return corrupted
+    return transformed
 
-  def _mlm(self, batch_fn, seed):
-    def masked(indices):
-      batch = batch_fn(indices)
-      out = [examples.mlm_example({k: v[r] for k, v in batch.items()}, self.tokenizer,
-                                  np.random.default_rng([seed, MLM_SEED_SALT, int(i)]))
-             for r, i in enumerate(indices)]
-      return pipeline.stack(out)
-    return masked
-
-  def _record_examples(self, split, seq_len, target_len, objective, shuffle_seed=None):
+  def _record_examples(self, split, seq_len, target_len, batching, shuffle_seed=None):
     records = self.prepared.sources[split]
     if not len(records):
       raise UserError(f"config.data: the {split} split of {self.source} is empty")
     order = None
     if shuffle_seed is not None:
       order = grain.MapDataset.range(len(records)).shuffle(seed=shuffle_seed).repeat(None)
-    if self.format == "labelled":
-      regression = objective == "regression"
-      if regression and "value" not in records[0]:
-        raise UserError(f"config.task.objective: regression needs numeric labels, and "
-                        f"{self.source} provides class labels only")
-      make = lambda r: examples.classification_example(r, self.tokenizer, seq_len, regression)
-    elif self.format == "tagged":
-      tag_ids = {name: i for i, name in enumerate(self.prepared.label_names)}
-      make = lambda r: examples.tagging_example(r, self.tokenizer, seq_len, tag_ids)
-    else:
-      make = lambda r: examples.seq2seq_example(r, self.tokenizer, seq_len,
-                                                target_len or seq_len)
+    make = lambda r: batching.example(r, self, seq_len, target_len)
     return lambda i: make(records[order[i] if order is not None else i])
 
 
@@ -180,17 +189,17 @@ def _training_texts(prepared):
       yield record[field].replace("\t", " ") if prepared.format == "tagged" else record[field]
 
 
-def make_data(config, tokenizer_spec=None):
+def make_data(config, tokenizer_spec=None, windows=False):
   """Prepares the dataset and the tokenizer. `tokenizer_spec` (from a checkpoint) restores
-  that exact tokenizer instead of training one."""
+  that exact tokenizer instead of training one. A text dataset is tokenized into token
+  streams; a labelled one too with `windows` (a task that trains on its text column)."""
   prepared = prepare(config.data)
   if tokenizer_spec is not None:
     tokenizer = from_dict(tokenizer_spec)
   else:
     tokenizer = train_tokenizer(config.data, _training_texts(prepared))
   streams = {}
-  if prepared.format == "text" or (prepared.format == "labelled" and
-                                   config.task.objective in LM_OBJECTIVES):
+  if prepared.format == "text" or (prepared.format == "labelled" and windows):
     cache = os.path.join(config.data.data_dir or default_data_dir(), "lm_tokens",
                          f"{prepared.fingerprint}-{fingerprint(tokenizer)}")
     streams = {split: pipeline.token_stream(records, tokenizer, os.path.join(cache, split),

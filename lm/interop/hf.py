@@ -22,7 +22,7 @@ import sys
 import jax
 from jax.sharding import SingleDeviceSharding
 
-from lm import metrics, pretrained, sharding, trees
+from lm import metrics, pretrained, sharding, tasks, trees
 from lm.checkpoint import Checkpointer
 from lm.data.tokenizers import from_dict
 from lm.errors import UserError
@@ -71,7 +71,7 @@ def export_checkpoint(src, dst, step=None, best=False):
   objective = config.get("task", {}).get("objective", "causal")
   if config["model"].get("scan_layers"):
     fields = {**fields, "scan_layers": False}
-  arch = hf_models.exportable_as(fields, objective)
+  arch = hf_models.exportable_as(fields, tasks.get(objective).architecture)
   flat = trees.unstack_layers(source.read(SingleDeviceSharding(jax.devices()[0])))
   dropped = sorted({n.split("/")[0] for n in flat if n.endswith("_head") or
                     n.startswith(("classification_head", "tagging_head"))})

@@ -14,7 +14,7 @@ import os
 import sentencepiece as spm
 from tokenizers import BertWordPieceTokenizer, ByteLevelBPETokenizer, Tokenizer
 
-from lm import metrics
+from lm import metrics, tasks
 from lm.config import defaults
 from lm.data import tokenizers as tk
 from lm.errors import UserError
@@ -107,7 +107,7 @@ class Converted:
     config.data.tokenizer = "pretrained"
     config.data.seq_len = min(config.data.seq_len, self.fields["max_len"])
     config.mesh.data = 1
-    if self.objective != "causal":
+    if not tasks.get(self.objective).ends_with_sample:
       config.sample.num_tokens = 0
     return config
 

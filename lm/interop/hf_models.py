@@ -330,15 +330,19 @@ def hf_config(arch, fields, tokenizer, has_mlm_head=False):
           "attention_probs_dropout_prob": 0.0}
 
 
-def exportable_as(fields, objective):
-  """The Hugging Face architecture an lm model is, or a UserError naming what does not fit."""
+def exportable_as(fields, architecture):
+  """The Hugging Face architecture an lm model (a task's `architecture`: decoder, encoder or
+  encoder_decoder) is, or a UserError naming what does not fit."""
   m = fields
   def check(arch, wanted):
     wrong = [f"model.{k}={m[k]!r} (wants {v!r})" for k, v in wanted.items() if m[k] != v]
     if wrong:
       raise UserError(f"this model cannot be exported as {arch}: {', '.join(wrong)}")
     return arch
-  if objective == "causal":
+  if architecture == "encoder_decoder":
+    raise UserError("lm exports decoders (as gpt2 or llama) and encoders (as bert), not "
+                    "encoder-decoders")
+  if architecture == "decoder":
     if m["positions"] == "rope":
       return check("llama", {"norm": "rmsnorm", "norm_position": "pre", "mlp": "swiglu",
                              "use_bias": False})

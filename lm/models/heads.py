@@ -5,7 +5,7 @@
     EncoderWithHead(cfg, HeadSpec("tagging", n))          -> logits [B, L, n]   (per token)
 
 Parameters: {"encoder": ..., "<kind>_head": ...}. Fine-tuning loads "encoder" from a
-pretrained checkpoint and initialises the head afresh (lm/tasks.py), and may give the head
+pretrained checkpoint and initialises the head afresh (lm/tasks/), and may give the head
 its own learning rate.
 """
 

@@ -110,7 +110,11 @@ class Checkpointer:
 
   def check_shapes(self, step, abstract_state):
     """Raises UserError naming every parameter whose saved shape differs from the model's."""
-    have, want = self.saved_params(step), trees.flatten(abstract_state.params)
+    self.check_param_shapes(step, abstract_state.params)
+
+  def check_param_shapes(self, step, abstract_params):
+    """check_shapes for a tree of the state's parameters."""
+    have, want = self.saved_params(step), trees.flatten(abstract_params)
     problems = [f"{name}: missing from the checkpoint" for name in want if name not in have]
     problems += [f"{name}: in the checkpoint, not in the model" for name in have
                  if name not in want]
@@ -134,11 +138,17 @@ class Checkpointer:
     target = {f: fields[f] for f in tree if f in fields}
     restored = self.manager.restore(
         step, args=ocp.args.Composite(state=ocp.args.StandardRestore(target)))
-    state = abstract_state.replace(**restored["state"])
-    floats = [x for x in jax.tree.leaves(state) if jnp.issubdtype(x.dtype, jnp.floating)]
-    if not all(bool(jnp.isfinite(x).all()) for x in floats):
-      raise ValueError("it holds NaN or Inf values")
-    return state
+    return _finite(abstract_state.replace(**restored["state"]))
+
+  def restore_params(self, step, abstract_params):
+    """The parameters of checkpoint `step`'s state alone (no optimizer state is read),
+    onto the shardings in `abstract_params`: for decoding and export."""
+    path = os.path.join(self.directory, str(step), "state")
+    target = {"params": abstract_params}
+    restored = ocp.PyTreeCheckpointer().restore(path, args=ocp.args.PyTreeRestore(
+        target, restore_args=ocp.checkpoint_utils.construct_restore_args(target),
+        partial_restore=True))
+    return _finite(restored["params"])
 
   def quarantine(self, step, error):
     """Moves an unreadable checkpoint out of the way, keeping it for inspection."""
@@ -153,6 +163,13 @@ class Checkpointer:
   def close(self):
     self.wait()
     self.manager.close()
+
+
+def _finite(tree):
+  floats = [x for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.floating)]
+  if not all(bool(jnp.isfinite(x).all()) for x in floats):
+    raise ValueError("it holds NaN or Inf values")
+  return tree
 
 
 def config_differences(saved, current):

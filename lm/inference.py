@@ -5,17 +5,16 @@ config stored with it, restores the parameters onto one device (or a mesh), and 
 exact tokenizer the run trained with. `Generator` wraps lm/decode.py for text in, text out.
 """
 
-import contextlib
 import dataclasses
 import os
 import sys
 
-import flax.linen as nn
 import jax
 import ml_collections
 
-from lm import decode, sharding, tasks
+from lm import decode, pretrained, sharding, tasks
 from lm.checkpoint import Checkpointer
+from lm.model_setup import ModelSetup
 from lm.data.tokenizers import from_dict
 from lm.errors import UserError
 
@@ -30,11 +29,9 @@ class Loaded:
   mesh: object
   label_names: tuple = ()  # classification and tagging: the class names, by id
 
-  @contextlib.contextmanager
   def on_mesh(self):
     """Activates the mesh and logical axis rules, so the KV cache is sharded by them."""
-    with jax.set_mesh(self.mesh), nn.logical_axis_rules(sharding.RULES):
-      yield
+    return sharding.on_mesh(self.mesh)
 
   def encode_prompt(self, text):
     """Token ids of a prompt, after `bos` (training documents start with it)."""
@@ -56,7 +53,6 @@ class Loaded:
 def load(workdir, step=None, devices=None, decoder=True):
   """The model of `workdir`'s newest complete checkpoint (or checkpoint `step`).
   `decoder`: refuse other models (an encoder, which lm.sample and lm.serve cannot decode)."""
-  from lm.train import Trainer  # pylint: disable=import-outside-toplevel
   if not os.path.isdir(os.path.join(workdir, "checkpoints")):
     raise UserError(f"--workdir: {workdir} holds no checkpoints (train with lm.main first)")
   checkpointer = Checkpointer(workdir, keep=None)
@@ -82,15 +78,15 @@ def load(workdir, step=None, devices=None, decoder=True):
     if config.get("peft", {}).get("method"):
       # The checkpoint holds adapters (or biases) and a pointer to the base: serve the plain
       # model with them merged in (lm/peft.py), at no extra cost per token.
-      params, trainer = _load_peft(workdir, step, config, tokenizer, mesh, num_labels)
+      params, setup = _load_peft(workdir, step, config, tokenizer, mesh, num_labels)
     else:
-      trainer = Trainer(config, tokenizer.vocab_size, mesh, num_labels)
-      checkpointer.check_shapes(step, trainer.abstract_state)
-      params = checkpointer.restore_state(step, sharding.abstract_like(trainer.abstract_state,
-                                                              trainer.state_shardings)).params
+      setup = ModelSetup(config, tokenizer.vocab_size, mesh, num_labels)
+      checkpointer.check_param_shapes(step, setup.abstract_params)
+      params = checkpointer.restore_params(
+          step, sharding.abstract_like(setup.abstract_params, setup.param_shardings))
   finally:
     checkpointer.close()
-  return Loaded(model=trainer.model, params=params, tokenizer=tokenizer, config=config,
+  return Loaded(model=setup.model, params=params, tokenizer=tokenizer, config=config,
                 step=step, mesh=mesh, label_names=tuple(meta.get("label_names", ())))
 
 
@@ -106,17 +102,13 @@ def _num_labels(checkpointer, step, meta):
 
 
 def _load_peft(workdir, step, config, tokenizer, mesh, num_labels):
-  from lm import pretrained  # pylint: disable=import-outside-toplevel
-  from lm.train import Trainer  # pylint: disable=import-outside-toplevel
   plain = ml_collections.ConfigDict(config.to_dict())
   plain.peft.method = ""
-  trainer = Trainer(plain, tokenizer.vocab_size, mesh, num_labels)
+  setup = ModelSetup(plain, tokenizer.vocab_size, mesh, num_labels)
   merged = pretrained.from_workdir(os.path.abspath(workdir), ("checkpoints",), step)
-  params = pretrained.load_params(merged, trainer.abstract_params, trainer.task.head_keys,
+  params = pretrained.load_params(merged, setup.abstract_params, setup.task.head_keys,
                                   sharding.replicated(mesh), announce=False)
-  with jax.set_mesh(mesh):
-    params = jax.jit(lambda p: p, out_shardings=trainer.state_shardings.params)(params)
-  return params, trainer
+  return setup.place(params, setup.param_shardings), setup
 
 
 def load_or_exit(argv, workdir, step=None):

@@ -10,6 +10,7 @@ axes. This file is the only place that knows the mapping; nothing else knows the
 A dimension that does not divide evenly over its mesh axes is left replicated.
 """
 
+import contextlib
 import math
 
 import flax.linen as nn
@@ -38,6 +39,13 @@ def make_mesh(mesh_config, devices=None):
   devices = list(jax.devices() if devices is None else devices)
   shape = resolve_mesh_shape(mesh_config, len(devices))
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
+
+
+@contextlib.contextmanager
+def on_mesh(mesh):
+  """The mesh and the logical axis rules (RULES) active: for tracing and running steps."""
+  with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+    yield
 
 
 def replicated(mesh):

@@ -36,7 +36,7 @@ def test_main_trains_evaluates_checkpoints_samples_and_resumes(tmp_path):
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   assert "Traceback" not in first.stderr
 
-  assert {"jit__train_step_fn", "jit__eval_step_fn", "jit__prefill", "jit__decode"} <= {
+  assert {"jit_train_step", "jit_eval_step", "jit__prefill", "jit__decode"} <= {
       n.rsplit("-", 2)[0] for n in os.listdir(cache)}
 
   # JAX_LOG_COMPILES makes JAX report each persistent cache hit.
@@ -45,7 +45,7 @@ def test_main_trains_evaluates_checkpoints_samples_and_resumes(tmp_path):
   assert longer.returncode == 0, longer.stderr[-3000:]
   # The resumed run loads the programs it shares with the first (its train step differs:
   # the schedule's length is part of it).
-  for name in ("jit__eval_step_fn", "jit__prefill", "jit__decode"):
+  for name in ("jit_eval_step", "jit__prefill", "jit__decode"):
     assert f"Persistent compilation cache hit for '{name}'" in longer.stderr, name
   assert "resumed from step 4" in longer.stdout
   assert "step      6 | loss" in longer.stdout and "step      2 | loss" not in longer.stdout

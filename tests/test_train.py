@@ -171,6 +171,6 @@ def test_compile_ahead_builds_the_programs_the_dispatches_run():
     state, stacked = trainer.train_steps(state, trainer.shard_batches(host))
     state, single = trainer.train_step(state, trainer.shard_batch(host[0]))
     results.append((state.params, stacked["loss"], single["loss"]))
-  compiled = list(ahead._compiled.values())  # pylint: disable=protected-access
+  compiled = list(ahead.programs._compiled.values())  # pylint: disable=protected-access
   assert len(compiled) == 2 and all(isinstance(c, jax.stages.Compiled) for c in compiled)
   chex.assert_trees_all_close(results[0], results[1])

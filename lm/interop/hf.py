@@ -22,14 +22,15 @@ import sys
 import jax
 from jax.sharding import SingleDeviceSharding
 
-from lm import metrics, pretrained, sharding, tasks, trees
+from lm import metrics, pretrained, sharding, steps, tasks, trees
 from lm.checkpoint import Checkpointer
 from lm.data.tokenizers import from_dict
 from lm.errors import UserError
 from lm.interop import hf_models
 from lm.interop.hf_folder import Converted, write_tokenizer
 from lm.interop.weights import write_safetensors
-from lm.train import Trainer
+from lm.model_setup import ModelSetup
+from lm.optim import LossScale, make_optimizer, uses_loss_scale
 
 
 def import_checkpoint(src, dst):
@@ -40,14 +41,19 @@ def import_checkpoint(src, dst):
     raise UserError(f"--dst: {dst} already holds checkpoints; choose an empty folder")
   config = converted.lm_config()
   mesh = sharding.make_mesh(config.mesh, jax.devices()[:1])
-  trainer = Trainer(config, converted.tokenizer.vocab_size, mesh)
+  setup = ModelSetup(config, converted.tokenizer.vocab_size, mesh)
   source = pretrained.Pretrained(f"{converted.arch} checkpoint {converted.folder}", {},
                                  lambda _: dict(converted.tensors))
   for note in converted.notes:
     metrics.log(f"lm: {converted.folder}: {note}; it keeps lm's initialisation")
-  params = pretrained.load_params(source, jax.device_get(trainer.init_state().params),
-                                  trainer.task.head_keys, sharding.replicated(mesh))
-  state = trainer.state_from_params(params)
+  with jax.set_mesh(mesh):  # what a fresh run of this config starts from
+    initial = jax.device_get(jax.jit(setup.init_params)(setup.init_key))
+  params = pretrained.load_params(source, initial, setup.task.head_keys,
+                                  sharding.replicated(mesh))
+  # A train state at step 0, so that the workdir also resumes as an lm run.
+  state = steps.fresh_state(make_optimizer(config.train, setup.task.head_keys),
+                            setup.place(params, setup.param_shardings),
+                            LossScale.initial() if uses_loss_scale(config) else None)
   os.makedirs(dst, exist_ok=True)
   checkpointer = Checkpointer(dst, 1)
   meta = {"config": config.to_dict(), "tokenizer": converted.tokenizer.to_dict(),
@@ -56,7 +62,7 @@ def import_checkpoint(src, dst):
   checkpointer.close()
   with open(os.path.join(dst, "config.json"), "w", encoding="utf-8") as f:
     json.dump(meta["config"], f, indent=2)
-  metrics.log(f"lm: imported {converted.arch} ({trainer.num_params:,} parameters) from "
+  metrics.log(f"lm: imported {converted.arch} ({setup.num_params:,} parameters) from "
               f"{converted.folder} into {os.path.abspath(dst)}/checkpoints/0")
   return config
 

@@ -21,6 +21,7 @@ refusing one whose tensors changed; `from_workdir` on a PEFT run's workdir gives
 model, adapters merged.
 """
 
+import copy
 import dataclasses
 import os
 
@@ -140,15 +141,17 @@ def _with_base(read_trained, meta, peft_config):
   return read
 
 
-def adopt_architecture(config, saved_config):
-  """Sets config.model's architecture fields to `saved_config`'s; returns what changed."""
+def with_architecture(config, saved_config):
+  """(a copy of `config` with config.model's architecture fields set to `saved_config`'s,
+  what changed). `config` itself is left as it is."""
+  config = copy.deepcopy(config)
   changed = []
   for name in ARCHITECTURE:
     value = saved_config["model"][name]
     if config.model[name] != value:
       changed.append(f"{name}={value!r} (config had {config.model[name]!r})")
       config.model[name] = value
-  return changed
+  return config, changed
 
 
 def load_params(pretrained, params, head_keys, sharding, tensors=None, announce=True):

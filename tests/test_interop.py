@@ -38,7 +38,7 @@ def _text():
 def test_minilm_hidden_states_and_token_ids_equal_transformers(minilm, one_device):
   source = pretrained.open_pretrained("hf:" + minilm)
   config = tiny_config(**{"task.objective": "mlm", "data.tokenizer": "pretrained"})
-  pretrained.adopt_architecture(config, source.meta["config"])
+  config, _ = pretrained.with_architecture(config, source.meta["config"])
   from lm.data.tokenizers import from_dict  # pylint: disable=import-outside-toplevel
   from lm.models.transformer import Encoder, ModelConfig  # pylint: disable=import-outside-toplevel
   tokenizer = from_dict(source.meta["tokenizer"])
@@ -152,7 +152,7 @@ def test_fine_tuning_starts_from_a_hugging_face_folder(minilm, tmp_path, one_dev
                           "train.eval_every": 2, "sample.num_tokens": 0})
   config.init_from = "hf:" + minilm
   result = run(config, str(tmp_path / "run"), devices=one_device)
-  assert config.model.d_model == 384 and config.model.pooler  # MiniLM's architecture
+  assert result.config.model.d_model == 384 and result.config.model.pooler  # MiniLM's
   assert result.eval["validation"]["examples"] == 8
 
 

@@ -330,6 +330,6 @@ def test_span_corruption_pretraining_feeds_a_translation_model(toy_parallel, tmp
   finetune.init_from = str(tmp_path / "pretrain")
   finetune.data.tokenizer = "pretrained"
   tuned = run(finetune, str(tmp_path / "finetune"), devices=one_device)
-  assert finetune.model.extra_tokens == 8
+  assert tuned.config.model.extra_tokens == 8
   assert np.isfinite(tuned.eval["test"]["bleu"])
   assert tuned.eval["test"]["sentences"] == 3  # task.bleu_sentences: a quicker figure

@@ -133,7 +133,7 @@ def test_init_from_loads_the_pretrained_body_and_a_fresh_head(labelled, tmp_path
   config.init_from = str(tmp_path / "mlm")
   source = pretrained.open_pretrained(config.init_from)
   assert "/best/" in source.where
-  changed = pretrained.adopt_architecture(config, source.meta["config"])
+  config, changed = pretrained.with_architecture(config, source.meta["config"])
   assert "d_model=32 (config had 48)" in changed and config.model.norm_position == "post"
   data = make_data(config, tokenizer_spec=source.meta["tokenizer"])
   mesh = sharding.make_mesh(config.mesh, one_device)

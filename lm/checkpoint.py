@@ -19,22 +19,21 @@ import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
-from lm import trees
+from lm import schema, trees
 from lm.config import defaults
 from lm.errors import UserError
 
-# Fields that may differ between a checkpoint's config and the config resuming from it:
-# they change how long and how visibly a run goes, not what it computes.
-RESUMABLE_CHANGES = ("train.num_steps", "train.eval_every", "train.eval_steps",
-                     "train.checkpoint_every", "train.keep_checkpoints", "train.log_every",
-                     "train.nonfinite", "train.profile_steps", "log.", "sample.", "mesh.",
-                     "data.num_threads", "data.data_dir", "model.remat",
-                     "train.steps_per_dispatch",
-                     "train.early_stopping", "init_from", "data.length_bucket",
-                     # the final translations' settings; the data's own fingerprint is
-                     # compared apart from its name and path
-                     "task.beam_size", "task.length_penalty", "task.bleu_sentences",
-                     "data.name", "data.path")
+# Fields that may differ between a checkpoint's config and the config resuming from it
+# (lm/schema.py marks them): they change how long and how visibly a run goes, not what it
+# computes. A field of a section that is resumable throughout (log, mesh, sample) may also
+# be one a later lm no longer has.
+RESUMABLE_CHANGES = schema.RESUMABLE
+_RESUMABLE_SECTIONS = {f.name.split(".")[0] for f in schema.FIELDS if "." in f.name} - {
+    f.name.split(".")[0] for f in schema.FIELDS if not f.resumable}
+
+
+def _resumable(name):
+  return name in RESUMABLE_CHANGES or name.split(".")[0] in _RESUMABLE_SECTIONS
 
 
 class CheckpointError(UserError):
@@ -179,7 +178,7 @@ def config_differences(saved, current):
   a = {**{k: v for k, v in trees.flatten(defaults().to_dict(), ".").items() if k not in a}, **a}
   changed = []
   for name in sorted(set(a) | set(b)):
-    if name.startswith(RESUMABLE_CHANGES) or a.get(name) == b.get(name):
+    if _resumable(name) or a.get(name) == b.get(name):
       continue
     if isinstance(a.get(name), (list, tuple)) and list(a[name]) == list(b.get(name) or []):
       continue

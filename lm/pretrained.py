@@ -29,7 +29,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
-from lm import metrics, peft, trees
+from lm import metrics, peft, schema, trees
 from lm.config import defaults
 from lm.checkpoint import Checkpointer
 from lm.errors import UserError
@@ -37,9 +37,7 @@ from lm.interop.hf_folder import Converted
 from lm.models import lora
 from lm.trees import stack_layers, unstack_layers
 
-ARCHITECTURE = ("num_layers", "num_heads", "num_kv_heads", "d_model", "d_ff", "vocab_size",
-                "max_len", "norm", "norm_eps", "norm_position", "positions", "rope_theta", "mlp",
-                "use_bias", "tie_embeddings", "type_vocab_size", "pooler", "extra_tokens")
+ARCHITECTURE = schema.ARCHITECTURE  # config.model fields init_from takes over
 
 
 @dataclasses.dataclass

@@ -110,3 +110,41 @@ def test_cli_reports_config_errors_in_one_line(tmp_path):
     assert len(lines) == 1 and lines[0].startswith("lm: error: "), result.stderr
     assert expected in lines[0]
   assert not os.path.exists(workdir)  # a failed start writes nothing
+
+
+def test_every_bounded_or_chosen_schema_field_refuses_a_bad_value_by_name():
+  """Each field lm/schema.py bounds or restricts is checked by validate(), by its name: the
+  schema is the one place the checks come from."""
+  from lm import schema  # pylint: disable=import-outside-toplevel
+  bad = {schema.POSITIVE: 0, schema.NON_NEGATIVE: -1, schema.UNIT: 1.0}
+  checked = 0
+  for field in schema.FIELDS:
+    if field.bound is None and field.choices is None:
+      continue
+    value = bad[field.bound] if field.bound else "no such choice"
+    if field.bound and field.value_type is float:
+      value = float(value)
+    section, key = field.name.split(".")
+    as_dict = tiny_config().to_dict()
+    as_dict[section][key] = value
+    with pytest.raises(ConfigError) as info:
+      validate(ml_collections.ConfigDict(as_dict), 1)
+    assert info.value.field == field.name, (field.name, str(info.value))
+    checked += 1
+  assert checked > 40
+
+
+def test_model_config_is_the_schema_s_model_view():
+  """ModelConfig's fields and defaults are the schema's model fields (vocab_size apart),
+  and ModelConfig.from_config(defaults()) builds the default model."""
+  import dataclasses  # pylint: disable=import-outside-toplevel
+  from lm.models import ModelConfig  # pylint: disable=import-outside-toplevel
+  c = defaults()
+  view = ModelConfig.from_config(c.model, 100)
+  for field in dataclasses.fields(ModelConfig):
+    if field.name != "vocab_size":
+      assert getattr(view, field.name) == c.model[field.name], field.name
+      assert field.default == c.model[field.name], field.name
+  assert view.vocab_size == 100 + c.model.extra_tokens
+  assert {f.name for f in dataclasses.fields(ModelConfig)} == (
+      set(c.model.keys()) - {"extra_tokens"})

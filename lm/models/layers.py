@@ -13,6 +13,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lm import schema
+
 lp = nn.with_logical_partitioning
 constrain = nn.with_logical_constraint
 
@@ -100,32 +102,8 @@ def tied_logits(cfg, embedding_VxD, x_BxLxD, unembed_DxV=None):
   return y.reshape(lead + (embedding_VxD.shape[0],))
 
 
-@dataclasses.dataclass(frozen=True)
-class ModelConfig:
-  """The model's hyper-parameters (a frozen, hashable view of config.model)."""
-
-  vocab_size: int
-  num_layers: int = 2
-  num_heads: int = 2
-  num_kv_heads: int = 2
-  d_model: int = 64
-  d_ff: int = 256
-  max_len: int = 128
-  dropout: float = 0.0
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  norm: str = "layernorm"
-  norm_eps: float = 1e-5
-  norm_position: str = "pre"  # pre (GPT-2, Llama) | post (BERT, the original Transformer)
-  positions: str = "learned"
-  rope_theta: float = 10000.0
-  mlp: str = "gelu"
-  use_bias: bool = False
-  tie_embeddings: bool = True
-  type_vocab_size: int = 0  # > 0: token-type (segment A/B) embeddings, as in BERT
-  pooler: bool = False  # Encoder: BERT's dense + tanh on the first token, a pooled vector
-  remat: str = "none"  # none | full | dots
-  scan_layers: bool = False  # one nn.scan over stacked layers: compile time independent of depth
+class _ModelConfigBase:
+  """What ModelConfig computes from its fields."""
 
   @classmethod
   def from_config(cls, model_config, vocab_size):
@@ -163,6 +141,18 @@ class ModelConfig:
     16: 36.5 instead of 39.8 ms a token)."""
     return (jax.default_backend() == "cpu" and self.tie_embeddings and
             self.compute_dtype != jnp.dtype(jnp.float32))
+
+
+# The model's hyper-parameters: a frozen, hashable view of config.model, its fields and
+# defaults those lm/schema.py declares for the model (vocab_size includes extra_tokens).
+ModelConfig = dataclasses.make_dataclass(
+    "ModelConfig",
+    [("vocab_size", int)] + [(f.key, f.value_type, dataclasses.field(default=f.default))
+                             for f in schema.MODEL_VIEW],
+    bases=(_ModelConfigBase,), frozen=True)
+ModelConfig.__module__ = __name__
+ModelConfig.__doc__ = ("The model's hyper-parameters (a frozen, hashable view of config.model; "
+                       "fields and defaults from lm/schema.py).")
 
 
 def make_norm(cfg, name):

@@ -13,13 +13,24 @@ max_tokens beyond the model's context (400), an unknown model (404), a full queu
 """
 
 import asyncio
+import contextlib
+import dataclasses
 import json
 import os
 import time
 import uuid
-from typing import Literal, Optional, Union
 
+import prometheus_client as prom
 from absl import app, flags, logging
+from fastapi import APIRouter, FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from lm import decode, inference, openai_api
+from lm.engine import Engine, QueueFull
+from lm.engine import Request as Job
+from lm.openai_api import ApiError, CompletionRequest
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "A training run's folder.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind (127.0.0.1: this machine only).")
@@ -30,15 +41,10 @@ _WINDOW_MS = flags.DEFINE_float("batch_window_ms", 10.0, "How long a batch colle
 _QUEUE_LIMIT = flags.DEFINE_integer("queue_limit", 64, "Queued completions before 429.")
 _STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 
-MAX_N = 16
-MAX_STOP = 4
-
-
 class Metrics:
   """Prometheus metrics of one server (its own registry, so tests can run several)."""
 
   def __init__(self):
-    import prometheus_client as prom  # pylint: disable=import-outside-toplevel
     self.registry = prom.CollectorRegistry()
     r = self.registry
     self.requests = prom.Counter("lm_requests", "HTTP requests by endpoint and status.",
@@ -59,56 +65,33 @@ class Metrics:
                                      buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
 
   def text(self):
-    import prometheus_client as prom  # pylint: disable=import-outside-toplevel
     return prom.generate_latest(self.registry)
 
 
-def _request_model():
-  from pydantic import BaseModel, ConfigDict, Field  # pylint: disable=import-outside-toplevel
+@dataclasses.dataclass
+class Server:
+  """What the routes share: the app's state (app.state.server)."""
+  loaded: object  # lm.inference.Loaded
+  model_name: str
+  engine: Engine
+  metrics: Metrics
+  queue_limit: int
+  created: int = dataclasses.field(default_factory=lambda: int(time.time()))
 
-  class CompletionRequest(BaseModel):
-    model_config = ConfigDict(extra="forbid", strict=True)
-    model: str
-    prompt: Union[str, list[str]]
-    max_tokens: int = Field(16, ge=1)
-    temperature: float = Field(1.0, ge=0.0, le=2.0)
-    top_p: float = Field(1.0, gt=0.0, le=1.0)
-    n: int = Field(1, ge=1, le=MAX_N)
-    stop: Optional[Union[str, list[str]]] = None
-    seed: Optional[int] = None
-    stream: bool = False
-    top_k: int = Field(0, ge=0)
-    repetition_penalty: float = Field(1.0, gt=0.0)
-    user: Optional[str] = None
-    echo: Literal[False] = False
-    logprobs: Literal[None] = None
+  @property
+  def context(self):
+    return self.loaded.model.cfg.max_len
 
-  return CompletionRequest
-
-
-def _error(status, message, kind="invalid_request_error", param=None, code=None):
-  from fastapi.responses import JSONResponse  # pylint: disable=import-outside-toplevel
-  return JSONResponse(status_code=status, content={"error": {
-      "message": message, "type": kind, "param": param, "code": code}})
+  def answered(self, endpoint, status):
+    self.metrics.requests.labels(endpoint, str(status)).inc()
 
 
 def make_app(loaded, model_name, max_batch=16, window_s=0.01, queue_limit=64, chunk=16):
   """The FastAPI app; its engine starts with the app (lifespan) and stops with it."""
-  import contextlib  # pylint: disable=import-outside-toplevel
-  from fastapi import FastAPI, Request  # pylint: disable=import-outside-toplevel
-  from fastapi.exceptions import RequestValidationError  # pylint: disable=import-outside-toplevel
-  from fastapi.responses import Response, StreamingResponse  # pylint: disable=import-outside-toplevel
-  from starlette.exceptions import HTTPException  # pylint: disable=import-outside-toplevel
-
-  from lm import decode  # pylint: disable=import-outside-toplevel
-  from lm.engine import Engine, QueueFull, Request as Job  # pylint: disable=import-outside-toplevel
-
-  CompletionRequest = _request_model()  # pylint: disable=invalid-name
   metrics = Metrics()
   engine = Engine(loaded, max_batch=max_batch, window_s=window_s, queue_limit=queue_limit,
                   chunk=chunk, metrics=metrics)
-  created = int(time.time())
-  context = loaded.model.cfg.max_len
+  server = Server(loaded, model_name, engine, metrics, queue_limit)
 
   @contextlib.asynccontextmanager
   async def lifespan(_):
@@ -117,141 +100,125 @@ def make_app(loaded, model_name, max_batch=16, window_s=0.01, queue_limit=64, ch
     engine.stop()
 
   api = FastAPI(title="lm", lifespan=lifespan)
+  api.state.server, api.state.engine, api.state.metrics = server, engine, metrics
+  api.add_exception_handler(ApiError, _refused)
+  api.add_exception_handler(RequestValidationError, _invalid)
+  api.add_exception_handler(HTTPException, _http_error)
+  api.add_exception_handler(Exception, _internal)
+  api.include_router(router)
+  return api
 
-  def failed(endpoint, status, kind, message, param=None, code=None):
-    metrics.requests.labels(endpoint, str(status)).inc()
-    metrics.errors.labels(code or kind).inc()
-    return _error(status, message, kind, param, code)
 
-  @api.exception_handler(RequestValidationError)
-  async def invalid(request, exc):
-    first = exc.errors()[0] if exc.errors() else {}
-    where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
-    if first.get("type") == "json_invalid":
-      return failed(request.url.path, 400, "invalid_request_error",
-                    f"the body is not valid JSON: {first.get('msg', '')}", code="invalid_json")
-    if first.get("type") == "extra_forbidden":
-      message = f"unknown or unsupported field {where!r}"
-    else:
-      message = f"{where or 'body'}: {first.get('msg', 'invalid')}"
-      if "input" in first and not isinstance(first["input"], (dict, list)):
-        message += f" (got {first['input']!r})"
-    return failed(request.url.path, 400, "invalid_request_error", message, param=where or None)
+# Errors: every one an OpenAI-shaped JSON body, counted by endpoint, status and kind.
 
-  @api.exception_handler(HTTPException)
-  async def http_error(request, exc):
-    return failed(request.url.path, exc.status_code, "invalid_request_error", str(exc.detail))
+async def _refused(request, exc):
+  server = request.app.state.server
+  server.answered(request.url.path, exc.status)
+  server.metrics.errors.labels(exc.code or exc.kind).inc()
+  return JSONResponse(status_code=exc.status, content=exc.body())
 
-  @api.exception_handler(Exception)
-  async def internal(request, exc):
-    return failed(request.url.path, 500, "server_error", f"{type(exc).__name__}: {exc}")
 
-  @api.get("/healthz")
-  async def healthz():
-    metrics.requests.labels("/healthz", "200").inc()
-    return {"status": "ok", "model": model_name, "step": loaded.step,
-            "queue_depth": engine.queue_depth}
+async def _invalid(request, exc):
+  return await _refused(request, openai_api.validation_error(exc.errors()))
 
-  @api.get("/metrics")
-  async def prometheus():
-    metrics.requests.labels("/metrics", "200").inc()
-    return Response(metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
-  @api.get("/v1/models")
-  async def models():
-    metrics.requests.labels("/v1/models", "200").inc()
-    return {"object": "list", "data": [{"id": model_name, "object": "model",
-                                        "created": created, "owned_by": "lm"}]}
+async def _http_error(request, exc):
+  return await _refused(request, ApiError(exc.status_code, str(exc.detail)))
 
-  @api.post("/v1/completions")
-  async def completions(body: CompletionRequest, http: Request):
-    endpoint = "/v1/completions"
-    if body.model != model_name:
-      return failed(endpoint, 404, "invalid_request_error",
-                    f"the model {body.model!r} does not exist; this server has {model_name!r}",
-                    param="model", code="model_not_found")
-    prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-    stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
-    if not prompts:
-      return failed(endpoint, 400, "invalid_request_error", "prompt: give at least one prompt",
-                    param="prompt")
-    if len(stop) > MAX_STOP or any(not s for s in stop):
-      return failed(endpoint, 400, "invalid_request_error",
-                    f"stop: at most {MAX_STOP} non-empty strings", param="stop")
-    if len(prompts) * body.n > queue_limit:
-      return failed(endpoint, 400, "invalid_request_error",
-                    f"{len(prompts)} prompts x n={body.n} completions exceed this server's "
-                    f"limit of {queue_limit}", param="n")
-    encoded = [loaded.encode_prompt(p) for p in prompts]
-    for p in encoded:
-      if len(p) + body.max_tokens > context:
-        return failed(endpoint, 400, "invalid_request_error",
-                      f"this model's maximum context length is {context} tokens, however you "
-                      f"requested {len(p) + body.max_tokens} tokens ({len(p)} in your prompt; "
-                      f"{body.max_tokens} for the completion)", param="max_tokens",
-                      code="context_length_exceeded")
-    seed = body.seed if body.seed is not None else uuid.uuid4().int % (2**31)
-    loop = asyncio.get_running_loop()
-    events = asyncio.Queue()
-    emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
-    jobs = []
-    for i, ids in enumerate(encoded):
-      sampling = [decode.Sampling(temperature=body.temperature, top_k=body.top_k,
-                                  top_p=body.top_p, repetition_penalty=body.repetition_penalty,
-                                  seed=(seed + 1_000_003 * (i * body.n + j)) % (2**31))
-                  for j in range(body.n)]
-      index = i * body.n
-      jobs.append(Job(prompt_ids=ids, max_tokens=body.max_tokens, sampling=sampling, stop=stop,
-                      emit=lambda e, base=index: emit(_shift(e, base))))
-    try:
-      for job in jobs:
-        engine.submit(job)
-    except QueueFull as e:
-      for job in jobs:
-        job.cancelled = True
-      return failed(endpoint, 429, "rate_limit_error", str(e), code="queue_full")
 
-    completion_id = f"cmpl-{uuid.uuid4().hex}"
-    total = len(prompts) * body.n
-    prompt_tokens = sum(len(p) for p in encoded) * body.n
+async def _internal(request, exc):
+  return await _refused(request, ApiError(500, f"{type(exc).__name__}: {exc}",
+                                          kind="server_error"))
 
-    def chunk(choices, usage=None):
-      out = {"id": completion_id, "object": "text_completion", "created": int(time.time()),
-             "model": model_name, "choices": choices}
-      if usage is not None:
-        out["usage"] = usage
-      return out
 
-    if body.stream:
-      async def stream():
-        finished = 0
-        try:
-          while finished < total:
-            event = await events.get()
-            if event[0] == "error":
-              metrics.errors.labels("internal").inc()
-              yield f"data: {json.dumps({'error': {'message': event[1], 'type': 'server_error', 'param': None, 'code': None}})}\n\n"
-              break
-            if event[0] == "delta":
-              yield f"data: {json.dumps(chunk([_choice(event[1], event[2], None)]))}\n\n"
-            else:
-              finished += 1
-              yield f"data: {json.dumps(chunk([_choice(event[1], '', event[2])]))}\n\n"
-          yield "data: [DONE]\n\n"
-        finally:
-          for job in jobs:  # a client that went away stops its rows
-            job.cancelled = True
+# Routes.
 
-      metrics.requests.labels(endpoint, "200").inc()
-      return StreamingResponse(stream(), media_type="text/event-stream")
+router = APIRouter()
 
-    texts, reasons, completion_tokens = [""] * total, [None] * total, 0
+
+@router.get("/healthz")
+async def healthz(request: Request):
+  server = request.app.state.server
+  server.answered("/healthz", 200)
+  return {"status": "ok", "model": server.model_name, "step": server.loaded.step,
+          "queue_depth": server.engine.queue_depth}
+
+
+@router.get("/metrics")
+async def prometheus(request: Request):
+  server = request.app.state.server
+  server.answered("/metrics", 200)
+  return Response(server.metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+@router.get("/v1/models")
+async def models(request: Request):
+  server = request.app.state.server
+  server.answered("/v1/models", 200)
+  return {"object": "list", "data": [{"id": server.model_name, "object": "model",
+                                      "created": server.created, "owned_by": "lm"}]}
+
+
+@router.post("/v1/completions")
+async def completions(body: CompletionRequest, request: Request):
+  server = request.app.state.server
+  prompts, stop = openai_api.check_completion(body, server.model_name, server.queue_limit)
+  encoded = [server.loaded.encode_prompt(p) for p in prompts]
+  openai_api.check_context(encoded, body.max_tokens, server.context)
+  events, jobs = _submit(server, body, encoded, stop)
+  reply = _Reply(server, f"cmpl-{uuid.uuid4().hex}", events, jobs, len(prompts) * body.n)
+  if body.stream:
+    server.answered("/v1/completions", 200)
+    return StreamingResponse(reply.stream(), media_type="text/event-stream")
+  result = await reply.collect(prompt_tokens=sum(len(p) for p in encoded) * body.n)
+  server.answered("/v1/completions", 200)
+  return result
+
+
+def _submit(server, body, encoded, stop):
+  """Queues one engine job per prompt (its n completions are rows of it): (an asyncio queue
+  of their events, the jobs). A full queue is a 429 and queues none of them."""
+  seed = body.seed if body.seed is not None else uuid.uuid4().int % (2**31)
+  loop = asyncio.get_running_loop()
+  events = asyncio.Queue()
+  emit = lambda event: loop.call_soon_threadsafe(events.put_nowait, event)
+  jobs = []
+  for i, ids in enumerate(encoded):
+    sampling = [decode.Sampling(temperature=body.temperature, top_k=body.top_k,
+                                top_p=body.top_p, repetition_penalty=body.repetition_penalty,
+                                seed=(seed + 1_000_003 * (i * body.n + j)) % (2**31))
+                for j in range(body.n)]
+    jobs.append(Job(prompt_ids=ids, max_tokens=body.max_tokens, sampling=sampling, stop=stop,
+                    emit=lambda e, base=i * body.n: emit(_shift(e, base))))
+  try:
+    for job in jobs:
+      server.engine.submit(job)
+  except QueueFull as e:
+    for job in jobs:
+      job.cancelled = True
+    raise ApiError(429, str(e), kind="rate_limit_error", code="queue_full") from None
+  return events, jobs
+
+
+class _Reply:
+  """The engine's events of one request, as one response or as server-sent events. Either
+  way its jobs are cancelled at the end (a client that went away stops its rows)."""
+
+  def __init__(self, server, completion_id, events, jobs, total):
+    self.server, self.id, self.events, self.jobs, self.total = (server, completion_id, events,
+                                                                jobs, total)
+
+  def _completion(self, choices, usage=None):
+    return openai_api.completion(self.id, self.server.model_name, choices, usage)
+
+  async def collect(self, prompt_tokens):
+    texts, reasons, completion_tokens = [""] * self.total, [None] * self.total, 0
     finished = 0
     try:
-      while finished < total:
-        event = await events.get()
+      while finished < self.total:
+        event = await self.events.get()
         if event[0] == "error":
-          return failed(endpoint, 500, "server_error", event[1])
+          raise ApiError(500, event[1], kind="server_error")
         if event[0] == "delta":
           texts[event[1]] += event[2]
         else:
@@ -259,16 +226,37 @@ def make_app(loaded, model_name, max_batch=16, window_s=0.01, queue_limit=64, ch
           completion_tokens += event[3]
           finished += 1
     finally:
-      for job in jobs:
-        job.cancelled = True
-    metrics.requests.labels(endpoint, "200").inc()
-    return chunk([_choice(i, texts[i], reasons[i]) for i in range(total)],
-                 usage={"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                        "total_tokens": prompt_tokens + completion_tokens})
+      self._cancel()
+    choices = [openai_api.choice(i, texts[i], reasons[i]) for i in range(self.total)]
+    return self._completion(choices, usage={
+        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens})
 
-  api.state.engine = engine
-  api.state.metrics = metrics
-  return api
+  async def stream(self):
+    finished = 0
+    try:
+      while finished < self.total:
+        event = await self.events.get()
+        if event[0] == "error":
+          self.server.metrics.errors.labels("internal").inc()
+          yield _sse(openai_api.error_body(event[1], "server_error"))
+          break
+        if event[0] == "delta":
+          yield _sse(self._completion([openai_api.choice(event[1], event[2], None)]))
+        else:
+          finished += 1
+          yield _sse(self._completion([openai_api.choice(event[1], "", event[2])]))
+      yield "data: [DONE]\n\n"
+    finally:
+      self._cancel()
+
+  def _cancel(self):
+    for job in self.jobs:
+      job.cancelled = True
+
+
+def _sse(payload):
+  return f"data: {json.dumps(payload)}\n\n"
 
 
 def _shift(event, base):
@@ -278,15 +266,10 @@ def _shift(event, base):
   return event
 
 
-def _choice(index, text, finish_reason):
-  return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
-
-
 def main(argv):
   logging.set_verbosity(logging.WARNING)
   import uvicorn  # pylint: disable=import-outside-toplevel
 
-  from lm import inference  # pylint: disable=import-outside-toplevel
   loaded = inference.load_or_exit(argv, _WORKDIR.value, _STEP.value)
   name = _MODEL_NAME.value or os.path.basename(os.path.abspath(_WORKDIR.value))
   api = make_app(loaded, name, max_batch=_MAX_BATCH.value, window_s=_WINDOW_MS.value / 1000,

@@ -19,7 +19,6 @@ def get_config():
   m.dtype, m.param_dtype = "bfloat16", "float32"
   m.scan_layers, m.remat = True, "dots"
   config.data.seq_len = 2048
-  config.train.batch_size = 16
   config.train.num_steps = 1000
   config.train.warmup_steps = 100
   config.train.learning_rate, config.train.min_learning_rate = 3e-4, 3e-5

@@ -25,39 +25,28 @@ def get_config():
   config = defaults()
   config.task.objective = "seq2seq"
   config.task.label_smoothing = 0.1
-  config.task.beam_size = 4
-  config.task.length_penalty = 0.6
 
   config.data.name = "multi30k"
   config.data.path = MULTI30K if os.path.isdir(MULTI30K) else ""
   config.data.format = "parallel"
-  config.data.source_language = "en"
-  config.data.target_language = "de"
   config.data.tokenizer = "unigram"
   config.data.vocab_size = 8000
   config.data.seq_len = 64  # every sentence fits; batches are cut to their longest
-  config.data.length_bucket = 16
 
   config.model.num_layers = 3  # each side
-  config.model.num_heads = 4
-  config.model.num_kv_heads = 4
   config.model.d_model = 256
   config.model.d_ff = 1024
   config.model.max_len = 64
   config.model.dropout = 0.1
-  config.model.norm_position = "pre"
-  config.model.tie_embeddings = True
 
   config.train.batch_size = 64
   config.train.num_steps = 4000  # about 9 epochs
-  config.train.learning_rate = 1e-3
   config.train.min_learning_rate = 5e-5
   config.train.warmup_steps = 400
   config.train.b2 = 0.98
   config.train.weight_decay = 0.01
   config.train.eval_every = 500
   config.train.eval_steps = 0  # the whole validation set
-  config.train.checkpoint_every = 500
   config.train.log_every = 100
   config.sample.num_tokens = 0
   return config

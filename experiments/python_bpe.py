@@ -14,5 +14,4 @@ from lm.config import load_experiment
 def get_config():
   config = load_experiment(os.path.join(os.path.dirname(__file__), "base.py"))
   config.data.tokenizer = "bpe"
-  config.data.vocab_size = 4096
   return config

@@ -37,34 +37,15 @@ def get_config():
   config.data.validation_fraction = 0.1
   config.data.test_fraction = 0.0
 
-  config.model.num_layers = 4
-  config.model.num_heads = 4
-  config.model.num_kv_heads = 4
-  config.model.d_model = 128
-  config.model.d_ff = 512
+  # nanoGPT's model, optimizer and batch (above) are lm's defaults: 4 layers of d_model 128,
+  # batch 12, AdamW (0.9, 0.99), weight decay 0.1, clip 1, 100 warm-up steps.
   config.model.max_len = 64
-  config.model.dropout = 0.0
-  config.model.positions = "learned"
-  config.model.norm = "layernorm"
-  config.model.mlp = "gelu"
-  config.model.use_bias = False
-  config.model.tie_embeddings = True
 
-  config.train.batch_size = 12
   config.train.steps_per_dispatch = 25  # divides log_every, eval_every, checkpoint_every
   config.train.num_steps = 2000
   config.train.learning_rate = 2e-3  # nanoGPT: 1e-3 (see above)
   config.train.min_learning_rate = 2e-4
-  config.train.warmup_steps = 100
-  config.train.b1 = 0.9
-  config.train.b2 = 0.99
-  config.train.weight_decay = 0.1
-  config.train.grad_clip = 1.0
-  config.train.eval_every = 250
-  config.train.eval_steps = 20
-  config.train.checkpoint_every = 500
   config.train.log_every = 100
 
-  config.sample.prompt = "\n"
   config.sample.num_tokens = 300
   return config

@@ -26,12 +26,10 @@ def get_config():
   config = defaults()
   config.init_from = "runs/bert_mlm"
   config.task.objective = "classification"
-  config.task.pooling = "cls"
   config.data.name = "glue/sst2"
   config.data.path = SST2 if os.path.isdir(SST2) else ""
   config.data.format = "labelled"
   config.data.tokenizer = "unigram"  # used only without init_from
-  config.data.vocab_size = 4096
   config.data.seq_len = 64
 
   # experiments/bert_mlm.py's architecture, for --config.init_from= (from scratch); with
@@ -39,15 +37,11 @@ def get_config():
   config.model = load_experiment(os.path.join(os.path.dirname(__file__), "bert_mlm.py")).model
 
   config.train.batch_size = 32
-  config.train.num_steps = 1000
   config.train.learning_rate = 1e-4
   config.train.head_learning_rate = 1e-3
   config.train.min_learning_rate = 1e-5
-  config.train.warmup_steps = 100
   config.train.weight_decay = 0.01
   config.train.eval_every = 100
   config.train.early_stopping = 3
-  config.train.checkpoint_every = 500
-  config.train.log_every = 50
   config.sample.num_tokens = 0
   return config

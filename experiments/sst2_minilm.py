@@ -31,13 +31,13 @@ def get_config():
   config = defaults()
   config.init_from = "hf:" + minilm_folder()
   config.task.objective = "classification"
-  config.task.pooling = "cls"  # through MiniLM's pooler (model.pooler comes from the folder)
+  # task.pooling stays "cls": through MiniLM's pooler (model.pooler comes from the folder)
   config.data.name = "glue/sst2"
   config.data.path = SST2 if os.path.isdir(SST2) else ""
   config.data.format = "labelled"
   config.data.tokenizer = "pretrained"
   config.data.seq_len = 64  # every dev sentence fits
-  config.data.length_bucket = 16  # SST-2's phrases are short: cut batches to their length
+  # data.length_bucket (16) cuts batches to SST-2's short phrases
 
   config.model.dropout = 0.1  # the architecture itself comes from the checkpoint
 
@@ -51,6 +51,5 @@ def get_config():
   config.train.eval_every = 200
   config.train.early_stopping = 3
   config.train.checkpoint_every = 1000
-  config.train.log_every = 50
   config.sample.num_tokens = 0
   return config

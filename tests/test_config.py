@@ -148,3 +148,32 @@ def test_model_config_is_the_schema_s_model_view():
   assert view.vocab_size == 100 + c.model.extra_tokens
   assert {f.name for f in dataclasses.fields(ModelConfig)} == (
       set(c.model.keys()) - {"extra_tokens"})
+
+
+def test_experiments_state_only_what_differs():
+  """No assignment in an experiment's get_config() sets a field to the value it already has
+  (the default, or the value of the experiment it extends): run the function's statements
+  one by one and compare each assigned field before and after."""
+  import ast  # pylint: disable=import-outside-toplevel
+  import glob  # pylint: disable=import-outside-toplevel
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  restated = []
+  for path in sorted(glob.glob(os.path.join(REPO, "experiments", "*.py"))):
+    spec = importlib.util.spec_from_file_location("experiment", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    with open(path, encoding="utf-8") as f:
+      tree = ast.parse(f.read())
+    body = next(n for n in tree.body if getattr(n, "name", "") == "get_config").body
+    namespace = dict(vars(module))
+    for statement in body:
+      if isinstance(statement, ast.Return):
+        break
+      if isinstance(statement, ast.Assign) and isinstance(statement.targets[0], ast.Attribute):
+        target = ast.unparse(statement.targets[0])
+        before = eval(target, namespace)  # pylint: disable=eval-used
+        value = eval(ast.unparse(statement.value), namespace)  # pylint: disable=eval-used
+        if before == value and type(before) is type(value):
+          restated.append(f"{os.path.basename(path)}:{statement.lineno}: {target}")
+      exec(compile(ast.Module([statement], []), path, "exec"), namespace)  # pylint: disable=exec-used
+  assert not restated, restated

@@ -5,7 +5,7 @@ and of the initialiser.
 
 Lowers and compiles the jitted train step (nothing runs) and prints one JSON line per
 (layers, scan) setting. `init_compile_s` is the initialiser's compile time with the options
-init_state uses (lm/train.py, INIT_COMPILER_OPTIONS), `init_compile_default_s` at XLA's
+init_state uses (lm/model_setup.py, INIT_COMPILER_OPTIONS), `init_compile_default_s` at XLA's
 default optimisation level.
 """
 

@@ -4,9 +4,10 @@ Sizes a run before running it: parameter count, training FLOPs per token, memory
 (parameters, Adam state, gradients, activations under the remat policy) and the step time
 and tokens/s that a given MFU implies on the named hardware. Nothing is compiled or run.
 
-Conventions. FLOPs are model FLOPs as lm's MFU counts them (lm/metrics.py, PaLM's appendix
-B): 6 per weight-matrix entry per token (the output projection included) plus
-12 * layers * d_model * seq_len for attention. Parameters and optimizer state are assumed
+Conventions. Parameters and FLOPs are counted on the model's abstract parameters, by the
+same code the loop's MFU uses (lm/metrics.py, PaLM's appendix B): 6 per weight-matrix
+entry per token (the output projection included) plus 12 * layers * d_model * seq_len for
+attention. Parameters and optimizer state are assumed
 sharded over fsdp x tensor (what the logical rules do for every large matrix). Activation
 memory per token per layer, in the compute dtype's bytes c, is an estimate of what the
 backward pass keeps: none: c * (12 d + 3 f + 2 H S) (block inputs, norms, q/k/v, attention
@@ -19,10 +20,14 @@ import dataclasses
 import json
 import sys
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 from absl import app, flags
 from ml_collections import config_flags
 
-from lm import metrics
+from lm import metrics, peft, tasks
+from lm.models import ModelConfig
 
 GIB = 2 ** 30
 # Device kind (as lm/metrics.py's peak table names it) and memory per device, from the
@@ -84,39 +89,24 @@ def vocab_size(config, override=None):
   raise ValueError("the char tokenizer's vocabulary depends on the data: give --vocab_size")
 
 
-def count_params(m, vocab):
-  """Parameters of lm's Decoder for config.model `m`, counted from the architecture."""
-  d, f, h, k = m.d_model, m.d_ff, m.num_heads, m.num_kv_heads
-  dh = d // h
-  bias = m.use_bias
-  attention = d * h * dh + 2 * d * k * dh + h * dh * d
-  if bias:
-    attention += h * dh + 2 * k * dh + d
-  up = 2 if m.mlp == "swiglu" else 1
-  mlp = up * d * f + f * d + (bias * (up * f + d))
-  norm = d * (2 if m.norm == "layernorm" and bias else 1)
-  total = m.num_layers * (attention + mlp + 2 * norm) + norm + vocab * d
-  if m.positions == "learned":
-    total += m.max_len * d
-  if not m.tie_embeddings:
-    total += d * vocab + (vocab if bias else 0)
-  return total
-
-
-def train_flops_per_token(m, vocab, seq_len):
-  d, f, h, k = m.d_model, m.d_ff, m.num_heads, m.num_kv_heads
-  dh = d // h
-  matrices = m.num_layers * (d * h * dh + 2 * d * k * dh + h * dh * d +
-                             (3 if m.mlp == "swiglu" else 2) * d * f)
-  return 6 * (matrices + vocab * d) + 12 * m.num_layers * d * seq_len
+def model_cost(config, vocab):
+  """(parameters, training FLOPs per token) of the config's model: counted on its abstract
+  parameters (jax.eval_shape of the initialiser traces it; nothing is compiled or run) by
+  the task's own FLOP count, the one the loop's MFU uses (lm/tasks/, lm/metrics.py)."""
+  seq_len = config.data.seq_len
+  model_cfg = ModelConfig.from_config(config.model, vocab)
+  task = tasks.make_from_config(config, model_cfg, max(config.task.num_labels, 2))
+  tokens = jnp.zeros((1, seq_len), jnp.int32)
+  params = jax.eval_shape(lambda key: nn.unbox(task.init(key, tokens)), jax.random.key(0))
+  flops = task.example_flops(params, {}, task.nominal_lengths(seq_len)) / seq_len
+  return peft.count(params), flops
 
 
 def make_plan(config, hardware, devices, mfu, vocab=None):
   m, t, s = config.model, config.train, config.data.seq_len
   v = vocab_size(config, vocab)
   memory = HARDWARE[hardware][1]
-  n = count_params(m, v)
-  flops = train_flops_per_token(m, v, s)
+  n, flops = model_cost(config, v)
   mesh = config.mesh
   shard = max(mesh.fsdp, 1) * max(mesh.tensor, 1)
   data_shards = devices // max(mesh.tensor, 1)

@@ -30,6 +30,29 @@ def test_parameter_count_and_flops_match_the_real_model(overrides, one_device):
       trainer.abstract_state.params, trainer.model_cfg, config.data.seq_len)
 
 
+def _closed_form(m, vocab, seq_len):
+  """Parameters and training FLOPs per token of lm's Decoder, from the architecture alone."""
+  d, f, h, k = m.d_model, m.d_ff, m.num_heads, m.num_kv_heads
+  dh, bias, up = d // h, m.use_bias, 2 if m.mlp == "swiglu" else 1
+  attention = d * h * dh + 2 * d * k * dh + h * dh * d
+  params_attention = attention + (bias * (h * dh + 2 * k * dh + d))
+  mlp = up * d * f + f * d
+  params_mlp = mlp + bias * (up * f + d)
+  norm = d * (2 if m.norm == "layernorm" and bias else 1)
+  params = m.num_layers * (params_attention + params_mlp + 2 * norm) + norm + vocab * d
+  params += m.max_len * d if m.positions == "learned" else 0
+  params += 0 if m.tie_embeddings else d * vocab + (vocab if bias else 0)
+  flops = 6 * (m.num_layers * (attention + mlp) + vocab * d) + 12 * m.num_layers * d * seq_len
+  return params, flops
+
+
+@pytest.mark.parametrize("overrides", VARIANTS)
+def test_parameter_count_and_flops_match_a_closed_form(overrides):
+  config = tiny_config(**overrides)
+  p = plan.make_plan(config, "cpu", 1, 0.4, vocab=64)
+  assert (p.params, p.flops_per_token) == _closed_form(config.model, 64, config.data.seq_len)
+
+
 def test_flops_agree_with_xla_cost_analysis(one_device):
   config = tiny_config(**{"model.d_model": 128, "model.d_ff": 512, "model.num_heads": 4,
                           "model.num_kv_heads": 4, "data.seq_len": 32, "model.max_len": 32})

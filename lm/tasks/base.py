@@ -21,7 +21,7 @@ from typing import ClassVar
 import flax
 import numpy as np
 
-from lm import metrics, scores
+from lm import metrics, objectives, scores
 from lm.errors import UserError
 from lm.models import lora
 
@@ -204,6 +204,28 @@ class Task(abc.ABC):
   def nominal_lengths(self, seq_len):
     """batch_lengths of a batch at data.seq_len (for the FLOPs per step printed at start)."""
     return (seq_len,)
+
+
+class TokenTask(Task):
+  """A task predicting target tokens: summed token losses (label-smoothed in training)."""
+
+  def loss_sums(self, outputs, batch, label_smoothing=0.0):
+    return objectives.token_loss(outputs, batch.targets_BxL, batch.weights_BxL,
+                                 label_smoothing)
+
+
+class TokenAccuracyTask(TokenTask):
+  """A TokenTask whose evaluations also count the tokens predicted right (accuracy)."""
+
+  def eval_extras(self, outputs, batch):
+    return {"correct_sum": objectives.correct_tokens(outputs, batch.targets_BxL,
+                                                     batch.weights_BxL)}
+
+  def summarize(self, outputs):
+    result = super().summarize(outputs)
+    result["accuracy"] = (sum(float(o["correct_sum"]) for o in outputs)
+                          / max(result["tokens"], 1))
+    return result
 
 
 class PredictionTask(Task):

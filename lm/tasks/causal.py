@@ -6,13 +6,12 @@ corpus leave out segment ids and positions (TokenBatch's None), so the model app
 plain causal mask.
 """
 
-from lm import objectives
 from lm.data import Batching
 from lm.models import Decoder
-from lm.tasks.base import Task, TokenBatch
+from lm.tasks.base import TokenBatch, TokenTask
 
 
-class CausalLM(Task):
+class CausalLM(TokenTask):
   name = "causal"
   Batch = TokenBatch
   data_formats = ("text", "labelled")
@@ -28,7 +27,3 @@ class CausalLM(Task):
   def _apply(self, params, batch, dropout_key):
     return self.model.apply({"params": params}, batch.inputs_BxL, batch.positions_BxL,
                             batch.segment_ids_BxL, **self._flags(dropout_key))
-
-  def loss_sums(self, outputs, batch, label_smoothing=0.0):
-    return objectives.token_loss(outputs, batch.targets_BxL, batch.weights_BxL,
-                                 label_smoothing)

@@ -3,10 +3,9 @@ chosen 15% of each packed window's tokens (80% shown as `mask`, 10% as a random 
 unchanged; lm/data/examples.py). Masks are seeded by (seed, window), so a resumed run sees
 the same ones. Evaluated by the loss and accuracy on the chosen tokens."""
 
-from lm import objectives
 from lm.data import Batching, examples
 from lm.models.heads import EncoderWithHead, HeadSpec
-from lm.tasks.base import Task, TokenBatch
+from lm.tasks.base import TokenAccuracyTask, TokenBatch
 
 MLM_SEED_SALT = 0x4D4C4D  # keeps MLM masks independent of the window order
 
@@ -16,7 +15,7 @@ def _masked_row(row, tokenizer, rng, data):
   return examples.mlm_example(row, tokenizer, rng)
 
 
-class MaskedLM(Task):
+class MaskedLM(TokenAccuracyTask):
   name = "mlm"
   Batch = TokenBatch
   data_formats = ("text", "labelled")
@@ -37,16 +36,3 @@ class MaskedLM(Task):
     return self.model.apply({"params": params}, batch.inputs_BxL, batch.positions_BxL,
                             batch.segment_ids_BxL, None, **self._flags(dropout_key))
 
-  def loss_sums(self, outputs, batch, label_smoothing=0.0):
-    return objectives.token_loss(outputs, batch.targets_BxL, batch.weights_BxL,
-                                 label_smoothing)
-
-  def eval_extras(self, outputs, batch):
-    return {"correct_sum": objectives.correct_tokens(outputs, batch.targets_BxL,
-                                                     batch.weights_BxL)}
-
-  def summarize(self, outputs):
-    result = super().summarize(outputs)
-    result["accuracy"] = (sum(float(o["correct_sum"]) for o in outputs)
-                          / max(result["tokens"], 1))
-    return result

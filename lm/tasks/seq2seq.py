@@ -5,11 +5,11 @@ seq2seq run's final evaluations add BLEU and chrF of beam-search translations.""
 import flax
 import jax.numpy as jnp
 
-from lm import metrics, objectives
+from lm import metrics
 from lm.data import Batching, examples
 from lm.errors import ConfigError
 from lm.models.encoder_decoder import EncoderDecoder
-from lm.tasks.base import Batch, Task
+from lm.tasks.base import Batch, TokenAccuracyTask
 
 SPAN_SEED_SALT = 0x5350414E  # keeps span-corruption noise independent of the window order
 
@@ -28,7 +28,7 @@ class Seq2SeqBatch(Batch):
     return self.weights_BxL
 
 
-class _EncoderDecoderTask(Task):
+class _EncoderDecoderTask(TokenAccuracyTask):
   Batch = Seq2SeqBatch
   architecture = "encoder_decoder"
   selection = ("loss", "min")
@@ -45,19 +45,6 @@ class _EncoderDecoderTask(Task):
     return self.model.apply({"params": params}, batch.source_BxS, batch.source_segment_ids_BxS,
                             batch.inputs_BxL, batch.segment_ids_BxL, **self._flags(dropout_key))
 
-  def loss_sums(self, outputs, batch, label_smoothing=0.0):
-    return objectives.token_loss(outputs, batch.targets_BxL, batch.weights_BxL,
-                                 label_smoothing)
-
-  def eval_extras(self, outputs, batch):
-    return {"correct_sum": objectives.correct_tokens(outputs, batch.targets_BxL,
-                                                     batch.weights_BxL)}
-
-  def summarize(self, outputs):
-    result = super().summarize(outputs)
-    result["accuracy"] = (sum(float(o["correct_sum"]) for o in outputs)
-                          / max(result["tokens"], 1))
-    return result
 
   def example_flops(self, abstract_params, abstract_frozen, lengths):
     source_len, target_len = lengths  # the encoder reads the source, the decoder the target

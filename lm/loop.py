@@ -248,8 +248,9 @@ def _write_run_files(workdir, config, data, task, base):
 def _start_meter(config, data, trainer, mesh, start):
   """The Meter of this run, after the start's log lines: data, model, FLOPs, MFU peak."""
   task, seq_len = trainer.task, config.data.seq_len
-  example_flops = lambda lengths: task.example_flops(trainer.abstract_params,
-                                                     trainer.abstract_frozen, lengths)
+  share = metrics.CAUSAL_ATTENTION_SHARE[config.log.attention_flops]
+  example_flops = lambda lengths: task.example_flops(
+      trainer.abstract_params, trainer.abstract_frozen, lengths, causal_share=share)
   flops_per_token = example_flops(task.nominal_lengths(seq_len)) / seq_len
   peak, peak_source = metrics.peak_flops_per_device(config.model.dtype, config.log.peak_flops)
   unit = "tokens" if data.streams else "examples"
@@ -262,7 +263,8 @@ def _start_meter(config, data, trainer, mesh, start):
   metrics.log(f"lm: {task.objective} model {trainer.num_params:,} parameters{trains}, "
               f"{flops_per_token * config.train.batch_size * seq_len / 1e9:.2f} GFLOP per "
               f"step; mesh {dict(mesh.shape)}; MFU against {peak / 1e9:,.0f} GFLOP/s a device "
-              f"({peak_source})")
+              f"({peak_source}); "
+              f"{metrics.describe_attention_flops(config.log.attention_flops)}")
   if start.step:
     metrics.log(f"lm: resumed from step {start.step}")
   return Meter(example_flops, peak, mesh.devices.size, start.step,

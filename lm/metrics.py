@@ -45,8 +45,20 @@ def peak_flops_per_device(dtype, configured=0.0):
   return float("nan"), f"unknown device kind {device.device_kind!r}; set config.log.peak_flops"
 
 
+# config.log.attention_flops -> the share of causal self-attention's FLOPs that is counted.
+# palm: all of them (PaLM appendix B; lm's figures so far); causal_half: half, the masked
+# upper triangle left out (MaxText's convention since 2025), to set lm's MFU beside theirs.
+CAUSAL_ATTENTION_SHARE = {"palm": 1.0, "causal_half": 0.5}
+
+
+def describe_attention_flops(convention):
+  """How a log line names the convention."""
+  return {"palm": "attention FLOPs counted whole (PaLM)",
+          "causal_half": "causal attention FLOPs counted at half (MaxText)"}[convention]
+
+
 def train_flops_per_token(params, cfg, seq_len, tied_output=None, frozen=None,
-                          attention_layers=None):
+                          attention_layers=None, attention_share=1.0):
   """Model FLOPs of one training token (forward + backward), PaLM appendix B convention.
 
   6 per parameter that multiplies an activation (all weight matrices, LoRA factors and the
@@ -57,6 +69,8 @@ def train_flops_per_token(params, cfg, seq_len, tied_output=None, frozen=None,
   output layer multiplies by the token embedding (default: cfg.tie_embeddings, a decoder's).
   `attention_layers`: attention blocks per token (default cfg.num_layers; an encoder-decoder
   has three per layer pair: encoder self-, decoder self- and cross-attention).
+  `attention_share`: the share of the attention term counted (CAUSAL_ATTENTION_SHARE, for
+  a causal model; 1 for bidirectional attention).
   """
   def matmul_params(tree):
     total = 0
@@ -72,15 +86,17 @@ def train_flops_per_token(params, cfg, seq_len, tied_output=None, frozen=None,
     frozen_embedding = any(getattr(p[-1], "key", "") == "embedding"
                            for p, _ in jax.tree_util.tree_flatten_with_path(frozen or {})[0])
     flops += (4 if frozen_embedding else 6) * cfg.vocab_size * cfg.d_model
-  return flops + 12 * (attention_layers or cfg.num_layers) * cfg.d_model * seq_len
+  return flops + (attention_share * 12 * (attention_layers or cfg.num_layers) * cfg.d_model
+                 * seq_len)
 
 
 def encoder_decoder_train_flops(params, cfg, source_len, target_len, tied_output=True,
-                                frozen=None):
+                                frozen=None, causal_share=1.0):
   """Model FLOPs of training on one (source, target) example, train_flops_per_token's
   convention: the encoder's matrices once per source token, the decoder's (and the output
   layer) once per target token; attention: the encoder's over the source, the decoder's
-  causal one over the target and its cross-attention over the source."""
+  causal one over the target (times `causal_share`, CAUSAL_ATTENTION_SHARE) and its
+  cross-attention over the source."""
   def matmul_params(tree):
     return sum(math.prod(leaf.shape)
                for path, leaf in jax.tree_util.tree_flatten_with_path(tree or {})[0]
@@ -94,7 +110,7 @@ def encoder_decoder_train_flops(params, cfg, source_len, target_len, tied_output
   if tied_output:
     decoder += (4 if "embed" in frozen else 6) * cfg.vocab_size * cfg.d_model
   attention = 12 * cfg.num_layers * cfg.d_model * (source_len * source_len +
-                                                    target_len * target_len +
+                                                    causal_share * target_len * target_len +
                                                     target_len * source_len)
   return side("encoder") * source_len + decoder * target_len + attention
 

@@ -98,7 +98,9 @@ def model_cost(config, vocab):
   task = tasks.make_from_config(config, model_cfg, max(config.task.num_labels, 2))
   tokens = jnp.zeros((1, seq_len), jnp.int32)
   params = jax.eval_shape(lambda key: nn.unbox(task.init(key, tokens)), jax.random.key(0))
-  flops = task.example_flops(params, {}, task.nominal_lengths(seq_len)) / seq_len
+  share = metrics.CAUSAL_ATTENTION_SHARE[config.log.attention_flops]
+  flops = task.example_flops(params, {}, task.nominal_lengths(seq_len),
+                             causal_share=share) / seq_len
   return peft.count(params), flops
 
 
@@ -145,7 +147,8 @@ def main(argv):
     sys.exit(2)
   g = lambda b: f"{b / GIB:,.2f} GiB"
   print(f"parameters        {p.params:,} ({p.params / 1e6:,.1f}M)")
-  print(f"FLOPs per token   {p.flops_per_token / 1e9:,.3f} GFLOP (training, model FLOPs)")
+  print(f"FLOPs per token   {p.flops_per_token / 1e9:,.3f} GFLOP (training, model FLOPs; "
+        f"{metrics.describe_attention_flops(config.log.attention_flops)})")
   print(f"memory per device params {g(p.params_bytes)} + Adam {g(p.optimizer_bytes)} + "
         f"gradients {g(p.gradient_bytes)} + activations {g(p.activation_bytes)} "
         f"(remat {config.model.remat}) = {g(p.total_bytes)}; "
@@ -153,6 +156,7 @@ def main(argv):
   print(f"at {_MFU.value:.0%} MFU on {_DEVICES.value} x {_HARDWARE.value}: "
         f"{p.step_seconds * 1000:,.3f} ms per step, {p.tokens_per_s:,.0f} tokens/s")
   print(json.dumps({"plan": p.as_dict(), "hardware": _HARDWARE.value,
+                    "attention_flops": config.log.attention_flops,
                     "devices": _DEVICES.value, "mfu": _MFU.value}))
 
 

@@ -231,6 +231,9 @@ FIELDS = (
         "log",
         # per device, for MFU; 0: look up the device kind
         ("peak_flops", 0.0, {"bound": NON_NEGATIVE}),
+        # How MFU counts causal self-attention: palm (whole, PaLM appendix B) | causal_half
+        # (half: the masked triangle left out, MaxText's convention since 2025).
+        ("attention_flops", "palm", {"choices": ("palm", "causal_half")}),
         **_RES),
     *_fields(
         "sample",

@@ -9,6 +9,7 @@ import pytest
 
 from conftest import REPO, tiny_config, user_env
 from lm import metrics, plan, sharding
+from lm.models import ModelConfig
 from lm.train import Trainer
 
 VARIANTS = [
@@ -76,3 +77,35 @@ def test_the_command_prints_a_plan():
                        env=user_env(), capture_output=True, text=True, timeout=120)
   assert out.returncode == 0, out.stderr
   assert "parameters        1,083,136" in out.stdout and "fits in 141.00 GiB" in out.stdout
+
+
+def test_causal_half_counts_half_of_causal_attention_and_nothing_else():
+  """log.attention_flops=causal_half (MaxText's convention) takes half of the causal
+  self-attention term, 12 * layers * d_model * seq_len per token, off a decoder's count;
+  bidirectional attention (an encoder's) and the encoder-decoder's cross-attention count
+  whole."""
+  whole = tiny_config()
+  half = tiny_config(**{"log.attention_flops": "causal_half"})
+  m, s = whole.model, whole.data.seq_len
+  assert (plan.make_plan(whole, "cpu", 1, 0.4, vocab=64).flops_per_token
+          - plan.make_plan(half, "cpu", 1, 0.4, vocab=64).flops_per_token
+          == 6 * m.num_layers * m.d_model * s)
+  encoder = {"task.objective": "mlm"}
+  assert (plan.make_plan(tiny_config(**encoder), "cpu", 1, 0.4, vocab=64).flops_per_token ==
+          plan.make_plan(tiny_config(**encoder, **{"log.attention_flops": "causal_half"}),
+                         "cpu", 1, 0.4, vocab=64).flops_per_token)
+  cfg = ModelConfig.from_config(whole.model, 64)
+  source, target = 12, 20
+  full = metrics.encoder_decoder_train_flops({}, cfg, source, target, tied_output=False)
+  halved = metrics.encoder_decoder_train_flops({}, cfg, source, target, tied_output=False,
+                                               causal_share=0.5)
+  assert full - halved == 6 * cfg.num_layers * cfg.d_model * target * target
+
+
+def test_the_plan_names_its_attention_convention():
+  out = subprocess.run([sys.executable, "-m", "lm.plan", f"--config={REPO}/experiments/base.py",
+                        "--config.log.attention_flops=causal_half"], cwd=REPO, env=user_env(),
+                       capture_output=True, text=True, timeout=120)
+  assert out.returncode == 0, out.stderr
+  assert "causal attention FLOPs counted at half (MaxText)" in out.stdout
+  assert '"attention_flops": "causal_half"' in out.stdout

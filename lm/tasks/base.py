@@ -94,6 +94,7 @@ class Task(abc.ABC):
   ends_with_sample: ClassVar[bool] = False  # a causal LM prints a sample after training
   translates: ClassVar[bool] = False  # final evaluations add BLEU and chrF
   per_character: ClassVar[bool] = False  # final evaluations add nats per character
+  causal_attention: ClassVar[bool] = False  # the (decoder's) self-attention is causal
 
   def __init__(self, model_cfg, num_labels=0, pooling="cls", adapters=None,
                label_smoothing=0.0):
@@ -191,11 +192,14 @@ class Task(abc.ABC):
     """Whether the output projection multiplies by the token embedding (for FLOP counts)."""
     return self.model_cfg.tie_embeddings
 
-  def example_flops(self, abstract_params, abstract_frozen, lengths):
-    """Model FLOPs of training on one row whose batch has these `lengths` (batch_lengths)."""
+  def example_flops(self, abstract_params, abstract_frozen, lengths, causal_share=1.0):
+    """Model FLOPs of training on one row whose batch has these `lengths` (batch_lengths).
+    `causal_share`: of causal self-attention's FLOPs, what is counted
+    (metrics.CAUSAL_ATTENTION_SHARE); bidirectional attention counts whole."""
     (length,) = lengths
     return length * metrics.train_flops_per_token(
-        abstract_params, self.model_cfg, length, self.tied_output, abstract_frozen)
+        abstract_params, self.model_cfg, length, self.tied_output, abstract_frozen,
+        attention_share=causal_share if self.causal_attention else 1.0)
 
   def batch_lengths(self, batch):
     """The lengths example_flops depends on, of a typed batch: (L,)."""

@@ -20,6 +20,7 @@ class CausalLM(TokenTask):
   batching = Batching("windows", one_document_plain=True)
   ends_with_sample = True
   per_character = True
+  causal_attention = True
 
   def build_model(self):
     return Decoder(self.model_cfg)

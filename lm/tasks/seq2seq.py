@@ -46,10 +46,11 @@ class _EncoderDecoderTask(TokenAccuracyTask):
                             batch.inputs_BxL, batch.segment_ids_BxL, **self._flags(dropout_key))
 
 
-  def example_flops(self, abstract_params, abstract_frozen, lengths):
+  def example_flops(self, abstract_params, abstract_frozen, lengths, causal_share=1.0):
     source_len, target_len = lengths  # the encoder reads the source, the decoder the target
     return metrics.encoder_decoder_train_flops(abstract_params, self.model_cfg, source_len,
-                                               target_len, self.tied_output, abstract_frozen)
+                                               target_len, self.tied_output, abstract_frozen,
+                                               causal_share)
 
   def batch_lengths(self, batch):
     return (batch.source_BxS.shape[-1], batch.inputs_BxL.shape[-1])

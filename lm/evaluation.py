@@ -43,8 +43,8 @@ def final_evaluations(trainer, data, config, state, best, best_checkpointer, wri
   if not trainer.task.token_scored and best is not None:
     final["validation"] = best["validation"]
     if best["step"] != step:
-      abstract = sharding.abstract_like(trainer.abstract_state, trainer.state_shardings)
-      params = best_checkpointer.restore_state(best["step"], abstract).params
+      params = best_checkpointer.restore_params(best["step"], sharding.abstract_like(
+          trainer.abstract_state.params, trainer.state_shardings.params))
     metrics.log(f"best validation (step {best['step']}): {describe(best['validation'])}")
   for split in ("validation", "test"):
     if data.size(split) < (2 if data.streams else 1) or (

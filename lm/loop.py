@@ -260,7 +260,7 @@ def _start_meter(config, data, trainer, mesh, start):
   trains = (f" ({trainer.num_trainable:,} trainable, "
             f"{trainer.num_trainable / trainer.num_params:.2%}: peft {config.peft.method})"
             if config.peft.method else "")
-  metrics.log(f"lm: {task.objective} model {trainer.num_params:,} parameters{trains}, "
+  metrics.log(f"lm: {task.name} model {trainer.num_params:,} parameters{trains}, "
               f"{flops_per_token * config.train.batch_size * seq_len / 1e9:.2f} GFLOP per "
               f"step; mesh {dict(mesh.shape)}; MFU against {peak / 1e9:,.0f} GFLOP/s a device "
               f"({peak_source}); "

@@ -79,6 +79,20 @@ class ModelSetup:
                            f"{jax.tree.structure(self.abstract_params)}")
     return params
 
+  @property
+  def init_compiler_options(self):
+    """XLA options of the initialiser's program on this mesh's platform: on a CPU, LLVM
+    level 1 instead of 3 compiles a third faster (most of it is one random-bits and erf_inv
+    chain per parameter, which the higher levels do not speed up), with bit-identical
+    parameters and the same run time (tests/test_train.py; benchmarks/README.md)."""
+    return INIT_COMPILER_OPTIONS.get(self.mesh.devices.flat[0].platform)
+
+  def initial_params(self):
+    """init_params(init_key) on the mesh: the parameters a fresh run starts from."""
+    with jax.set_mesh(self.mesh):
+      return jax.jit(self.init_params, out_shardings=self.all_shardings,
+                     compiler_options=self.init_compiler_options)(self.init_key)
+
   def split(self, params):
     """(trainable, frozen) parts of the model's whole parameter tree."""
     return peft.split(params, self.is_trainable)

@@ -60,9 +60,3 @@ class Programs:
     pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="lm-compile")
     self._compiled[key] = pool.submit(build)
     pool.shutdown(wait=False)  # the thread ends with the compilation
-
-  def __contains__(self, key):
-    return key in self._compiled
-
-  def __len__(self):
-    return len(self._compiled)

@@ -67,7 +67,6 @@ class Found:
       return self._fresh(trainer)
     if trainer.frozen is None:  # a resumed PEFT run: its checkpoints hold no frozen base
       self._place_base(trainer, restored)
-    self.source = None
     return restored
 
   def _restore(self, trainer):

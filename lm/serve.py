@@ -100,7 +100,7 @@ def make_app(loaded, model_name, max_batch=16, window_s=0.01, queue_limit=64, ch
     engine.stop()
 
   api = FastAPI(title="lm", lifespan=lifespan)
-  api.state.server, api.state.engine, api.state.metrics = server, engine, metrics
+  api.state.server = server
   api.add_exception_handler(ApiError, _refused)
   api.add_exception_handler(RequestValidationError, _invalid)
   api.add_exception_handler(HTTPException, _http_error)

@@ -58,13 +58,9 @@ class Trainer:
     # The frozen parameters, on the mesh: set by init_state / state_from_params / set_base.
     self.frozen = {} if not setup.peft_method else None
 
-    # On a CPU the initialiser compiles at LLVM optimisation level 1 instead of 3: a third
-    # faster to compile (most of it is one random-bits and erf_inv chain per parameter,
-    # which the higher levels do not speed up), with bit-identical parameters and the same
-    # run time (tests/test_train.py; benchmarks/README.md).
     self._init = jax.jit(
         self._init_state, out_shardings=(self.state_shardings, self.frozen_shardings),
-        compiler_options=INIT_COMPILER_OPTIONS.get(mesh.devices.flat[0].platform))
+        compiler_options=setup.init_compiler_options)
     state_in = (self.state_shardings, self.frozen_shardings)
     self._train_step = jax.jit(
         functools.partial(steps.train_step, self.spec),

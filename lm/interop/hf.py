@@ -46,8 +46,7 @@ def import_checkpoint(src, dst):
                                  lambda _: dict(converted.tensors))
   for note in converted.notes:
     metrics.log(f"lm: {converted.folder}: {note}; it keeps lm's initialisation")
-  with jax.set_mesh(mesh):  # what a fresh run of this config starts from
-    initial = jax.device_get(jax.jit(setup.init_params)(setup.init_key))
+  initial = jax.device_get(setup.initial_params())  # what a fresh run of this config has
   params = pretrained.load_params(source, initial, setup.task.head_keys,
                                   sharding.replicated(mesh))
   # A train state at step 0, so that the workdir also resumes as an lm run.

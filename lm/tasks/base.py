@@ -105,10 +105,6 @@ class Task(abc.ABC):
     self.model = self.build_model()
     self.adapters = adapters and dataclasses.replace(adapters, skip=self.head_keys)
 
-  @property
-  def objective(self):
-    return self.name
-
   @classmethod
   def resolve_num_labels(cls, config, data):
     """The head's outputs for this config and dataset (0: no classification head)."""

@@ -73,6 +73,8 @@ def load(workdir, step=None, devices=None, decoder=True):
     tokenizer = from_dict(meta["tokenizer"])
     devices = list(devices or jax.devices()[:1])
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = len(devices), 1, 1
+    # Kernels are this machine's, whatever the training run's were (a TPU run's splash).
+    config.model.kernels = "auto"
     mesh = sharding.make_mesh(config.mesh, devices)
     num_labels = _num_labels(checkpointer, step, meta)
     if config.get("peft", {}).get("method"):

@@ -26,6 +26,7 @@ from lm.checkpoint import Checkpointer
 from lm.data import make_data
 from lm.errors import Preempted, UserError
 from lm.meter import Meter
+from lm.models.layers import choose_kernels
 from lm.runtime import Profiler, WorkdirLock, check_finite, stop_signals
 from lm.selection import Selection
 from lm.train import Trainer
@@ -60,6 +61,7 @@ def _run(config, workdir, devices, stop_after, overwrite, lock):
   devices = list(jax.devices() if devices is None else devices)
   config_lib.validate(config, len(devices))
   mesh = sharding.make_mesh(config.mesh, devices)
+  choose_kernels(config.model, sharding.platform(mesh))  # one that does not fit: stop now
   metrics.log(f"lm: workdir {os.path.abspath(workdir)}")
   # Nothing is written to (or, with --overwrite, removed from) the workdir until the config,
   # the data and any checkpoint there have been checked.
@@ -262,7 +264,8 @@ def _start_meter(config, data, trainer, mesh, start):
             if config.peft.method else "")
   metrics.log(f"lm: {task.name} model {trainer.num_params:,} parameters{trains}, "
               f"{flops_per_token * config.train.batch_size * seq_len / 1e9:.2f} GFLOP per "
-              f"step; mesh {dict(mesh.shape)}; MFU against {peak / 1e9:,.0f} GFLOP/s a device "
+              f"step; mesh {dict(mesh.shape)}; {trainer.model_cfg.kernels} kernels "
+              f"(model.kernels={config.model.kernels}); MFU against {peak / 1e9:,.0f} GFLOP/s a device "
               f"({peak_source}); "
               f"{metrics.describe_attention_flops(config.log.attention_flops)}")
   if start.step:

@@ -29,9 +29,13 @@ TWIN_INIT_MIN_LAYERS = 8  # ModelSetup.init_params
 class ModelSetup:
   """Model, task, shardings and abstract parameters of a config; built without compiling."""
 
-  def __init__(self, config, vocab_size, mesh, num_labels=0):
+  def __init__(self, config, vocab_size, mesh, num_labels=0, platform=None):
+    """`platform`: the devices' ("cpu", "gpu", "tpu"), by default the mesh's; an abstract
+    mesh (lowering for another platform, lm.plan --lower) needs it given. The model's
+    kernels are chosen for it (config.model.kernels)."""
     self.config, self.mesh = config, mesh
-    self.model_cfg = ModelConfig.from_config(config.model, vocab_size)
+    self.platform = platform or sharding.platform(mesh)
+    self.model_cfg = ModelConfig.from_config(config.model, vocab_size, self.platform)
     self.task = self._make_task(self.model_cfg, num_labels)
     self.model = self.task.model  # the plain model: serve it lora.merge'd parameters
     self.peft_method = config.peft.method
@@ -85,11 +89,11 @@ class ModelSetup:
     level 1 instead of 3 compiles a third faster (most of it is one random-bits and erf_inv
     chain per parameter, which the higher levels do not speed up), with bit-identical
     parameters and the same run time (tests/test_train.py; benchmarks/README.md)."""
-    return INIT_COMPILER_OPTIONS.get(self.mesh.devices.flat[0].platform)
+    return INIT_COMPILER_OPTIONS.get(self.platform)
 
   def initial_params(self):
     """init_params(init_key) on the mesh: the parameters a fresh run starts from."""
-    with jax.set_mesh(self.mesh):
+    with sharding.set_mesh(self.mesh):
       return jax.jit(self.init_params, out_shardings=self.all_shardings,
                      compiler_options=self.init_compiler_options)(self.init_key)
 
@@ -99,7 +103,7 @@ class ModelSetup:
 
   def place(self, tree, shardings):
     """`tree` (host or device arrays) on the mesh with `shardings`."""
-    with jax.set_mesh(self.mesh):
+    with sharding.set_mesh(self.mesh):
       return jax.jit(lambda t: t, out_shardings=shardings)(tree)
 
   def servable(self, full_params):

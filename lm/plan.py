@@ -10,10 +10,14 @@ entry per token (the output projection included) plus 12 * layers * d_model * se
 attention. Parameters and optimizer state are assumed
 sharded over fsdp x tensor (what the logical rules do for every large matrix). Activation
 memory per token per layer, in the compute dtype's bytes c, is an estimate of what the
-backward pass keeps: none: c * (12 d + 3 f + 2 H S) (block inputs, norms, q/k/v, attention
-output, MLP input/hidden/activation, attention probabilities and scores); dots: the matmul
-outputs only, c * (5 d + f + H S); full: the block input only, c * d, plus one block
-recomputed at a time.
+backward pass keeps: none: c * (12 d + 3 f) (block inputs, norms, q/k/v, attention output,
+MLP input/hidden/activation) plus the attention's own; dots: the matmul outputs only,
+c * (5 d + f) plus the attention's; full: the block input only, c * d, plus one block
+recomputed at a time. The attention's share depends on the kernels the model runs on the
+hardware (config.model.kernels, chosen for its platform: lm/models/kernels):
+materialised (xla, cpu) keeps the probabilities and scores, c * 2 H S (c * H S under dots),
+quadratic in the context; fused (cudnn, pallas_gpu, splash) keeps one float32 log-sum-exp
+per query and head, 4 H bytes, and no L^2 term at all.
 """
 
 import dataclasses
@@ -27,7 +31,8 @@ from absl import app, flags
 from ml_collections import config_flags
 
 from lm import metrics, peft, tasks
-from lm.models import ModelConfig
+from lm.errors import UserError
+from lm.models import ModelConfig, kernels
 
 GIB = 2 ** 30
 # Device kind (as lm/metrics.py's peak table names it) and memory per device, from the
@@ -39,6 +44,7 @@ HARDWARE = {
     "h200": ("H200", 141 * GIB),
     "cpu": ("cpu", 24 * GIB),
 }
+PLATFORM = {"tpu_v5e": "tpu", "tpu_v5p": "tpu", "h100": "gpu", "h200": "gpu", "cpu": "cpu"}
 CPU_CORES = 2
 
 
@@ -71,6 +77,8 @@ class Plan:
   fits: bool
   step_seconds: float
   tokens_per_s: float
+  kernels: str = "xla"  # the implementation the model runs on the hardware
+  attention: str = "materialised"  # or "fused": what the activation memory assumes
 
   def as_dict(self):
     return dataclasses.asdict(self)
@@ -89,26 +97,28 @@ def vocab_size(config, override=None):
   raise ValueError("the char tokenizer's vocabulary depends on the data: give --vocab_size")
 
 
-def model_cost(config, vocab):
-  """(parameters, training FLOPs per token) of the config's model: counted on its abstract
+def model_cost(config, vocab, platform="cpu"):
+  """(parameters, training FLOPs per token, kernels) of the config's model on `platform`
+  (kernels: the implementation config.model.kernels names there): counted on its abstract
   parameters (jax.eval_shape of the initialiser traces it; nothing is compiled or run) by
   the task's own FLOP count, the one the loop's MFU uses (lm/tasks/, lm/metrics.py)."""
   seq_len = config.data.seq_len
-  model_cfg = ModelConfig.from_config(config.model, vocab)
+  model_cfg = ModelConfig.from_config(config.model, vocab, platform)
   task = tasks.make_from_config(config, model_cfg, max(config.task.num_labels, 2))
   tokens = jnp.zeros((1, seq_len), jnp.int32)
   params = jax.eval_shape(lambda key: nn.unbox(task.init(key, tokens)), jax.random.key(0))
   share = metrics.CAUSAL_ATTENTION_SHARE[config.log.attention_flops]
   flops = task.example_flops(params, {}, task.nominal_lengths(seq_len),
                              causal_share=share) / seq_len
-  return peft.count(params), flops
+  return peft.count(params), flops, model_cfg.kernels
 
 
 def make_plan(config, hardware, devices, mfu, vocab=None):
   m, t, s = config.model, config.train, config.data.seq_len
   v = vocab_size(config, vocab)
   memory = HARDWARE[hardware][1]
-  n, flops = model_cost(config, v)
+  n, flops, kernel_name = model_cost(config, v, PLATFORM[hardware])
+  fused = kernels.get(kernel_name).fused
   mesh = config.mesh
   shard = max(mesh.fsdp, 1) * max(mesh.tensor, 1)
   data_shards = devices // max(mesh.tensor, 1)
@@ -116,13 +126,15 @@ def make_plan(config, hardware, devices, mfu, vocab=None):
   optimizer_bytes = 2 * n * 4 / shard
   gradient_bytes = n * 4 / shard
   c = _BYTES[m.dtype]
-  per_layer = {"none": 12 * m.d_model + 3 * m.d_ff + 2 * m.num_heads * s,
-               "dots": 5 * m.d_model + m.d_ff + m.num_heads * s,
-               "full": m.d_model}[m.remat] * c
+  attention = {"none": 4 * m.num_heads if fused else 2 * m.num_heads * s * c,
+               "dots": 4 * m.num_heads if fused else m.num_heads * s * c, "full": 0}
+  block = (12 * m.d_model + 3 * m.d_ff) * c + attention["none"]
+  per_layer = {"none": block, "dots": (5 * m.d_model + m.d_ff) * c + attention["dots"],
+               "full": m.d_model * c}[m.remat]
   tokens = t.batch_size * s / max(data_shards, 1) / t.grad_accum_steps
   activation_bytes = tokens * per_layer * m.num_layers
   if m.remat == "full":  # one block recomputed at a time
-    activation_bytes += tokens * (12 * m.d_model + 3 * m.d_ff + 2 * m.num_heads * s) * c
+    activation_bytes += tokens * block
   activation_bytes += tokens * v * 4 * 2  # float32 logits and their gradient
   total = params_bytes + optimizer_bytes + gradient_bytes + activation_bytes
   peak = peak_flops(hardware, m.dtype)
@@ -131,7 +143,8 @@ def make_plan(config, hardware, devices, mfu, vocab=None):
               optimizer_bytes=optimizer_bytes, gradient_bytes=gradient_bytes,
               activation_bytes=activation_bytes, total_bytes=total,
               fits=total <= memory, step_seconds=step_seconds,
-              tokens_per_s=t.batch_size * s / step_seconds)
+              tokens_per_s=t.batch_size * s / step_seconds, kernels=kernel_name,
+              attention="fused" if fused else "materialised")
 
 
 def main(argv):
@@ -142,7 +155,7 @@ def main(argv):
   config = _CONFIG.value
   try:
     p = make_plan(config, _HARDWARE.value, _DEVICES.value, _MFU.value, _VOCAB.value)
-  except ValueError as e:
+  except (ValueError, UserError) as e:
     print(f"lm: error: {e}", file=sys.stderr)
     sys.exit(2)
   g = lambda b: f"{b / GIB:,.2f} GiB"
@@ -151,7 +164,8 @@ def main(argv):
         f"{metrics.describe_attention_flops(config.log.attention_flops)})")
   print(f"memory per device params {g(p.params_bytes)} + Adam {g(p.optimizer_bytes)} + "
         f"gradients {g(p.gradient_bytes)} + activations {g(p.activation_bytes)} "
-        f"(remat {config.model.remat}) = {g(p.total_bytes)}; "
+        f"(remat {config.model.remat}, {p.attention} attention: {p.kernels} kernels) = "
+        f"{g(p.total_bytes)}; "
         f"{'fits' if p.fits else 'does NOT fit'} in {g(HARDWARE[_HARDWARE.value][1])}")
   print(f"at {_MFU.value:.0%} MFU on {_DEVICES.value} x {_HARDWARE.value}: "
         f"{p.step_seconds * 1000:,.3f} ms per step, {p.tokens_per_s:,.0f} tokens/s")

@@ -20,6 +20,7 @@ import dataclasses
 
 POSITIVE, NON_NEGATIVE, UNIT = "> 0", ">= 0", "in [0, 1)"
 DTYPES = ("float32", "bfloat16", "float16")
+KERNELS = ("auto", "xla", "cpu", "cudnn", "pallas_gpu", "splash")  # lm.models.kernels
 
 
 @dataclasses.dataclass(frozen=True)
@@ -140,6 +141,9 @@ FIELDS = (
         ("remat", "none", {"choices": ("none", "full", "dots"), **_RES}),
         # one nn.scan over stacked layers: compile time flat in depth
         ("scan_layers", False),
+        # The products' and attention's implementation (lm/models/kernels): auto (chosen from
+        # the mesh's platform) | xla | cpu | cudnn | pallas_gpu (GPU) | splash (TPU).
+        ("kernels", "auto", {"choices": KERNELS, **_RES}),
         model=True),
     *_fields(
         "train",

@@ -41,10 +41,32 @@ def make_mesh(mesh_config, devices=None):
   return Mesh(np.asarray(devices).reshape(shape), MESH_AXES)
 
 
+def platform(mesh):
+  """The platform of a concrete mesh's devices: "cpu", "gpu" or "tpu"."""
+  if isinstance(mesh, jax.sharding.AbstractMesh):
+    raise ValueError("an abstract mesh has no devices: say which platform it stands for")
+  return mesh.devices.flat[0].platform
+
+
+def abstract_mesh(mesh_config, num_devices):
+  """A mesh of `num_devices` devices that need not exist (for lowering programs for
+  another platform or size: lm.plan --lower), shaped by config.mesh."""
+  shape = resolve_mesh_shape(mesh_config, num_devices)
+  return jax.sharding.AbstractMesh(shape, MESH_AXES,
+                                   axis_types=(jax.sharding.AxisType.Auto,) * len(MESH_AXES))
+
+
+def set_mesh(mesh):
+  """jax.set_mesh for a concrete mesh, jax.sharding.use_abstract_mesh for an abstract one."""
+  if isinstance(mesh, jax.sharding.AbstractMesh):
+    return jax.sharding.use_abstract_mesh(mesh)
+  return jax.set_mesh(mesh)
+
+
 @contextlib.contextmanager
 def on_mesh(mesh):
   """The mesh and the logical axis rules (RULES) active: for tracing and running steps."""
-  with jax.set_mesh(mesh), nn.logical_axis_rules(RULES):
+  with set_mesh(mesh), nn.logical_axis_rules(RULES):
     yield
 
 

@@ -31,8 +31,8 @@ __all__ = ["INIT_COMPILER_OPTIONS", "LossScale", "TWIN_INIT_MIN_LAYERS", "TrainS
 class Trainer:
   """A ModelSetup with an optimizer: places the train state and runs the compiled steps."""
 
-  def __init__(self, config, vocab_size, mesh, num_labels=0):
-    self.setup = setup = ModelSetup(config, vocab_size, mesh, num_labels)
+  def __init__(self, config, vocab_size, mesh, num_labels=0, platform=None):
+    self.setup = setup = ModelSetup(config, vocab_size, mesh, num_labels, platform)
     self.config, self.mesh = config, mesh
     self.model_cfg, self.task, self.model = setup.model_cfg, setup.task, setup.model
     self.seq_len, self.init_key = setup.seq_len, setup.init_key
@@ -96,7 +96,7 @@ class Trainer:
   def init_state(self):
     # Without the axis rules: flax would constrain DenseGeneral's flat init kernels with the
     # N-d specs. out_shardings places the result.
-    with jax.set_mesh(self.mesh):
+    with sharding.set_mesh(self.mesh):
       state, self.frozen = self._init(self.init_key)
     return state
 
@@ -110,7 +110,7 @@ class Trainer:
     pretrained ones (host arrays), placed on the mesh; their frozen part becomes the base."""
     self.set_base(params)
     params, _ = self.setup.split(params)
-    with jax.set_mesh(self.mesh):
+    with sharding.set_mesh(self.mesh):
       return jax.jit(self._fresh_state, out_shardings=self.state_shardings)(params)
 
   def full_params(self, params):
@@ -179,7 +179,7 @@ class Trainer:
   def lower_init(self):
     """The initialiser lowered (init_state's program, with INIT_COMPILER_OPTIONS): for
     compile-time benchmarks."""
-    with jax.set_mesh(self.mesh):
+    with sharding.set_mesh(self.mesh):
       return self._init.lower(self.init_key)
 
   def lower_train_step(self, batch):

@@ -136,15 +136,19 @@ def test_every_bounded_or_chosen_schema_field_refuses_a_bad_value_by_name():
 
 def test_model_config_is_the_schema_s_model_view():
   """ModelConfig's fields and defaults are the schema's model fields (vocab_size apart),
-  and ModelConfig.from_config(defaults()) builds the default model."""
+  and ModelConfig.from_config(defaults()) builds the default model. The one difference:
+  kernels, "auto" in a config, is chosen for the platform (the CPU kernels here), and a
+  ModelConfig made directly defaults to the portable ones."""
   import dataclasses  # pylint: disable=import-outside-toplevel
   from lm.models import ModelConfig  # pylint: disable=import-outside-toplevel
   c = defaults()
-  view = ModelConfig.from_config(c.model, 100)
+  view = ModelConfig.from_config(c.model, 100, "cpu")
   for field in dataclasses.fields(ModelConfig):
-    if field.name != "vocab_size":
+    if field.name not in ("vocab_size", "kernels"):
       assert getattr(view, field.name) == c.model[field.name], field.name
       assert field.default == c.model[field.name], field.name
+  assert (c.model.kernels, view.kernels, ModelConfig(vocab_size=1).kernels) == (
+      "auto", "cpu", "xla")
   assert view.vocab_size == 100 + c.model.extra_tokens
   assert {f.name for f in dataclasses.fields(ModelConfig)} == (
       set(c.model.keys()) - {"extra_tokens"})

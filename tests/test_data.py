@@ -209,7 +209,7 @@ def test_packed_windows_never_attend_across_documents():
   # Through the model: the logits of the second document's tokens are those of the second
   # document alone, and do not change when the other documents' tokens do.
   cfg = ModelConfig.from_config(tiny_config(**{"model.positions": "rope"}).model,
-                                tok.vocab_size)
+                                tok.vocab_size, "cpu")
   model = Decoder(cfg)
   params = model.init(jax.random.key(0), ex["inputs"][None])
   apply = lambda inputs, seg, pos: np.asarray(model.apply(params, inputs[None], pos[None],
@@ -306,7 +306,7 @@ def test_one_document_batches_leave_out_segments_and_positions_and_lose_nothing(
   train = data.train_batches(8, 16, seed=0)[3]
   evals = data.eval_batches("validation", 8, 16)
   assert set(train) == set(evals[0]) == {"inputs", "targets", "weights"}
-  cfg = ModelConfig.from_config(config.model, data.tokenizer.vocab_size)
+  cfg = ModelConfig.from_config(config.model, data.tokenizer.vocab_size, "cpu")
   model = Decoder(cfg)
   params = model.init(jax.random.key(0), train["inputs"][:1])
 

@@ -47,7 +47,7 @@ def test_minilm_hidden_states_and_token_ids_equal_transformers(minilm, one_devic
   for sentence, ids, mask in zip(SENTENCES, batch["input_ids"], batch["attention_mask"]):
     ours = [tokenizer.bos_id, *tokenizer.encode(sentence).tolist(), tokenizer.eos_id]
     assert ours == ids[mask > 0].tolist()
-  model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size)
+  model_cfg = ModelConfig.from_config(config.model, tokenizer.vocab_size, "cpu")
   encoder = Encoder(model_cfg)
   init = jax.device_get(encoder.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
   params = pretrained.load_params(

@@ -1,4 +1,5 @@
-"""Decoder model: shapes, dtypes, causality, attention against numpy, RoPE, axis names."""
+"""Decoder model: shapes, dtypes, causality, RoPE, axis names (attention itself:
+tests/test_kernels.py)."""
 
 import chex
 import flax.linen as nn
@@ -9,7 +10,7 @@ import pytest
 
 from lm.models import Decoder, ModelConfig
 from lm.models import layers
-from lm.models.layers import attention_mask, dot_product_attention, rotary
+from lm.models.layers import rotary
 
 VOCAB = 50
 
@@ -67,79 +68,6 @@ def test_segment_ids_isolate_documents():
   packed = model.apply({"params": params}, tokens, positions, segments)
   second_alone = model.apply({"params": params}, tokens[:, 8:])
   np.testing.assert_allclose(packed[:, 8:], second_alone, atol=1e-5)
-
-
-def numpy_attention(q, k, v):
-  """Plain causal multi-head attention: q [B,L,H,D], k/v [B,S,H,D]."""
-  q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
-  logits = np.einsum("blhd,bshd->bhls", q, k) / np.sqrt(q.shape[-1])
-  length = q.shape[1]
-  logits = np.where(np.tril(np.ones((length, length), bool)), logits, -np.inf)
-  probs = np.exp(logits - logits.max(-1, keepdims=True))
-  probs /= probs.sum(-1, keepdims=True)
-  return np.einsum("bhls,bshd->blhd", probs, v)
-
-
-def test_gqa_with_all_heads_equals_multi_head_attention():
-  q, k, v = (jax.random.normal(jax.random.key(i), (2, 7, 4, 8)) for i in range(3))
-  out = dot_product_attention(q, k, v, attention_mask(7))
-  np.testing.assert_allclose(out, numpy_attention(q, k, v), atol=1e-5)
-
-
-def test_gqa_equals_attention_with_repeated_kv_heads():
-  q = jax.random.normal(jax.random.key(0), (2, 7, 6, 8))
-  k, v = (jax.random.normal(jax.random.key(i), (2, 7, 2, 8)) for i in (1, 2))
-  out = dot_product_attention(q, k, v, attention_mask(7))
-  expected = numpy_attention(q, np.repeat(k, 3, axis=2), np.repeat(v, 3, axis=2))
-  np.testing.assert_allclose(out, expected, atol=1e-5)
-
-
-def autodiff_attention(q, k, v, mask):
-  """The same attention through jax's own autodiff (dropout's path, with no dropout)."""
-  return dot_product_attention(q, k, v, mask, sow=lambda probs: None)
-
-
-@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (6, 2)])
-def test_attention_backward_pass_equals_autodiff(heads, kv_heads):
-  q = jax.random.normal(jax.random.key(0), (2, 7, heads, 8))
-  k, v = (jax.random.normal(jax.random.key(i), (2, 7, kv_heads, 8)) for i in (1, 2))
-  # Two documents and padding in row 0: padding queries see no key at all.
-  segments = jnp.array([[1, 1, 1, 2, 2, 0, 0], [1, 1, 1, 1, 1, 1, 1]])
-  mask = attention_mask(7, segments) & (segments[:, None, None, None, :] > 0)
-  weights = jax.random.normal(jax.random.key(3), (2, 7, heads, 8))
-  grads = lambda attn: jax.grad(lambda *qkv: jnp.sum(attn(*qkv, mask) * weights),
-                                argnums=(0, 1, 2))(q, k, v)
-  chex.assert_trees_all_close(layers.attention(q, k, v, mask),
-                              autodiff_attention(q, k, v, mask), atol=1e-6)
-  chex.assert_trees_all_close(grads(layers.attention), grads(autodiff_attention), atol=2e-6)
-
-
-def test_matmul_backward_pass_runs_in_the_compute_dtype():
-  x = jax.random.normal(jax.random.key(0), (24, 16))
-  w = jax.random.normal(jax.random.key(1), (16, 8))
-  g = jax.random.normal(jax.random.key(2), (24, 8))
-  grads = lambda f, dtype: jax.grad(lambda x, w: jnp.sum(f(x.astype(dtype), w.astype(dtype))
-                                                         * g), argnums=(0, 1))(x, w)
-  reference = lambda a, b: jnp.dot(a, b, preferred_element_type=jnp.float32)
-  # float32: exactly the usual gradients, g w^T and x^T g.
-  chex.assert_trees_all_close(grads(layers.matmul, jnp.float32), (g @ w.T, x.T @ g), atol=1e-5)
-  chex.assert_trees_all_close(grads(layers.matmul, jnp.float32),
-                              grads(reference, jnp.float32), atol=1e-5)
-  # bfloat16: products of bfloat16-rounded operands (the cotangent rounded too), float32 sums.
-  bf = lambda a: np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32))
-  dx, dw = grads(layers.matmul, jnp.bfloat16)
-  assert dx.dtype == dw.dtype == jnp.float32
-  np.testing.assert_allclose(dx, bf(bf(g) @ bf(w).T), rtol=2e-2, atol=2e-2)
-  np.testing.assert_allclose(dw, bf(bf(x).T @ bf(g)), rtol=2e-2, atol=2e-2)
-  # matmul_nt(x, v) = x @ v^T for a weight stored [N, K] (a tied embedding): the same rules.
-  v = w.T
-  nt = lambda dtype: jax.grad(lambda x, v: jnp.sum(layers.matmul_nt(
-      x.astype(dtype), v.astype(dtype)) * g), argnums=(0, 1))(x, v)
-  np.testing.assert_allclose(layers.matmul_nt(x, v), x @ w, rtol=1e-5, atol=1e-5)
-  chex.assert_trees_all_close(nt(jnp.float32), (g @ v, g.T @ x), atol=1e-5)
-  dx, dv = nt(jnp.bfloat16)
-  np.testing.assert_allclose(dx, bf(bf(g) @ bf(v)), rtol=2e-2, atol=2e-2)
-  np.testing.assert_allclose(dv, bf(bf(g).T @ bf(x)), rtol=2e-2, atol=2e-2)
 
 
 def test_rope_scores_depend_only_on_relative_position():

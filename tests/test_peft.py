@@ -26,7 +26,7 @@ VOCAB = 40
 
 def model_config(scan, **fields):
   c = tiny_config(**{"model.scan_layers": scan, "model.use_bias": True, **fields})
-  return ModelConfig.from_config(c.model, VOCAB)
+  return ModelConfig.from_config(c.model, VOCAB, "cpu")
 
 
 def batch(seed=0, b=3, length=10):

@@ -94,7 +94,7 @@ def test_causal_half_counts_half_of_causal_attention_and_nothing_else():
   assert (plan.make_plan(tiny_config(**encoder), "cpu", 1, 0.4, vocab=64).flops_per_token ==
           plan.make_plan(tiny_config(**encoder, **{"log.attention_flops": "causal_half"}),
                          "cpu", 1, 0.4, vocab=64).flops_per_token)
-  cfg = ModelConfig.from_config(whole.model, 64)
+  cfg = ModelConfig.from_config(whole.model, 64, "cpu")
   source, target = 12, 20
   full = metrics.encoder_decoder_train_flops({}, cfg, source, target, tied_output=False)
   halved = metrics.encoder_decoder_train_flops({}, cfg, source, target, tied_output=False,
@@ -109,3 +109,23 @@ def test_the_plan_names_its_attention_convention():
   assert out.returncode == 0, out.stderr
   assert "causal attention FLOPs counted at half (MaxText)" in out.stdout
   assert '"attention_flops": "causal_half"' in out.stdout
+
+
+@pytest.mark.parametrize("remat,scores", [("none", 2), ("dots", 1), ("full", 0)])
+def test_fused_attention_keeps_no_quadratic_term(remat, scores):
+  """The planner's activation memory follows the kernels chosen for the hardware: the
+  materialised ones (CPU) keep `scores` [H, S] blocks per token and layer in the compute
+  dtype, the fused ones (TPU splash) one float32 log-sum-exp per head; under full remat
+  only the recomputed block differs, by the whole 2 H S term."""
+  config = tiny_config(**{"model.dtype": "bfloat16", "data.seq_len": 512,
+                          "model.max_len": 512, "model.remat": remat})
+  m, s = config.model, 512
+  fused = plan.make_plan(config, "tpu_v5p", 1, 0.4, vocab=64)
+  materialised = plan.make_plan(config, "cpu", 1, 0.4, vocab=64)
+  assert (fused.kernels, fused.attention) == ("splash", "fused")
+  assert (materialised.kernels, materialised.attention) == ("cpu", "materialised")
+  tokens = config.train.batch_size * s
+  per_token = (m.num_layers * (scores * m.num_heads * s * 2 - 4 * m.num_heads) if scores
+               else 2 * m.num_heads * s * 2 - 4 * m.num_heads)
+  assert materialised.activation_bytes - fused.activation_bytes == pytest.approx(
+      tokens * per_token)

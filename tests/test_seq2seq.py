@@ -27,7 +27,7 @@ VOCAB = 30
 
 def model(**fields):
   c = tiny_config(**{"model.use_bias": True, **{f"model.{k}": v for k, v in fields.items()}})
-  cfg = ModelConfig.from_config(c.model, VOCAB)
+  cfg = ModelConfig.from_config(c.model, VOCAB, "cpu")
   m = EncoderDecoder(cfg)
   tokens = jnp.ones((1, 6), jnp.int32)
   params = nn.unbox(m.init(jax.random.key(0), tokens, tokens, tokens)["params"])

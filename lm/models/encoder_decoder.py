@@ -23,10 +23,10 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm.models.layers import Attention, Dense, Mlp, ModelConfig, attention_mask, constrain
-from lm.models.layers import cached_attention, dot_product_attention, lp, make_norm
-from lm.models.layers import residual_std, sow_attention, tied_logits
-from lm.models.transformer import Block, layer_stack, padding_mask
+from lm.models import kernels
+from lm.models.layers import Attention, Dense, Mask, Mlp, ModelConfig, constrain, lp
+from lm.models.layers import make_norm, residual_std, sow_attention, tied_logits
+from lm.models.transformer import Block, layer_stack
 
 
 class CrossAttention(nn.Module):
@@ -37,8 +37,9 @@ class CrossAttention(nn.Module):
 
   @nn.compact
   def __call__(self, x_BxLxD, memory_BxSxD, mask, deterministic, cache=None):
-    """(output, cache). `mask` [B, 1, 1, 1, S]: the memory positions that may be seen."""
+    """(output, cache). `mask`: a kernels.Mask, the memory positions that may be seen."""
     cfg = self.cfg
+    ops = kernels.get(cfg.kernels)
     dh = cfg.head_dim
     q_BxLxHxDh = Dense((cfg.num_heads, dh), ("embed", "heads", "kv"), cfg, name="query")(x_BxLxD)
     q_BxLxHxDh = constrain(q_BxLxHxDh, ("batch", "length", "heads", "kv"))
@@ -49,7 +50,7 @@ class CrossAttention(nn.Module):
                          name="value")(memory_BxSxD)
     if cache is None:
       use_dropout = cfg.dropout > 0.0 and not deterministic
-      out_BxLxHxDh = dot_product_attention(
+      out_BxLxHxDh = ops.attention(
           q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask,
           dropout_rate=cfg.dropout if use_dropout else 0.0,
           dropout_rng=self.make_rng("dropout") if use_dropout else None,
@@ -58,7 +59,8 @@ class CrossAttention(nn.Module):
       if memory_BxSxD is not None:  # the first decoding step: keep them, heads first
         cache = {"k": k_BxSxKxDh.transpose(0, 2, 1, 3).astype(cfg.cache_dtype),
                  "v": v_BxSxKxDh.transpose(0, 2, 1, 3).astype(cfg.cache_dtype)}
-      out_BxLxHxDh = cached_attention(q_BxLxHxDh, cache["k"], cache["v"], mask)
+      out_BxLxHxDh = ops.cached_attention(q_BxLxHxDh, cache["k"], cache["v"],
+                                          mask.dense(x_BxLxD.shape[1], cache["k"].shape[2]))
     return Dense((cfg.d_model,), ("heads", "kv", "embed"), cfg, std=residual_std(cfg),
                  name="out")(out_BxLxHxDh), cache
 
@@ -147,7 +149,7 @@ class EncoderDecoder(nn.Module):
     """The memory [B, S, D]: the encoder's output over the source (segment id 0: padding)."""
     positions_BxS = _positions(source_BxS)
     return self.encoder(self._embed(source_BxS, positions_BxS), positions_BxS,
-                        padding_mask(source_segment_ids_BxS), deterministic)[0]
+                        Mask(source_segment_ids_BxS), deterministic)[0]
 
   def decode(self, memory_BxSxD, source_segment_ids_BxS, tokens_BxL, segment_ids_BxL=None,
              deterministic=True, cache=None):
@@ -156,11 +158,13 @@ class EncoderDecoder(nn.Module):
     With a `cache` (init_cache): (logits, cache); the tokens fill target slots
     cache["index"].. and attend to every earlier slot. `memory_BxSxD` is needed on the first
     call only (it fills the cross-attention cache); pass None afterwards."""
-    memory_mask = (source_segment_ids_BxS > 0)[:, None, None, None, :]  # [B, 1, 1, 1, S]
     length = tokens_BxL.shape[1]
+    # Every target position sees the memory's non-padding positions.
+    memory_mask = Mask(jnp.ones(tokens_BxL.shape, jnp.int32),
+                       (source_segment_ids_BxS > 0).astype(jnp.int32))
     if cache is None:
       positions_BxL = _positions(tokens_BxL)
-      mask, layers, index = attention_mask(length, segment_ids_BxL), None, None
+      mask, layers, index = Mask(segment_ids_BxL, causal=True), None, None
     else:
       index = cache["index"]
       slots_L = index + jnp.arange(length, dtype=jnp.int32)
@@ -189,7 +193,7 @@ class EncoderDecoder(nn.Module):
 def init_cache(cfg, batch, target_len, source_len):
   """An empty decoding cache: per decoder layer a self-attention KV cache of `target_len`
   slots and the cross-attention keys and values over `source_len` memory positions (heads
-  first, [B, K, S, Dh], as lm/models/layers.cached_attention reads them)."""
+  first, [B, K, S, Dh], as the kernels' cached_attention reads them)."""
   self_shape = (batch, cfg.num_kv_heads, target_len, cfg.head_dim)
   cross_shape = (batch, cfg.num_kv_heads, source_len, cfg.head_dim)
   stack = (cfg.num_layers,) if cfg.scan_layers else ()

@@ -5,7 +5,7 @@
     post-norm block: Norm(x + Attention(x)), then Norm(x + Mlp(x))   (BERT, the 2017 Transformer)
 
 The Decoder is causal and returns logits; the Encoder attends both ways within each segment
-(segment id 0 marks padding, which no token attends to) and returns hidden states for the
+(segment id 0 marks padding, which no real token attends to) and returns hidden states for the
 heads in lm/models/heads.py. Post-norm models normalise the embeddings and have no final norm.
 
 `Decoder(cfg).init(rngs, tokens)` / `.apply(variables, tokens)`: no hidden state.
@@ -17,8 +17,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from lm.models.layers import Attention, Dense, Mlp, ModelConfig, attention_mask, constrain
-from lm.models.layers import lp, make_norm, tied_logits
+from lm.models.layers import Attention, Dense, Mask, Mlp, ModelConfig, constrain, lp
+from lm.models.layers import make_norm, tied_logits
 
 __all__ = ["Block", "Decoder", "Encoder", "ModelConfig", "init_cache"]
 
@@ -86,7 +86,7 @@ class Decoder(nn.Module):
     embed, x_BxLxD = embed_tokens(cfg, tokens_BxL, positions_BxL, None, deterministic)
 
     if cache is None:
-      mask = attention_mask(length, segment_ids_BxL)
+      mask = Mask(segment_ids_BxL, causal=True)
     else:
       slots_S = jnp.arange(jax.tree.leaves(cache["layers"])[0].shape[-2], dtype=jnp.int32)
       mask_BxLxS = ((slots_S[None, None, :] <= slots_L[None, :, None]) &
@@ -177,7 +177,7 @@ class Encoder(nn.Module):
   None without.
 
   `segment_ids` [B, L]: tokens attend to the tokens of their own segment (packed examples);
-  0 marks padding, which nothing attends to. Default: one segment, no padding.
+  0 marks padding, which no real token attends to. Default: one segment, no padding.
   `type_ids` [B, L]: BERT's sentence A/B ids (model.type_vocab_size > 0)."""
 
   cfg: ModelConfig
@@ -192,7 +192,7 @@ class Encoder(nn.Module):
     if segment_ids_BxL is None:
       segment_ids_BxL = jnp.ones((b, length), jnp.int32)
     _, x_BxLxD = embed_tokens(cfg, tokens_BxL, positions_BxL, type_ids_BxL, deterministic)
-    mask = padding_mask(segment_ids_BxL)
+    mask = Mask(segment_ids_BxL)
     x_BxLxD, _ = layer_stack(self, cfg, x_BxLxD, positions_BxL, mask, deterministic)
     if cfg.norm_position == "pre":
       x_BxLxD = make_norm(cfg, "ln_f")(x_BxLxD)
@@ -204,16 +204,9 @@ class Encoder(nn.Module):
     return x_BxLxD, pooled_BxD
 
 
-def padding_mask(segment_ids_BxL):
-  """[B, 1, 1, L, S]: query and key in the same segment, and the key is not padding (0)."""
-  same_BxLxS = ((segment_ids_BxL[:, :, None] == segment_ids_BxL[:, None, :]) &
-                (segment_ids_BxL[:, None, :] > 0))
-  return same_BxLxS[:, None, None]
-
-
 def init_cache(cfg, batch, length, start_B=None):
   """An empty KV cache of `length` slots per row; rows begin at slot `start_B` (default 0)."""
-  shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)  # heads first: see cached_attention
+  shape = (batch, cfg.num_kv_heads, length, cfg.head_dim)  # heads first (cached_attention)
   layer = lambda: {"k": jnp.zeros(shape, cfg.cache_dtype),
                    "v": jnp.zeros(shape, cfg.cache_dtype)}
   start_B = jnp.zeros((batch,), jnp.int32) if start_B is None else start_B

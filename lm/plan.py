@@ -18,6 +18,11 @@ hardware (config.model.kernels, chosen for its platform: lm/models/kernels):
 materialised (xla, cpu) keeps the probabilities and scores, c * 2 H S (c * H S under dots),
 quadratic in the context; fused (cudnn, pallas_gpu, splash) keeps one float32 log-sum-exp
 per query and head, 4 H bytes, and no L^2 term at all.
+
+`--lower` also lowers the config's train step (and a decoder's decode step) for the
+hardware's platform on an abstract mesh of --devices devices (lm/lowering.py) and prints
+that report as one more JSON line: the kernels chosen, the custom calls found, XLA's
+FLOP and byte estimates where it gives them.
 """
 
 import dataclasses
@@ -61,6 +66,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment file.")
 _HARDWARE = flags.DEFINE_enum("hardware", "cpu", list(HARDWARE), "Device kind.")
 _DEVICES = flags.DEFINE_integer("devices", 1, "Number of devices.")
 _MFU = flags.DEFINE_float("mfu", 0.4, "Model FLOPs utilisation to assume.")
+_LOWER = flags.DEFINE_bool("lower", False, "Also lower the train and decode steps for the "
+                           "hardware's platform (jax.export) and print that report.")
 _VOCAB = flags.DEFINE_integer("vocab_size", None,
                               "Vocabulary size when the config leaves it to the tokenizer.")
 
@@ -172,6 +179,11 @@ def main(argv):
   print(json.dumps({"plan": p.as_dict(), "hardware": _HARDWARE.value,
                     "attention_flops": config.log.attention_flops,
                     "devices": _DEVICES.value, "mfu": _MFU.value}))
+  if _LOWER.value:
+    from lm import lowering  # pylint: disable=import-outside-toplevel
+    print(json.dumps({"lowering": lowering.lower(config, PLATFORM[_HARDWARE.value],
+                                                 vocab_size(config, _VOCAB.value),
+                                                 _DEVICES.value)}))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 Times `repeats` windows of `steps` train steps each (fresh batches from the real Grain
 pipeline, as lm.main draws them, dispatched as lm.main does: train.steps_per_dispatch
 steps per jitted call) after compilation, and reports the median window: ms/step,
-tokens/s, MFU, plus compile seconds.
+tokens/s, MFU, plus compile seconds, the kernels the model ran (config.model.kernels, as
+chosen for the device) and, on a GPU or TPU, the allocator's peak memory.
 Never asserts on time: these machines are shared and noisy.
 """
 
@@ -93,12 +94,16 @@ def main(_):
     extra = {"peak_measured_flops_per_device": round(measured),
              "mfu_measured": round(flops_per_token * tokens_per_s
                                    / (measured * jax.device_count()), 4)}
+  stats = jax.devices()[0].memory_stats() or {}  # a GPU's or TPU's allocator; none on a CPU
+  if "peak_bytes_in_use" in stats:
+    extra["peak_memory_gib"] = round(stats["peak_bytes_in_use"] / 2 ** 30, 2)
   print(json.dumps({
       "benchmark": "train_throughput",
       "config": config_flags.get_config_filename(flags.FLAGS["config"]),
       "device": jax.devices()[0].device_kind, "num_devices": jax.device_count(),
       "cpu_count": os.cpu_count(), "machine": platform.machine(),
       "dtype": config.model.dtype, "params": trainer.num_params,
+      "kernels": trainer.model_cfg.kernels,
       "steps_per_dispatch": per_call,
       "batch_size": t.batch_size, "seq_len": config.data.seq_len,
       "compile_s": round(trainer.compile_seconds, 3),

@@ -104,7 +104,7 @@ def _servable(trainer, params):
 
 def sample_text(config, data, trainer, state, writer, step):
   prompt = config.sample.prompt
-  prompt_ids = [data.tokenizer.bos_id, *data.tokenizer.encode(prompt).tolist()]
+  prompt_ids = data.tokenizer.prompt_ids(prompt)
   # One device's copy of the replicated parameters: no host round trip, and generate's
   # windows (a prefill and a decode each) reuse it instead of uploading host arrays.
   params = jax.tree.map(lambda x: x.addressable_shards[0].data,

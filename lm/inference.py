@@ -34,8 +34,10 @@ class Loaded:
     return sharding.on_mesh(self.mesh)
 
   def encode_prompt(self, text):
-    """Token ids of a prompt, after `bos` (training documents start with it)."""
-    return [self.tokenizer.bos_id, *self.tokenizer.encode(text).tolist()]
+    """Token ids of a prompt as the model's tokenizer gives them (tokenizers.prompt_ids:
+    after bos for lm's own tokenizers, whose training documents start with it; a
+    checkpoint's tokenizer adds bos only if it does so itself)."""
+    return self.tokenizer.prompt_ids(text)
 
   @property
   def stop_ids(self):

@@ -3,7 +3,9 @@ trained by lm, and the tokenizers of imported Hugging Face checkpoints (a `token
 tokenizer.json, or a SentencePiece .model with the checkpoint's own special ids).
 
 Every tokenizer has `encode(text) -> int32 array`, `decode(ids) -> str` (special ids are
-dropped), `vocab_size`, and the special ids `pad_id`, `bos_id`, `eos_id`, `unk_id`,
+dropped), `prompt_ids(text)` (a prompt's ids as the model saw text in training: lm's own
+tokenizers put bos first, as lm's data does; a checkpoint's tokenizer adds bos only where it
+adds one itself), `vocab_size`, and the special ids `pad_id`, `bos_id`, `eos_id`, `unk_id`,
 `mask_id`. A tokenizer serialises to a JSON-able dict (`to_dict`; a SentencePiece model
 travels as its serialized proto), stored in every checkpoint, so a restored run decodes with
 exactly the vocabulary it was trained with (`from_dict`).
@@ -23,6 +25,10 @@ SPECIALS = ("pad", "bos", "eos", "unk", "mask")
 
 class _AppendedSpecials:
   """Specials take the `len(SPECIALS)` ids after the `base` ordinary ones."""
+
+  def prompt_ids(self, text):
+    """bos, then the text: lm's data starts every document with bos."""
+    return [self.bos_id, *self.encode(text).tolist()]
 
   def _set_specials(self, base):
     for i, name in enumerate(SPECIALS):
@@ -136,6 +142,10 @@ class SentencePieceTokenizer:
       raise UserError(f"sentencepiece training failed: {message}") from None
     return cls(proto.getvalue())
 
+  def prompt_ids(self, text):
+    """bos, then the text: lm's data starts every document with bos."""
+    return [self.bos_id, *self.encode(text).tolist()]
+
   def encode(self, text):
     return np.asarray(self._sp.encode(text), dtype=np.int32)
 
@@ -155,6 +165,11 @@ class _GivenSpecials:
       setattr(self, f"{name}_id", int(specials[name]))
     self.specials = {name: int(specials[name]) for name in SPECIALS}
 
+  def prompt_ids(self, text):
+    """The text's ids as the checkpoint's own tokenizer gives them: bos first only if it
+    adds one (Llama's does; GPT-2's and SmolLM2's do not)."""
+    return ([self.bos_id] if self.adds_bos else []) + self.encode(text).tolist()
+
 
 class HfTokenizer(_GivenSpecials):
   """A Hugging Face `tokenizers` tokenizer (tokenizer.json): WordPiece, byte-level BPE, ...
@@ -164,7 +179,10 @@ class HfTokenizer(_GivenSpecials):
 
   kind = "hf"
 
-  def __init__(self, tokenizer_json, specials, end_with_eos=False):
+  def __init__(self, tokenizer_json, specials, end_with_eos=False, adds_bos=None,
+               chat_template=None):
+    """`adds_bos`: whether the checkpoint's tokenizer starts a text with bos (None: as its
+    post-processor does). `chat_template`: the checkpoint's Jinja chat template, if any."""
     from tokenizers import Tokenizer  # pylint: disable=import-outside-toplevel
     self.tokenizer_json = tokenizer_json
     self._tok = Tokenizer.from_str(tokenizer_json)
@@ -173,6 +191,11 @@ class HfTokenizer(_GivenSpecials):
     self._set_specials(specials)
     self.end_with_eos = bool(end_with_eos)
     self.vocab_size = self._tok.get_vocab_size(with_added_tokens=True)
+    if adds_bos is None:
+      with_specials = self._tok.encode("a", add_special_tokens=True).ids
+      adds_bos = with_specials[:1] == [self.bos_id] != self._tok.encode("a").ids[:1]
+    self.adds_bos = bool(adds_bos)
+    self.chat_template = chat_template
 
   def encode(self, text):
     return np.asarray(self._tok.encode(text, add_special_tokens=False).ids, dtype=np.int32)
@@ -183,7 +206,8 @@ class HfTokenizer(_GivenSpecials):
 
   def to_dict(self):
     return {"kind": self.kind, "json": self.tokenizer_json, "specials": self.specials,
-            "end_with_eos": self.end_with_eos}
+            "end_with_eos": self.end_with_eos, "adds_bos": self.adds_bos,
+            "chat_template": self.chat_template}
 
 
 class SentencePieceFileTokenizer(_GivenSpecials):
@@ -191,13 +215,17 @@ class SentencePieceFileTokenizer(_GivenSpecials):
 
   kind = "spm"
 
-  def __init__(self, model_proto, specials, end_with_eos=False):
+  def __init__(self, model_proto, specials, end_with_eos=False, adds_bos=True,
+               chat_template=None):
+    """`adds_bos`: LlamaTokenizer's add_bos_token (its default: True)."""
     import sentencepiece as spm  # pylint: disable=import-outside-toplevel
     self.model_proto = bytes(model_proto)
     self._sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
     self._set_specials(specials)
     self.end_with_eos = bool(end_with_eos)
     self.vocab_size = self._sp.vocab_size()
+    self.adds_bos = bool(adds_bos)
+    self.chat_template = chat_template
 
   def encode(self, text):
     return np.asarray(self._sp.encode(text), dtype=np.int32)
@@ -207,7 +235,8 @@ class SentencePieceFileTokenizer(_GivenSpecials):
 
   def to_dict(self):
     return {"kind": self.kind, "model": base64.b64encode(self.model_proto).decode("ascii"),
-            "specials": self.specials, "end_with_eos": self.end_with_eos}
+            "specials": self.specials, "end_with_eos": self.end_with_eos,
+            "adds_bos": self.adds_bos, "chat_template": self.chat_template}
 
 
 def _training_sentences(texts, max_chars, piece=4096):
@@ -236,10 +265,12 @@ def from_dict(spec):
   if kind in ("unigram", "bpe"):
     return SentencePieceTokenizer(base64.b64decode(spec["model"]))
   if kind == "hf":
-    return HfTokenizer(spec["json"], spec["specials"], spec.get("end_with_eos", False))
+    return HfTokenizer(spec["json"], spec["specials"], spec.get("end_with_eos", False),
+                       spec.get("adds_bos"), spec.get("chat_template"))
   if kind == "spm":
     return SentencePieceFileTokenizer(base64.b64decode(spec["model"]), spec["specials"],
-                                      spec.get("end_with_eos", False))
+                                      spec.get("end_with_eos", False),
+                                      spec.get("adds_bos", True), spec.get("chat_template"))
   raise UserError(f"unknown tokenizer in checkpoint metadata: {kind!r}")
 
 

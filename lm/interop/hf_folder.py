@@ -1,7 +1,8 @@
 """A Hugging Face folder in lm's terms, and the tokenizer files written back into one.
 
     Converted(folder)   config.json -> lm model fields, the tensors renamed to lm's
-                        (lm/interop/hf_models.py), and the checkpoint's own tokenizer
+                        (lm/interop/hf_models.py), and the checkpoint's own tokenizer;
+                        a GGUF file the same way (lm/interop/gguf_file.py)
     write_tokenizer(dst, tokenizer, arch)
 
 This module reads and writes files only; lm/interop/hf.py holds the import and export
@@ -31,10 +32,25 @@ def read_json(folder, name, required=True):
     return json.load(f)
 
 
+def read_chat_template(folder, settings):
+  """The folder's chat template: chat_template.jinja, or tokenizer_config.json's (a string,
+  or a list of named templates of which "default" is the one)."""
+  path = os.path.join(folder, "chat_template.jinja")
+  if os.path.exists(path):
+    with open(path, encoding="utf-8") as f:
+      return f.read()
+  template = settings.get("chat_template")
+  if isinstance(template, list):
+    named = {t.get("name"): t.get("template") for t in template}
+    template = named.get("default")
+  return template
+
+
 def read_tokenizer(folder, arch, config):
   """The checkpoint's own tokenizer, giving the ids `transformers` gives."""
   files = set(os.listdir(folder))
   settings = read_json(folder, "tokenizer_config.json", required=False)
+  chat_template = read_chat_template(folder, settings)
   if "tokenizer.json" in files:
     with open(os.path.join(folder, "tokenizer.json"), encoding="utf-8") as f:
       text = f.read()
@@ -54,7 +70,9 @@ def read_tokenizer(folder, arch, config):
     pad = config.get("pad_token_id")
     specials = {"pad": eos if pad is None else pad, "bos": bos, "eos": eos,
                 "unk": sp.unk_id(), "mask": sp.unk_id()}
-    return tk.SentencePieceFileTokenizer(proto, specials)
+    return tk.SentencePieceFileTokenizer(proto, specials,
+                                         adds_bos=settings.get("add_bos_token", True),
+                                         chat_template=chat_template)
   else:
     raise UserError(f"{folder}: no tokenizer (tokenizer.json, vocab.txt, vocab.json + "
                     "merges.txt or tokenizer.model)")
@@ -78,23 +96,32 @@ def read_tokenizer(folder, arch, config):
   unk = tok.token_to_id(settings.get("unk_token") or "<unk>")
   specials = {"pad": eos if pad is None else pad, "bos": eos if bos is None else bos,
               "eos": eos, "unk": eos if unk is None else unk, "mask": eos}
-  return tk.HfTokenizer(text, specials)
+  adds_bos = settings.get("add_bos_token")  # None: as tokenizer.json's post-processor does
+  return tk.HfTokenizer(text, specials, adds_bos=adds_bos, chat_template=chat_template)
 
 
 class Converted:
   """A Hugging Face checkpoint in lm's terms."""
 
   def __init__(self, folder):
+    """`folder`: a Hugging Face folder, or a GGUF file (lm/interop/gguf_file.py)."""
     folder = os.path.abspath(os.path.expanduser(folder))
-    if not os.path.isdir(folder):
-      raise UserError(f"{folder} is not a folder (a Hugging Face checkpoint: config.json, "
-                      "weights, tokenizer)")
     self.folder = folder
-    self.hf_config = read_json(folder, "config.json")
-    self.arch = hf_models.architecture(self.hf_config)
+    if folder.endswith(".gguf"):
+      from lm.interop.gguf_file import GgufCheckpoint  # pylint: disable=import-outside-toplevel
+      checkpoint = GgufCheckpoint(folder)
+      self.hf_config, self.arch = checkpoint.hf_config, checkpoint.arch
+      tensors, self.tokenizer = checkpoint.tensors, checkpoint.tokenizer
+    elif not os.path.isdir(folder):
+      raise UserError(f"{folder} is not a folder (a Hugging Face checkpoint: config.json, "
+                      "weights, tokenizer) or a .gguf file")
+    else:
+      self.hf_config = read_json(folder, "config.json")
+      self.arch = hf_models.architecture(self.hf_config)
+      tensors = read_tensors(folder)
+      self.tokenizer = read_tokenizer(folder, self.arch, self.hf_config)
     self.fields, self.objective, self.tensors, self.notes = hf_models.to_lm(
-        self.arch, self.hf_config, read_tensors(folder))
-    self.tokenizer = read_tokenizer(folder, self.arch, self.hf_config)
+        self.arch, self.hf_config, tensors)
     if self.tokenizer.vocab_size > self.fields["vocab_size"]:
       raise UserError(f"{folder}: the tokenizer has {self.tokenizer.vocab_size} ids, the model "
                       f"{self.fields['vocab_size']}")

@@ -1,0 +1,231 @@
+"""A GGUF file (llama.cpp's format) in lm's terms, read with the `gguf` package.
+
+    GgufCheckpoint(path)   the metadata as a Hugging Face config.json dict, every tensor
+                           dequantized to float32 under its Hugging Face name, and the file's
+                           own tokenizer (vocabulary, merges, special ids, chat template)
+
+lm/interop/hf.py imports it (`python -m lm.interop.hf import --src=FILE.gguf --dst=DIR`)
+through the same tensor mappings as a Hugging Face folder (lm/interop/hf_models.py), so a
+GGUF model and its Hugging Face original become the same lm model.
+
+llama.cpp stores a Llama's query and key rows permuted for its interleaved RoPE; lm (like
+transformers) rotates halves, so those rows are put back on reading.
+"""
+
+import os
+
+import numpy as np
+
+from lm.data import tokenizers as tk
+from lm.errors import UserError
+
+# GGUF metadata -> the config.json keys lm/interop/hf_models.py reads, per architecture.
+_LLAMA_KEYS = {"block_count": "num_hidden_layers", "embedding_length": "hidden_size",
+               "feed_forward_length": "intermediate_size",
+               "attention.head_count": "num_attention_heads",
+               "attention.head_count_kv": "num_key_value_heads",
+               "attention.layer_norm_rms_epsilon": "rms_norm_eps",
+               "rope.freq_base": "rope_theta", "context_length": "max_position_embeddings"}
+ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM")}
+
+# GGUF tensor names -> Hugging Face's, for the llama layout.
+_LLAMA_TENSORS = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+    "attn_norm.weight": "model.layers.{i}.input_layernorm.weight",
+    "attn_q.weight": "model.layers.{i}.self_attn.q_proj.weight",
+    "attn_k.weight": "model.layers.{i}.self_attn.k_proj.weight",
+    "attn_v.weight": "model.layers.{i}.self_attn.v_proj.weight",
+    "attn_output.weight": "model.layers.{i}.self_attn.o_proj.weight",
+    "ffn_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "ffn_gate.weight": "model.layers.{i}.mlp.gate_proj.weight",
+    "ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
+    "ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
+}
+# Quantization types read (dequantized by gguf.quants); others are refused by name.
+QUANTIZATIONS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K",
+                 "Q4_K", "Q5_K", "Q6_K")
+_CONTROL, _USER_DEFINED = 3, 4  # llama.cpp's token types
+
+
+def _reader(path):
+  import gguf  # pylint: disable=import-outside-toplevel
+  if not os.path.isfile(path):
+    raise UserError(f"--src: {path} is not a file")
+  try:
+    return gguf.GGUFReader(path)
+  except Exception as e:  # pylint: disable=broad-except  (the reader's errors vary by damage)
+    raise UserError(f"{path}: not a readable GGUF file ({type(e).__name__}: "
+                    f"{str(e).splitlines()[0] if str(e) else 'truncated or corrupt'})") from None
+
+
+def _value(reader, key, default=None):
+  field = reader.fields.get(key)
+  return default if field is None else field.contents()
+
+
+def unpermute_rope_rows(w_OxI, heads):
+  """llama.cpp's permutation of a query/key projection undone: within each head its rows
+  (pairs interleaved for RoPE) go back to the two halves transformers rotates."""
+  out, rest = w_OxI.shape[0], w_OxI.shape[1:]
+  return (w_OxI.reshape(heads, out // heads // 2, 2, *rest).swapaxes(1, 2)
+          .reshape(w_OxI.shape))
+
+
+class GgufCheckpoint:
+  """A GGUF file's model: `arch`, `hf_config` (config.json keys), `tensors` (Hugging Face
+  names, float32 numpy) and `tokenizer` (an lm HfTokenizer with its chat template)."""
+
+  def __init__(self, path):
+    self.path = os.path.abspath(os.path.expanduser(path))
+    reader = _reader(self.path)
+    arch = _value(reader, "general.architecture")
+    if arch not in ARCHITECTURES:
+      raise UserError(f"{self.path}: GGUF architecture {arch!r} is not supported; lm reads "
+                      f"{', '.join(ARCHITECTURES)}")
+    self.gguf_arch = arch
+    self.arch, hf_class = ARCHITECTURES[arch]
+    self.hf_config = self._config(reader, arch, hf_class)
+    self.tensors = self._tensors(reader)
+    if "lm_head.weight" not in self.tensors:
+      self.hf_config["tie_word_embeddings"] = True
+    self.tokenizer = read_tokenizer(reader, self.path)
+    self.hf_config["vocab_size"] = int(
+        _value(reader, f"{arch}.vocab_size", self.tensors["model.embed_tokens.weight"].shape[0]))
+
+  def _config(self, reader, arch, hf_class):
+    config = {"model_type": self.arch, "architectures": [hf_class],
+              "hidden_act": "silu", "tie_word_embeddings": False}
+    for key, name in _LLAMA_KEYS.items():
+      value = _value(reader, f"{arch}.{key}")
+      if value is not None:
+        config[name] = value
+    missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                           "intermediate_size") if k not in config]
+    if missing:
+      raise UserError(f"{self.path}: GGUF metadata lacks {arch}.* for {', '.join(missing)}")
+    config.setdefault("max_position_embeddings", 2048)
+    scaling = _value(reader, f"{arch}.rope.scaling.type")
+    if scaling not in (None, "none"):
+      raise UserError(f"{self.path}: RoPE scaling {scaling!r} is not supported")
+    rope_dims = _value(reader, f"{arch}.rope.dimension_count")
+    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    if rope_dims not in (None, head_dim):
+      raise UserError(f"{self.path}: partial RoPE ({rope_dims} of {head_dim} dimensions) is "
+                      "not supported")
+    return config
+
+  def _tensors(self, reader):
+    import gguf  # pylint: disable=import-outside-toplevel
+    config = self.hf_config
+    heads, kv_heads = config["num_attention_heads"], config.get(
+        "num_key_value_heads", config["num_attention_heads"])
+    tensors = {}
+    for tensor in reader.tensors:
+      kind = tensor.tensor_type.name
+      if kind not in QUANTIZATIONS:
+        raise UserError(f"{self.path}: tensor {tensor.name} is {kind}, a quantization lm does "
+                        f"not read ({', '.join(QUANTIZATIONS)})")
+      name = _hf_name(tensor.name)
+      if name is None:
+        raise UserError(f"{self.path}: unexpected tensor {tensor.name} for a {self.gguf_arch} "
+                        "model")
+      try:
+        values = np.asarray(gguf.quants.dequantize(tensor.data, tensor.tensor_type),
+                            np.float32)
+      except Exception as e:  # pylint: disable=broad-except
+        raise UserError(f"{self.path}: tensor {tensor.name} ({kind}) cannot be read: "
+                        f"{type(e).__name__}") from None
+      expected = tuple(int(n) for n in reversed(tensor.shape.tolist()))
+      values = values.reshape(expected)
+      if name.endswith("q_proj.weight"):
+        values = unpermute_rope_rows(values, heads)
+      elif name.endswith("k_proj.weight"):
+        values = unpermute_rope_rows(values, kv_heads)
+      tensors[name] = values
+    return tensors
+
+
+def _hf_name(gguf_name):
+  if gguf_name in _LLAMA_TENSORS:
+    return _LLAMA_TENSORS[gguf_name]
+  parts = gguf_name.split(".", 2)
+  if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LLAMA_TENSORS:
+    return _LLAMA_TENSORS[parts[2]].format(i=int(parts[1]))
+  return None
+
+
+def _byte_spelling():
+  """GPT-2's byte -> printable character table (byte-level BPE vocabularies spell bytes so)."""
+  printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) +
+               list(range(ord("®"), ord("ÿ") + 1)))
+  codes, extra = list(printable), 0
+  for b in range(256):
+    if b not in printable:
+      printable.append(b)
+      codes.append(256 + extra)
+      extra += 1
+  return {b: chr(c) for b, c in zip(printable, codes)}
+
+
+# tokenizer.ggml.pre values whose split differs from GPT-2's (llama.cpp's names).
+_LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+                 r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+_QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}"
+                r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+PRE_TOKENIZER_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
+                        "llama-bpe": _LLAMA3_SPLIT, "smaug-bpe": _LLAMA3_SPLIT,
+                        "qwen2": _QWEN2_SPLIT}
+
+
+def read_tokenizer(reader, path):
+  """The file's byte-level BPE tokenizer (tokenizer.ggml.model "gpt2") as an lm
+  HfTokenizer: the vocabulary as the file spells it, its merges, its control tokens kept
+  whole, its special ids, whether it adds bos, and its chat template."""
+  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+  from tokenizers import processors  # pylint: disable=import-outside-toplevel
+  model = _value(reader, "tokenizer.ggml.model")
+  if model != "gpt2":
+    raise UserError(f"{path}: tokenizer {model!r} is not supported; lm reads GGUF byte-level "
+                    "BPE tokenizers (tokenizer.ggml.model gpt2)")
+  tokens = _value(reader, "tokenizer.ggml.tokens")
+  merges = _value(reader, "tokenizer.ggml.merges") or []
+  types = _value(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+  spelling = _byte_spelling()
+  alphabet = set(spelling.values())
+  respell = lambda t: t if set(t) <= alphabet else "".join(spelling[b] for b in t.encode())
+  vocab = {respell(t): i for i, t in enumerate(tokens)}
+  pairs = [tuple(m.split(" ", 1)) for m in merges]
+  tok = Tokenizer(models.BPE(vocab=vocab, merges=pairs, fuse_unk=False))
+  split = PRE_TOKENIZER_SPLITS.get(_value(reader, "tokenizer.ggml.pre"))
+  if split is None:
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+  else:
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+  tok.decoder = decoders.ByteLevel()
+  control = [AddedToken(t, special=True, normalized=False) for t, kind in zip(tokens, types)
+             if kind == _CONTROL and set(t) <= alphabet]
+  user = [AddedToken(t, special=False, normalized=False) for t, kind in zip(tokens, types)
+          if kind == _USER_DEFINED and t in vocab]
+  tok.add_special_tokens(control)
+  tok.add_tokens(user)
+  ids = {name: _value(reader, f"tokenizer.ggml.{key}") for name, key in (
+      ("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
+      ("pad", "padding_token_id"))}
+  if ids["eos"] is None:
+    raise UserError(f"{path}: GGUF metadata has no tokenizer.ggml.eos_token_id")
+  eos = int(ids["eos"])
+  bos = eos if ids["bos"] is None else int(ids["bos"])
+  adds_bos = bool(_value(reader, "tokenizer.ggml.add_bos_token", False))
+  if adds_bos:
+    bos_token = tokens[bos]
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos_token} $A", pair=f"{bos_token} $A {bos_token} $B",
+        special_tokens=[(bos_token, bos)])
+  specials = {"pad": eos if ids["pad"] is None else int(ids["pad"]), "bos": bos, "eos": eos,
+              "unk": eos if ids["unk"] is None else int(ids["unk"]), "mask": eos}
+  return tk.HfTokenizer(tok.to_str(), specials, adds_bos=adds_bos,
+                        chat_template=_value(reader, "tokenizer.chat_template"))

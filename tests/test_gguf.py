@@ -98,7 +98,8 @@ def test_an_exported_gguf_reads_back_in_transformers(tiny_llama, tmp_path, dtype
 
 def _k_quant_blocks(rows, cols, kind, rng):
   """Valid random K-quant data: random bytes with every block's float16 scales set small."""
-  size, layout = {Q.Q4_K: (144, ((0, 2), (2, 4))), Q.Q5_K: (176, ((0, 2), (2, 4))),
+  size, layout = {Q.Q2_K: (84, ((80, 82), (82, 84))), Q.Q3_K: (110, ((108, 110),)),
+                  Q.Q4_K: (144, ((0, 2), (2, 4))), Q.Q5_K: (176, ((0, 2), (2, 4))),
                   Q.Q6_K: (210, ((208, 210),))}[kind]
   blocks = rng.integers(0, 256, (rows, cols // 256, size), dtype=np.uint8)
   for start, end in layout:
@@ -157,7 +158,7 @@ def _write_quantized(path, model, tok, kinds):
     matrix += 1
     if kind == Q.F32:
       writer.add_tensor(gguf_name, w)
-    elif kind in (Q.Q4_K, Q.Q5_K, Q.Q6_K):
+    elif kind in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K):
       writer.add_tensor(gguf_name, _k_quant_blocks(*w.shape, kind, rng), raw_dtype=kind)
     else:
       writer.add_tensor(gguf_name, gguf.quants.quantize(w, kind), raw_dtype=kind)
@@ -167,7 +168,8 @@ def _write_quantized(path, model, tok, kinds):
   writer.close()
 
 
-KINDS = [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q4_K, Q.Q5_K, Q.Q6_K, Q.F32]
+KINDS = [Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K,
+         Q.Q6_K, Q.F32]
 
 
 def test_every_quantization_dequantizes_as_transformers_does(tiny_llama, tmp_path):

@@ -16,7 +16,8 @@ setup(
         "flax>=0.10.4",
         "gguf>=0.10",  # GGUF files in and out (lm/interop/gguf_file.py)
         "grain>=0.2.10",
-        "importlib_resources>=6",  # tensorflow-datasets uses it for local builders, undeclared
+        "importlib_resources>=6",
+        "jinja2>=3.1",  # checkpoints' chat templates (lm/chat_template.py)  # tensorflow-datasets uses it for local builders, undeclared
         "jax>=0.6",
         "matplotlib>=3.8",  # lm.inspect figures
         "ml_collections>=1.0",

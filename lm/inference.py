@@ -12,7 +12,7 @@ import sys
 import jax
 import ml_collections
 
-from lm import decode, pretrained, sharding, tasks
+from lm import chat_template, decode, pretrained, sharding, tasks
 from lm.checkpoint import Checkpointer
 from lm.model_setup import ModelSetup
 from lm.data.tokenizers import from_dict
@@ -28,6 +28,7 @@ class Loaded:
   step: int
   mesh: object
   label_names: tuple = ()  # classification and tagging: the class names, by id
+  workdir: str = ""
 
   def on_mesh(self):
     """Activates the mesh and logical axis rules, so the KV cache is sharded by them."""
@@ -38,6 +39,14 @@ class Loaded:
     after bos for lm's own tokenizers, whose training documents start with it; a
     checkpoint's tokenizer adds bos only if it does so itself)."""
     return self.tokenizer.prompt_ids(text)
+
+  def chat_ids(self, messages, add_generation_prompt=True):
+    """A conversation's token ids, rendered with the checkpoint's chat template (an lm-trained
+    model's: ChatML) as transformers' apply_chat_template renders and tokenizes it."""
+    text = chat_template.render(self.tokenizer.chat_template, messages, add_generation_prompt,
+                                self.tokenizer.special_tokens(),
+                                source=f"the chat template of {self.workdir or 'the model'}")
+    return self.tokenizer.chat_ids(text)
 
   @property
   def stop_ids(self):
@@ -91,7 +100,8 @@ def load(workdir, step=None, devices=None, decoder=True):
   finally:
     checkpointer.close()
   return Loaded(model=setup.model, params=params, tokenizer=tokenizer, config=config,
-                step=step, mesh=mesh, label_names=tuple(meta.get("label_names", ())))
+                step=step, mesh=mesh, label_names=tuple(meta.get("label_names", ())),
+                workdir=workdir)
 
 
 def _num_labels(checkpointer, step, meta):

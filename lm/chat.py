@@ -13,10 +13,9 @@ import sys
 
 from absl import app, flags, logging
 
-from lm import sampling_flags
+from lm import cli_flags, sampling_flags
 from lm.errors import UserError
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's folder (or an import).")
 _SYSTEM = flags.DEFINE_string("system", None, "The system prompt.")
 CHUNK = 8  # tokens decoded per device call while a reply streams
 
@@ -138,6 +137,9 @@ def run(chat, lines, sampling, interactive=False):
     chat.reply(line, sampling(turn))
     turn += 1
 
+flags.adopt_module_key_flags(cli_flags)
+flags.adopt_module_key_flags(sampling_flags)
+
 
 def main(argv):
   logging.set_verbosity(logging.WARNING)
@@ -146,11 +148,11 @@ def main(argv):
   if problem:
     print(f"lm: error: {problem}", file=sys.stderr)
     sys.exit(2)
-  loaded = inference.load_or_exit(argv, _WORKDIR.value, sampling_flags.STEP.value)
+  loaded = inference.load_or_exit(argv, cli_flags.WORKDIR.value, cli_flags.STEP.value)
   chat = Chat(loaded, sampling_flags.MAX_TOKENS.value, _SYSTEM.value)
   interactive = sys.stdin.isatty()
   if interactive:
-    chat.notice(f"lm chat with {_WORKDIR.value}: /reset, /system TEXT, /quit; Ctrl-C ends a "
+    chat.notice(f"lm chat with {cli_flags.WORKDIR.value}: /reset, /system TEXT, /quit; Ctrl-C ends a "
                 "reply, Ctrl-D the chat")
   try:
     run(chat, iter(sys.stdin.readline, ""), sampling_flags.sampling, interactive)

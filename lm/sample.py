@@ -9,10 +9,12 @@ import sys
 
 from absl import app, flags, logging
 
-from lm import sampling_flags
+from lm import cli_flags, sampling_flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's folder.")
 _PROMPT = flags.DEFINE_multi_string("prompt", ["\n"], "Prompt text; repeat for a batch.")
+
+flags.adopt_module_key_flags(cli_flags)
+flags.adopt_module_key_flags(sampling_flags)
 
 
 def main(argv):
@@ -22,7 +24,7 @@ def main(argv):
   if problem:
     print(f"lm: error: {problem}", file=sys.stderr)
     sys.exit(2)
-  loaded = inference.load_or_exit(argv, _WORKDIR.value, sampling_flags.STEP.value)
+  loaded = inference.load_or_exit(argv, cli_flags.WORKDIR.value, cli_flags.STEP.value)
   sampling = [sampling_flags.sampling(i) for i in range(len(_PROMPT.value))]
   texts = loaded.complete(_PROMPT.value, sampling_flags.MAX_TOKENS.value, sampling)
   for prompt, text in zip(_PROMPT.value, texts):

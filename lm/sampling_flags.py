@@ -8,7 +8,6 @@ TOP_K = flags.DEFINE_integer("top_k", 0, "0: off.")
 TOP_P = flags.DEFINE_float("top_p", 1.0, "1: off.")
 PENALTY = flags.DEFINE_float("repetition_penalty", 1.0, "1: off.")
 SEED = flags.DEFINE_integer("seed", 0, "Sampling seed.")
-STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 
 
 def problem():

@@ -27,19 +27,17 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
-from lm import decode, inference, openai_api
+from lm import cli_flags, decode, inference, openai_api
 from lm.engine import Engine, QueueFull
 from lm.engine import Request as Job
 from lm.openai_api import ApiError, CompletionRequest
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "A training run's folder.")
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind (127.0.0.1: this machine only).")
 _PORT = flags.DEFINE_integer("port", 8000, "Port.")
 _MODEL_NAME = flags.DEFINE_string("model_name", None, "Model id (default: the workdir's name).")
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "Most completions decoded together.")
 _WINDOW_MS = flags.DEFINE_float("batch_window_ms", 10.0, "How long a batch collects requests.")
 _QUEUE_LIMIT = flags.DEFINE_integer("queue_limit", 64, "Queued completions before 429.")
-_STEP = flags.DEFINE_integer("step", None, "Checkpoint step (default: the newest).")
 
 class Metrics:
   """Prometheus metrics of one server (its own registry, so tests can run several)."""
@@ -265,13 +263,15 @@ def _shift(event, base):
     return (event[0], event[1] + base, *event[2:])
   return event
 
+flags.adopt_module_key_flags(cli_flags)
+
 
 def main(argv):
   logging.set_verbosity(logging.WARNING)
   import uvicorn  # pylint: disable=import-outside-toplevel
 
-  loaded = inference.load_or_exit(argv, _WORKDIR.value, _STEP.value)
-  name = _MODEL_NAME.value or os.path.basename(os.path.abspath(_WORKDIR.value))
+  loaded = inference.load_or_exit(argv, cli_flags.WORKDIR.value, cli_flags.STEP.value)
+  name = _MODEL_NAME.value or os.path.basename(os.path.abspath(cli_flags.WORKDIR.value))
   api = make_app(loaded, name, max_batch=_MAX_BATCH.value, window_s=_WINDOW_MS.value / 1000,
                  queue_limit=_QUEUE_LIMIT.value)
   print(f"lm: serving {name!r} (step {loaded.step}) on http://{_HOST.value}:{_PORT.value}/v1",

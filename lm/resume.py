@@ -132,6 +132,10 @@ def _latest_meta(checkpointer, config):
     except Exception as e:  # pylint: disable=broad-except
       metrics.log(f"lm: warning: {checkpointer.quarantine(step, e)}")
       continue
+    if meta.get("params_only"):
+      raise UserError(f"workdir {checkpointer.workdir} holds imported parameters only (no "
+                      "optimizer state, no data position): train from them with "
+                      f"config.init_from={checkpointer.workdir} and another --workdir")
     if config.init_from:  # the architecture came from the pretrained run: keep it
       config, _ = pretrained.with_architecture(config, meta["config"])
     changed = config_differences(meta["config"], config.to_dict())

@@ -304,3 +304,22 @@ def test_smollm2_greedy_tokens_equal_transformers(smollm2):
                     use_cache=True)
     assert mine == theirs, (kind, tokenizer.decode(mine), tokenizer.decode(theirs))
   assert "Paris" in tokenizer.decode(ours[0]), tokenizer.decode(ours[0])  # a real chat model
+
+
+def test_an_import_holds_parameters_only_and_init_from_fine_tunes_it(tiny_llama, tmp_path,
+                                                                     one_device):
+  from conftest import tiny_config  # pylint: disable=import-outside-toplevel
+  from lm.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  from lm.loop import run  # pylint: disable=import-outside-toplevel
+  _, workdir = tiny_llama
+  checkpointer = Checkpointer(workdir, keep=None)
+  assert set(checkpointer.manager.item_metadata(0)["state"].tree) == {"params"}  # no Adam
+  checkpointer.close()
+  config = tiny_config(**{"train.num_steps": 2, "sample.num_tokens": 0, "data.seq_len": 32,
+                          "data.tokenizer": "pretrained"})
+  with pytest.raises(UserError, match="holds imported parameters only") as e:
+    run(config, workdir, devices=one_device)
+  assert "\n" not in str(e.value)
+  config.init_from = workdir
+  result = run(config, str(tmp_path / "tuned"), devices=one_device)
+  assert result.final_step == 2 and result.config.model.d_model == 256

@@ -8,8 +8,9 @@
 A Hugging Face folder holds config.json, the weights (`*.safetensors`, or
 `pytorch_model.bin` read by a restricted unpickler that rebuilds tensors and nothing else)
 and the tokenizer (tokenizer.json; or vocab.txt, vocab.json + merges.txt, tokenizer.model).
-Import writes an lm workdir whose checkpoint 0 holds the weights, the matching lm config and
-the tokenizer: lm.sample and lm.serve run it, and `init_from` fine-tunes from it. Export
+Import writes an lm workdir whose checkpoint 0 holds the weights (parameters only, no
+optimizer state), the matching lm config and the tokenizer: lm.sample, lm.serve and lm.chat
+run it, export writes it back, and `init_from` fine-tunes from it. Export
 writes config.json, model.safetensors and the tokenizer, for `from_pretrained`.
 The tensor mappings are in lm/interop/hf_models.py, the folder's files read and written by
 lm/interop/hf_folder.py and lm/interop/weights.py.
@@ -23,7 +24,7 @@ import sys
 import jax
 from jax.sharding import SingleDeviceSharding
 
-from lm import metrics, pretrained, sharding, steps, tasks, trees
+from lm import metrics, pretrained, sharding, tasks, trees
 from lm.checkpoint import Checkpointer
 from lm.data.tokenizers import from_dict
 from lm.errors import UserError
@@ -31,7 +32,6 @@ from lm.interop import gguf_file, hf_models
 from lm.interop.hf_folder import Converted, write_tokenizer
 from lm.interop.weights import write_safetensors
 from lm.model_setup import ModelSetup
-from lm.optim import LossScale, make_optimizer, uses_loss_scale
 
 
 def import_checkpoint(src, dst):
@@ -50,14 +50,14 @@ def import_checkpoint(src, dst):
   initial = jax.device_get(setup.initial_params())  # what a fresh run of this config has
   params = pretrained.load_params(source, initial, setup.task.head_keys,
                                   sharding.replicated(mesh))
-  # A train state at step 0, so that the workdir also resumes as an lm run.
-  state = steps.fresh_state(make_optimizer(config.train, setup.task.head_keys),
-                            setup.place(params, setup.param_shardings),
-                            LossScale.initial() if uses_loss_scale(config) else None)
+  # The parameters only (no Adam state, which would triple the checkpoint): lm.sample,
+  # lm.serve, lm.chat and export read them, and init_from fine-tunes from them.
+  state = {"params": setup.place(params, setup.param_shardings)}
   os.makedirs(dst, exist_ok=True)
   checkpointer = Checkpointer(dst, 1)
   meta = {"config": config.to_dict(), "tokenizer": converted.tokenizer.to_dict(),
-          "data_fingerprint": f"hf:{converted.folder}", "imported_from": converted.folder}
+          "data_fingerprint": f"hf:{converted.folder}", "imported_from": converted.folder,
+          "params_only": True}
   checkpointer.save(0, state, meta)
   checkpointer.close()
   with open(os.path.join(dst, "config.json"), "w", encoding="utf-8") as f:

@@ -108,7 +108,7 @@ def _k_quant_blocks(rows, cols, kind, rng):
   return blocks.reshape(rows, -1)
 
 
-def _write_quantized(path, model, tok, kinds):
+def _write_quantized(path, model, tok, kinds, extra_tokens=0):
   """The tiny Llama as GGUF, written here with the gguf package (not lm's writer): matrix i
   in kinds[i % len(kinds)]; K-quant matrices get random valid blocks instead of the model's
   weights (gguf quantizes no K type), which both readers must decode the same."""
@@ -125,7 +125,7 @@ def _write_quantized(path, model, tok, kinds):
                      (writer.add_vocab_size, c.vocab_size)):
     add(value)
   vocab = tok.get_vocab()
-  tokens = sorted(vocab, key=vocab.get)
+  tokens = sorted(vocab, key=vocab.get) + [f"<extra_{i}>" for i in range(extra_tokens)]
   writer.add_tokenizer_model("gpt2")
   writer.add_token_list(tokens)
   writer.add_token_types([3 if t in SPECIALS else 1 for t in tokens])
@@ -158,6 +158,9 @@ def _write_quantized(path, model, tok, kinds):
     matrix += 1
     if kind == Q.F32:
       writer.add_tensor(gguf_name, w)
+    elif kind == Q.Q8_1:  # 40-byte blocks of 32 values, a type lm refuses
+      writer.add_tensor(gguf_name, np.zeros((w.shape[0], w.shape[1] // 32 * 40), np.uint8),
+                        raw_dtype=kind)
     elif kind in (Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K):
       writer.add_tensor(gguf_name, _k_quant_blocks(*w.shape, kind, rng), raw_dtype=kind)
     else:
@@ -212,6 +215,14 @@ def test_bad_gguf_files_are_one_line_errors_and_leave_no_workdir(tiny_llama, tmp
     with pytest.raises(UserError, match=message) as e:
       hf.import_checkpoint(str(path), str(dst))
     assert "\n" not in str(e.value) and not dst.exists()
+  _write_quantized(str(tmp_path / "big_vocab.gguf"), model, _tokenizer(), [Q.F32],
+                   extra_tokens=5)
+  with pytest.raises(UserError, match="the tokenizer has 389 ids, the model 384"):
+    hf.import_checkpoint(str(tmp_path / "big_vocab.gguf"), str(tmp_path / "out-big"))
+  _write_quantized(str(tmp_path / "q8_1.gguf"), model, _tokenizer(), [Q.F32, Q.Q8_1])
+  with pytest.raises(UserError, match="is Q8_1, a quantization lm does not read"):
+    hf.import_checkpoint(str(tmp_path / "q8_1.gguf"), str(tmp_path / "out-q8_1"))
+  assert not (tmp_path / "out-big").exists() and not (tmp_path / "out-q8_1").exists()
   writer = gguf.GGUFWriter(str(tmp_path / "mamba.gguf"), "mamba")
   writer.add_block_count(1)
   writer.write_header_to_file()

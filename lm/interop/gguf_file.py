@@ -329,8 +329,7 @@ def write(path, hf_config, tensors, tokenizer, dtype="f32"):
     if values.ndim == 1 or dtype == "f32":
       writer.add_tensor(gguf_name, values)
     else:
-      writer.add_tensor(gguf_name, gguf.quants.quantize(values, kind), raw_shape=values.shape,
-                        raw_dtype=kind)
+      writer.add_tensor(gguf_name, gguf.quants.quantize(values, kind), raw_dtype=kind)
   writer.write_header_to_file()
   writer.write_kv_data_to_file()
   writer.write_tensors_to_file()

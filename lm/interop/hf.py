@@ -47,9 +47,16 @@ def import_checkpoint(src, dst):
                                  lambda _: dict(converted.tensors))
   for note in converted.notes:
     metrics.log(f"lm: {converted.folder}: {note}; it keeps lm's initialisation")
-  initial = jax.device_get(setup.initial_params())  # what a fresh run of this config has
-  params = pretrained.load_params(source, initial, setup.task.head_keys,
-                                  sharding.replicated(mesh))
+  replicated = sharding.replicated(mesh)
+  # Every tensor from the checkpoint: nothing to initialise (a 135M model's initialiser is
+  # most of an import's time and memory). Otherwise the missing ones keep lm's
+  # initialisation, what a fresh run of this config has.
+  params = pretrained.load_params(source, setup.abstract_params, setup.task.head_keys,
+                                  replicated)
+  if any(isinstance(x, jax.ShapeDtypeStruct) for x in jax.tree.leaves(params)):
+    initial = jax.device_get(setup.initial_params())
+    params = pretrained.load_params(source, initial, setup.task.head_keys, replicated,
+                                    announce=False)
   # The parameters only (no Adam state, which would triple the checkpoint): lm.sample,
   # lm.serve, lm.chat and export read them, and init_from fine-tunes from them.
   state = {"params": setup.place(params, setup.param_shardings)}

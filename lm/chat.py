@@ -63,6 +63,7 @@ class Chat:
   def reply(self, user_text, sampling):
     """Streams the model's reply to `user_text` and records the exchange. Ctrl-C stops the
     reply where it is (what was said stays in the history)."""
+    import jax  # pylint: disable=import-outside-toplevel
     from lm import decode  # pylint: disable=import-outside-toplevel
     ids, budget = self.prompt(user_text)
     model, params, tokenizer = self.loaded.model, self.loaded.params, self.loaded.tokenizer
@@ -72,14 +73,17 @@ class Chat:
         state = decode.prefill(model, params, [ids], budget, [sampling],
                                self.loaded.stop_ids, batch_size=1)
         while True:
-          tokens = decode.outputs(state, 1)[0]
-          text = self._visible(tokenizer.decode(tokens))
+          # One transfer per chunk: the row's tokens and whether it stopped.
+          row, done = jax.device_get((state.tokens_BxN[0], state.done_B[0]))
+          tokens = [int(t) for t in row if t != decode.PAD]
+          decoded = tokenizer.decode(tokens)
+          text = self._visible(decoded)
           if text.startswith(shown):
             self.out.write(text[len(shown):])
             self.out.flush()
             shown = text
-          if (len(tokens) >= budget or bool(state.done_B[0]) or
-              (self.stop_text and self.stop_text in tokenizer.decode(tokens))):
+          if (len(tokens) >= budget or done or
+              (self.stop_text and self.stop_text in decoded)):
             break
           state = decode.decode(model, params, state, CHUNK)
     except KeyboardInterrupt:
@@ -143,17 +147,12 @@ flags.adopt_module_key_flags(sampling_flags)
 
 def main(argv):
   logging.set_verbosity(logging.WARNING)
-  from lm import inference  # pylint: disable=import-outside-toplevel
-  problem = sampling_flags.problem()
-  if problem:
-    print(f"lm: error: {problem}", file=sys.stderr)
-    sys.exit(2)
-  loaded = inference.load_or_exit(argv, cli_flags.WORKDIR.value, cli_flags.STEP.value)
+  loaded = sampling_flags.load_or_exit(argv)
   chat = Chat(loaded, sampling_flags.MAX_TOKENS.value, _SYSTEM.value)
   interactive = sys.stdin.isatty()
   if interactive:
-    chat.notice(f"lm chat with {cli_flags.WORKDIR.value}: /reset, /system TEXT, /quit; Ctrl-C ends a "
-                "reply, Ctrl-D the chat")
+    chat.notice(f"lm chat with {cli_flags.WORKDIR.value}: /reset, /system TEXT, /quit; "
+                "Ctrl-C ends a reply, Ctrl-D the chat")
   try:
     run(chat, iter(sys.stdin.readline, ""), sampling_flags.sampling, interactive)
   except UserError as e:

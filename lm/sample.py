@@ -5,8 +5,6 @@ Loads the newest checkpoint of a training run and prints a completion for each -
 encoded as the model's tokenizer encodes text (bos first only where it adds one).
 """
 
-import sys
-
 from absl import app, flags, logging
 
 from lm import cli_flags, sampling_flags
@@ -19,12 +17,7 @@ flags.adopt_module_key_flags(sampling_flags)
 
 def main(argv):
   logging.set_verbosity(logging.WARNING)
-  from lm import inference  # pylint: disable=import-outside-toplevel
-  problem = sampling_flags.problem()
-  if problem:
-    print(f"lm: error: {problem}", file=sys.stderr)
-    sys.exit(2)
-  loaded = inference.load_or_exit(argv, cli_flags.WORKDIR.value, cli_flags.STEP.value)
+  loaded = sampling_flags.load_or_exit(argv)
   sampling = [sampling_flags.sampling(i) for i in range(len(_PROMPT.value))]
   texts = loaded.complete(_PROMPT.value, sampling_flags.MAX_TOKENS.value, sampling)
   for prompt, text in zip(_PROMPT.value, texts):

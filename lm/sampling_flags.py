@@ -27,3 +27,15 @@ def sampling(offset=0):
   from lm import decode  # pylint: disable=import-outside-toplevel
   return decode.Sampling(temperature=TEMPERATURE.value, top_k=TOP_K.value, top_p=TOP_P.value,
                          repetition_penalty=PENALTY.value, seed=SEED.value + offset)
+
+
+def load_or_exit(argv):
+  """The sampling commands' common start: the flags checked, then --workdir's model loaded
+  (or one `lm: error:` line and exit status 2)."""
+  import sys  # pylint: disable=import-outside-toplevel
+  from lm import cli_flags, inference  # pylint: disable=import-outside-toplevel
+  message = problem()
+  if message:
+    print(f"lm: error: {message}", file=sys.stderr)
+    sys.exit(2)
+  return inference.load_or_exit(argv, cli_flags.WORKDIR.value, cli_flags.STEP.value)

@@ -96,15 +96,25 @@ def validate(config, num_devices):
     _check_field(field, flat[field.name])
 
   m, t, d = config.model, config.train, config.data
-  if m.d_model % m.num_heads:
+  if not m.head_size and m.d_model % m.num_heads:
     raise ConfigError("model.d_model",
                       f"{m.d_model} is not divisible by model.num_heads={m.num_heads}")
   if m.num_heads % m.num_kv_heads:
     raise ConfigError("model.num_kv_heads",
                       f"{m.num_kv_heads} does not divide model.num_heads={m.num_heads}")
-  if m.positions == "rope" and (m.d_model // m.num_heads) % 2:
-    raise ConfigError("model.positions",
-                      f"rope needs an even head size, got {m.d_model // m.num_heads}")
+  head_size = m.head_size or m.d_model // m.num_heads
+  if m.positions == "rope" and head_size % 2:
+    raise ConfigError("model.positions", f"rope needs an even head size, got {head_size}")
+  if m.global_every and not m.sliding_window:
+    raise ConfigError("model.global_every", "alternates local layers with global ones: "
+                      "set model.sliding_window too")
+  if m.global_every and m.scan_layers:
+    raise ConfigError("model.scan_layers", "one scanned layer serves every layer, and "
+                      f"model.global_every={m.global_every} makes layers differ; set "
+                      "scan_layers=False")
+  if m.rope_local_theta and not m.sliding_window:
+    raise ConfigError("model.rope_local_theta", "is the local layers' RoPE base: set "
+                      "model.sliding_window too")
   if m.vocab_size is not None and m.vocab_size <= 0:
     raise ConfigError("model.vocab_size", f"must be > 0 or None, got {m.vocab_size}")
   if d.seq_len > m.max_len:
@@ -132,6 +142,13 @@ def validate(config, num_devices):
                         f"expression ({e})") from None
 
   tasks.get(config.task.objective).check_config(config)
+  if tasks.get(config.task.objective).architecture == "encoder_decoder":
+    decoder_only = {"norm_position": ("sandwich",), "sliding_window": None,
+                    "attn_softcap": None, "final_softcap": None}
+    for key, values in decoder_only.items():
+      if (m[key] in values) if values else m[key]:
+        raise ConfigError(f"model.{key}", f"{m[key]!r} is not taken by encoder-decoders "
+                          "(decoders and encoders take it)")
 
   if m.pooler and config.task.pooling != "cls":
     raise ConfigError("task.pooling", "model.pooler pools the first token; use cls with it")

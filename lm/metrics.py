@@ -65,7 +65,8 @@ def train_flops_per_token(params, cfg, seq_len, tied_output=None, frozen=None,
   output projection; not the embedding lookups, norms or biases): 2 forward, 2 for the
   gradient of the activation, 2 for the gradient of the weight. A `frozen` weight (a
   sub-tree of `params`, lm/peft.py) needs no weight gradient: 4. Plus 12 * layers * d_model
-  * seq_len for the attention scores and their weighted sum. `tied_output`: whether the
+  * seq_len for the attention scores and their weighted sum (heads x head size for d_model,
+  and a sliding-window layer's window for seq_len where it is shorter). `tied_output`: whether the
   output layer multiplies by the token embedding (default: cfg.tie_embeddings, a decoder's).
   `attention_layers`: attention blocks per token (default cfg.num_layers; an encoder-decoder
   has three per layer pair: encoder self-, decoder self- and cross-attention).
@@ -86,8 +87,13 @@ def train_flops_per_token(params, cfg, seq_len, tied_output=None, frozen=None,
     frozen_embedding = any(getattr(p[-1], "key", "") == "embedding"
                            for p, _ in jax.tree_util.tree_flatten_with_path(frozen or {})[0])
     flops += (4 if frozen_embedding else 6) * cfg.vocab_size * cfg.d_model
-  return flops + (attention_share * 12 * (attention_layers or cfg.num_layers) * cfg.d_model
-                 * seq_len)
+  width = cfg.num_heads * cfg.head_dim  # the queries' width (d_model, unless head_size)
+  if attention_layers:
+    keys = attention_layers * seq_len
+  else:  # a local layer's query sees at most its window
+    keys = sum(min(cfg.sliding_window, seq_len) if cfg.is_local(i) else seq_len
+               for i in range(cfg.num_layers))
+  return flops + attention_share * 12 * width * keys
 
 
 def encoder_decoder_train_flops(params, cfg, source_len, target_len, tied_output=True,

@@ -145,7 +145,8 @@ def with_architecture(config, saved_config):
   config = copy.deepcopy(config)
   changed = []
   for name in ARCHITECTURE:
-    value = saved_config["model"][name]
+    # A field the saved config lacks came into lm later: the model used its default.
+    value = saved_config["model"].get(name, schema.BY_NAME[f"model.{name}"].default)
     if config.model[name] != value:
       changed.append(f"{name}={value!r} (config had {config.model[name]!r})")
       config.model[name] = value

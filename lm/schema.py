@@ -117,15 +117,39 @@ FIELDS = (
         # embedding. (ModelConfig.vocab_size includes them.)
         ("extra_tokens", 0, {"bound": NON_NEGATIVE, "model": False}),
         ("max_len", 256, {"bound": POSITIVE}),
-        ("norm", "layernorm", {"choices": ("layernorm", "rmsnorm")}),
+        # Per-head size; 0: d_model / num_heads (Qwen3 and Gemma set their own).
+        ("head_size", 0, {"bound": NON_NEGATIVE}),
+        # rmsnorm_1p: RMSNorm scaled by (1 + scale), its scale initialised at 0 (Gemma)
+        ("norm", "layernorm", {"choices": ("layernorm", "rmsnorm", "rmsnorm_1p")}),
         ("norm_eps", 1e-5),
-        # pre (GPT-2, Llama) | post (BERT: norm after each residual)
-        ("norm_position", "pre", {"choices": ("pre", "post")}),
+        # pre (GPT-2, Llama) | post (BERT: norm after each residual) | sandwich (Gemma 2/3:
+        # a norm before and one after each sub-layer, the residual added after both)
+        ("norm_position", "pre", {"choices": ("pre", "post", "sandwich")}),
         ("positions", "learned", {"choices": ("learned", "rope")}),
         ("rope_theta", 10000.0),
-        # gelu (exact, erf) | gelu_tanh (GPT-2's approximation) | swiglu
-        ("mlp", "gelu", {"choices": ("gelu", "gelu_tanh", "swiglu")}),
-        ("use_bias", False),
+        # RoPE base of the sliding-window layers; 0: rope_theta (Gemma 3: 10,000 local,
+        # 1,000,000 global)
+        ("rope_local_theta", 0.0, {"bound": NON_NEGATIVE}),
+        # gelu (exact, erf) | gelu_tanh (GPT-2's approximation) | swiglu | geglu (tanh-GELU
+        # gate times an up projection, Gemma)
+        ("mlp", "gelu", {"choices": ("gelu", "gelu_tanh", "swiglu", "geglu")}),
+        ("use_bias", False),  # biases on every projection and norm (GPT-2, BERT)
+        ("qkv_bias", False),  # biases on the query, key and value projections only (Qwen2)
+        # queries and keys normalised per head (model.norm) before RoPE (Qwen3, Gemma 3)
+        ("qk_norm", False),
+        # > 0: a token attends to itself and the sliding_window - 1 tokens before it (Mistral,
+        # Gemma's local layers), in training and in cached decoding alike.
+        ("sliding_window", 0, {"bound": NON_NEGATIVE}),
+        # With a window: every global_every-th layer (layers n-1, 2n-1, ...) attends to the
+        # whole context, the others through the window (Gemma 2: 2, Gemma 3: 6); 0: every
+        # layer through the window (Mistral).
+        ("global_every", 0, {"bound": NON_NEGATIVE}),
+        # Attention scores scaled by query_pre_attn_scalar ** -0.5; 0: the head size (Gemma).
+        ("query_pre_attn_scalar", 0.0, {"bound": NON_NEGATIVE}),
+        # > 0: scores (after scaling) and output logits soft-capped, c * tanh(x / c) (Gemma 2)
+        ("attn_softcap", 0.0, {"bound": NON_NEGATIVE}),
+        ("final_softcap", 0.0, {"bound": NON_NEGATIVE}),
+        ("embed_scale", False),  # token embeddings times sqrt(d_model) (Gemma)
         ("tie_embeddings", True),
         ("type_vocab_size", 0, {"bound": NON_NEGATIVE}),  # > 0: BERT's token types (A/B)
         # encoders: BERT's pooler, tanh(dense(first token)), for task heads

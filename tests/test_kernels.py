@@ -19,17 +19,22 @@ from lm.models.kernels import cpu as cpu_kernels
 HERE = ("xla", "cpu", "splash+interpret", "pallas_gpu+interpret")
 
 
-def numpy_attention(q, k, v, causal, q_seg=None, kv_seg=None):
+def numpy_attention(q, k, v, causal, q_seg=None, kv_seg=None, window=0, cap=0.0):
   """float64 attention: q [B, L, H, Dh], k/v [B, S, K, Dh]; query head h uses key head
-  h // (H/K); query l sees key s when causal allows it and the segment ids agree."""
+  h // (H/K); query l sees key s when causal allows it, the segment ids agree and (with a
+  window) l - window < s; `cap`: scores soft-capped, cap * tanh(score / cap)."""
   q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
   groups = q.shape[2] // k.shape[2]
   k, v = np.repeat(k, groups, axis=2), np.repeat(v, groups, axis=2)
   logits = np.einsum("blhd,bshd->bhls", q, k) / np.sqrt(q.shape[-1])
+  if cap:
+    logits = cap * np.tanh(logits / cap)
   length, kv_length = q.shape[1], k.shape[1]
   seen = np.ones((q.shape[0], 1, length, kv_length), bool)
   if causal:
     seen &= np.tril(np.ones((length, kv_length), bool))
+  if window:
+    seen &= np.arange(kv_length)[None, :] > np.arange(length)[:, None] - window
   if q_seg is not None:
     seen &= (np.asarray(q_seg)[:, None, :, None] == np.asarray(kv_seg)[:, None, None, :])
   logits = np.where(seen, logits, -np.inf)
@@ -52,6 +57,7 @@ MASKS = {
     "causal": lambda: Mask(causal=True),
     "causal, packed": lambda: Mask(SEGMENTS, causal=True),
     "bidirectional, padded": lambda: Mask(SEGMENTS),
+    "causal, packed, window": lambda: Mask(SEGMENTS, causal=True, window=20),
 }
 
 
@@ -75,9 +81,27 @@ def test_attention_matches_float64_and_autodiff_gradients(name, case, heads, kv_
   segs = (SEGMENTS, SEGMENTS) if mask.has_segments else (None, None)
   out = jax.jit(ops.attention)(q, k, v, mask)
   chex.assert_shape(out, q.shape)
-  np.testing.assert_allclose(out, numpy_attention(q, k, v, mask.causal, *segs), atol=2e-5)
+  np.testing.assert_allclose(out, numpy_attention(q, k, v, mask.causal, *segs, mask.window),
+                             atol=2e-5)
   chex.assert_trees_all_close(jax.jit(lambda *a: _grads(ops.attention, *a))(q, k, v, mask),
                               _grads(_autodiff, q, k, v, mask), atol=5e-5)
+
+
+@pytest.mark.parametrize("name", HERE)
+def test_soft_capped_scores_match_float64_in_training_and_decoding(name):
+  """Gemma 2's soft cap (a score transform no fused kernel here takes) on every kernel,
+  and over a KV cache; the scores are scaled up so that the cap bites."""
+  ops = kernels.get(name)
+  q, k, v = qkv(4, 2)
+  q = q * 4.0
+  expected = numpy_attention(q, k, v, True, cap=2.0)
+  assert np.abs(expected - numpy_attention(q, k, v, True)).max() > 0.1
+  np.testing.assert_allclose(jax.jit(lambda *a: ops.attention(*a, softcap=2.0))(
+      q, k, v, Mask(causal=True)), expected, atol=2e-5)
+  heads_first = lambda x: x.transpose(0, 2, 1, 3)
+  dense = Mask(causal=True).dense(q.shape[1], k.shape[1])
+  np.testing.assert_allclose(ops.cached_attention(q, heads_first(k), heads_first(v), dense,
+                                                  softcap=2.0), expected, atol=2e-5)
 
 
 @pytest.mark.parametrize("name", HERE)

@@ -129,3 +129,19 @@ def test_fused_attention_keeps_no_quadratic_term(remat, scores):
                else 2 * m.num_heads * s * 2 - 4 * m.num_heads)
   assert materialised.activation_bytes - fused.activation_bytes == pytest.approx(
       tokens * per_token)
+
+
+def test_attention_flops_follow_the_head_size_and_the_sliding_window():
+  """12 x (heads x head size) x keys per layer and token: a local layer's keys are its
+  window (Gemma's alternation: half the layers), a global layer's the whole sequence; with
+  no parameters counted, that term is all there is."""
+  config = tiny_config(**{"model.num_layers": 4, "data.seq_len": 32, "model.max_len": 32,
+                          "model.positions": "rope", "model.head_size": 16,
+                          "model.sliding_window": 8, "model.global_every": 2})
+  cfg = ModelConfig.from_config(config.model, 64, "cpu")
+  assert [cfg.is_local(i) for i in range(4)] == [True, False, True, False]
+  assert (metrics.train_flops_per_token({}, cfg, 32, tied_output=False) ==
+          12 * cfg.num_heads * 16 * (8 + 32 + 8 + 32))
+  plain = ModelConfig.from_config(tiny_config(**{"data.seq_len": 32}).model, 64, "cpu")
+  assert (metrics.train_flops_per_token({}, plain, 32, tied_output=False) ==
+          12 * plain.num_layers * plain.d_model * 32)

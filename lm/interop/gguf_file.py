@@ -8,8 +8,13 @@ lm/interop/hf.py imports it (`python -m lm.interop.hf import --src=FILE.gguf --d
 through the same tensor mappings as a Hugging Face folder (lm/interop/hf_models.py), so a
 GGUF model and its Hugging Face original become the same lm model.
 
-llama.cpp stores a Llama's query and key rows permuted for its interleaved RoPE; lm (like
-transformers) rotates halves, so those rows are put back on reading.
+Architectures: llama, qwen2, qwen3, gemma2 and gemma3 (text), as llama.cpp's converter
+writes them. llama.cpp stores a Llama's query and key rows permuted for its interleaved
+RoPE; lm (like transformers) rotates halves, so those rows are put back on reading (Qwen and
+Gemma files keep them as they are). llama.cpp stores Gemma's norms as 1 + w: w on reading.
+What llama.cpp does not store it derives (Gemma's query scaling, its layers' pattern and
+local RoPE base); lm does the same, and writes what it would otherwise lose under keys of
+its own (lm.query_pre_attn_scalar), which llama.cpp ignores.
 """
 
 import os
@@ -25,8 +30,16 @@ _LLAMA_KEYS = {"block_count": "num_hidden_layers", "embedding_length": "hidden_s
                "attention.head_count": "num_attention_heads",
                "attention.head_count_kv": "num_key_value_heads",
                "attention.layer_norm_rms_epsilon": "rms_norm_eps",
-               "rope.freq_base": "rope_theta", "context_length": "max_position_embeddings"}
-ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM")}
+               "rope.freq_base": "rope_theta", "context_length": "max_position_embeddings",
+               "attention.key_length": "head_dim", "attention.sliding_window": "sliding_window",
+               "attn_logit_softcapping": "attn_logit_softcapping",
+               "final_logit_softcapping": "final_logit_softcapping"}
+# GGUF architecture -> (lm/interop/hf_models.py's architecture, transformers' class).
+ARCHITECTURES = {"llama": ("llama", "LlamaForCausalLM"), "qwen2": ("qwen2", "Qwen2ForCausalLM"),
+                 "qwen3": ("qwen3", "Qwen3ForCausalLM"),
+                 "gemma2": ("gemma2", "Gemma2ForCausalLM"),
+                 "gemma3": ("gemma3_text", "Gemma3ForCausalLM")}
+GEMMA = ("gemma2", "gemma3")
 
 # GGUF tensor names -> Hugging Face's, for the llama layout.
 _LLAMA_TENSORS = {
@@ -43,6 +56,24 @@ _LLAMA_TENSORS = {
     "ffn_up.weight": "model.layers.{i}.mlp.up_proj.weight",
     "ffn_down.weight": "model.layers.{i}.mlp.down_proj.weight",
 }
+_QWEN_TENSORS = {
+    **{f"attn_{x}.bias": f"model.layers.{{i}}.self_attn.{x}_proj.bias" for x in "qkv"},
+    "attn_q_norm.weight": "model.layers.{i}.self_attn.q_norm.weight",
+    "attn_k_norm.weight": "model.layers.{i}.self_attn.k_norm.weight",
+}
+_GEMMA_TENSORS = {  # Gemma's four norms per layer: ffn_norm is the one before the MLP
+    "post_attention_norm.weight": "model.layers.{i}.post_attention_layernorm.weight",
+    "ffn_norm.weight": "model.layers.{i}.pre_feedforward_layernorm.weight",
+    "post_ffw_norm.weight": "model.layers.{i}.post_feedforward_layernorm.weight",
+}
+
+
+def tensor_names(gguf_arch):
+  """{GGUF tensor name: Hugging Face name} ({i}: the layer) for one architecture."""
+  names = {**_LLAMA_TENSORS, **_QWEN_TENSORS}
+  if gguf_arch in GEMMA:
+    names.update(_GEMMA_TENSORS)
+  return names
 # Quantization types read (dequantized by gguf.quants); others are refused by name.
 QUANTIZATIONS = ("F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q2_K", "Q3_K",
                  "Q4_K", "Q5_K", "Q6_K")
@@ -101,6 +132,8 @@ class GgufCheckpoint:
       value = _value(reader, f"{arch}.{key}")
       if value is not None:
         config[name] = value
+    if arch in ("llama", "qwen2", "qwen3") and config.get("sliding_window"):
+      raise UserError(f"{self.path}: a sliding window in a {arch} GGUF file is not supported")
     missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
                            "intermediate_size") if k not in config]
     if missing:
@@ -110,11 +143,42 @@ class GgufCheckpoint:
     if scaling not in (None, "none"):
       raise UserError(f"{self.path}: RoPE scaling {scaling!r} is not supported")
     rope_dims = _value(reader, f"{arch}.rope.dimension_count")
-    head_dim = config["hidden_size"] // config["num_attention_heads"]
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
     if rope_dims not in (None, head_dim):
       raise UserError(f"{self.path}: partial RoPE ({rope_dims} of {head_dim} dimensions) is "
                       "not supported")
+    if arch in GEMMA:
+      self._gemma_config(reader, arch, config, head_dim)
     return config
+
+  def _gemma_config(self, reader, arch, config, head_dim):
+    """What llama.cpp derives for Gemma rather than reading it: the query scaling (1/sqrt of
+    the head size; of d_model / heads for the 27B models), the layers' pattern (every 2nd
+    layer global in Gemma 2, every 6th in Gemma 3) and Gemma 3's local RoPE base (10,000)."""
+    del config["hidden_act"]
+    config["hidden_activation"] = "gelu_pytorch_tanh"
+    config["tie_word_embeddings"] = True
+    layers, d, heads = (config["num_hidden_layers"], config["hidden_size"],
+                        config["num_attention_heads"])
+    is_27b = layers == {"gemma2": 46, "gemma3": 62}[arch]
+    config["query_pre_attn_scalar"] = _value(
+        reader, "lm.query_pre_attn_scalar", d // heads if is_27b else head_dim)
+    pattern = _value(reader, f"{arch}.attention.sliding_window_pattern",
+                     2 if arch == "gemma2" else 6)
+    if isinstance(pattern, list):  # one flag per layer: whether it is local
+      local = [bool(x) for x in pattern]
+    else:
+      local = [(i + 1) % int(pattern) != 0 for i in range(layers)]
+    config["layer_types"] = ["sliding_attention" if x else "full_attention" for x in local]
+    if arch == "gemma2":
+      config.setdefault("attn_logit_softcapping", 50.0)
+      config.setdefault("final_logit_softcapping", 30.0)
+    else:
+      config["rope_parameters"] = {
+          "full_attention": {"rope_type": "default",
+                             "rope_theta": float(config.pop("rope_theta", 1e6))},
+          "sliding_attention": {"rope_type": "default", "rope_theta": float(
+              _value(reader, f"{arch}.rope.freq_base_swa", 10000.0))}}
 
   def _tensors(self, reader):
     import gguf  # pylint: disable=import-outside-toplevel
@@ -127,7 +191,7 @@ class GgufCheckpoint:
       if kind not in QUANTIZATIONS:
         raise UserError(f"{self.path}: tensor {tensor.name} is {kind}, a quantization lm does "
                         f"not read ({', '.join(QUANTIZATIONS)})")
-      name = _hf_name(tensor.name)
+      name = _hf_name(tensor.name, self.gguf_arch)
       if name is None:
         raise UserError(f"{self.path}: unexpected tensor {tensor.name} for a {self.gguf_arch} "
                         "model")
@@ -139,20 +203,23 @@ class GgufCheckpoint:
                         f"{type(e).__name__}") from None
       expected = tuple(int(n) for n in reversed(tensor.shape.tolist()))
       values = values.reshape(expected)
-      if name.endswith("q_proj.weight"):
+      if self.gguf_arch == "llama" and name.endswith("q_proj.weight"):
         values = unpermute_rope_rows(values, heads)
-      elif name.endswith("k_proj.weight"):
+      elif self.gguf_arch == "llama" and name.endswith("k_proj.weight"):
         values = unpermute_rope_rows(values, kv_heads)
+      if self.gguf_arch in GEMMA and name.endswith("norm.weight"):
+        values = values - 1.0  # llama.cpp stores Gemma's (1 + w)
       tensors[name] = values
     return tensors
 
 
-def _hf_name(gguf_name):
-  if gguf_name in _LLAMA_TENSORS:
-    return _LLAMA_TENSORS[gguf_name]
+def _hf_name(gguf_name, gguf_arch):
+  names = tensor_names(gguf_arch)
+  if gguf_name in names and "{i}" not in names[gguf_name]:
+    return names[gguf_name]
   parts = gguf_name.split(".", 2)
-  if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in _LLAMA_TENSORS:
-    return _LLAMA_TENSORS[parts[2]].format(i=int(parts[1]))
+  if len(parts) == 3 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in names:
+    return names[parts[2]].format(i=int(parts[1]))
   return None
 
 
@@ -231,9 +298,12 @@ def read_tokenizer(reader, path):
                         chat_template=_value(reader, "tokenizer.chat_template"))
 
 
-# Writing: an lm decoder of the llama layout as a GGUF file transformers and llama.cpp read.
+# Writing: an lm decoder as a GGUF file transformers and llama.cpp read.
 
 EXPORT_TYPES = ("f32", "f16", "bf16")
+# lm/interop/hf_models.py's architectures -> GGUF's (Mistral's window has no GGUF form
+# llama.cpp reads: its Mistral files are llama ones, without the window).
+WRITES = {hf: gguf_arch for gguf_arch, (hf, _) in ARCHITECTURES.items()}
 
 
 def permute_rope_rows(w_OxI, heads):
@@ -273,28 +343,59 @@ def _vocabulary(tokenizer):
   return tokens, types, merges
 
 
+def _write_architecture(writer, arch, c):
+  """The hyper-parameters llama.cpp reads for `arch` (a GGUF architecture), and those it
+  derives written where lm's reader finds them."""
+  head_dim = c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"]
+  writer.add_rope_dimension_count(head_dim)
+  if arch != "llama":
+    writer.add_key_length(head_dim)
+    writer.add_value_length(head_dim)
+  if arch not in GEMMA:
+    writer.add_rope_freq_base(float(c["rope_theta"]))
+    return
+  local = [t == "sliding_attention" for t in c["layer_types"]]
+  if any(local):
+    writer.add_sliding_window(int(c["sliding_window"]))
+  writer.add_sliding_window_pattern(local)
+  writer.add_float32("lm.query_pre_attn_scalar", float(c["query_pre_attn_scalar"]))
+  if arch == "gemma2":
+    writer.add_rope_freq_base(float(c["rope_theta"]))
+    writer.add_attn_logit_softcapping(float(c.get("attn_logit_softcapping") or 0.0))
+    writer.add_final_logit_softcapping(float(c.get("final_logit_softcapping") or 0.0))
+  else:
+    if c.get("final_logit_softcapping"):
+      writer.add_final_logit_softcapping(float(c["final_logit_softcapping"]))
+    writer.add_rope_freq_base(float(c["rope_parameters"]["full_attention"]["rope_theta"]))
+    writer.add_float32(f"{arch}.rope.freq_base_swa",
+                       float(c["rope_parameters"]["sliding_attention"]["rope_theta"]))
+
+
 def write(path, hf_config, tensors, tokenizer, dtype="f32"):
-  """Writes a llama-layout model (a Hugging Face config.json dict and tensors under
-  Hugging Face names) with `tokenizer` as a GGUF file at `path`, its matrices in `dtype`
-  (f32, f16 or bf16; norms stay float32, as llama.cpp keeps them)."""
+  """Writes a decoder (a Hugging Face config.json dict of one of WRITES' architectures and
+  tensors under Hugging Face names) with `tokenizer` as a GGUF file at `path`, its matrices
+  in `dtype` (f32, f16 or bf16; norms and biases stay float32, as llama.cpp keeps them)."""
   import gguf  # pylint: disable=import-outside-toplevel
   if dtype not in EXPORT_TYPES:
     raise UserError(f"--gguf_type: {dtype!r} is not one of {', '.join(EXPORT_TYPES)}")
-  tokens, types, merges = _vocabulary(tokenizer)
   c = hf_config
+  if c["model_type"] not in WRITES:
+    raise UserError(f"GGUF export writes {', '.join(WRITES)} models; this one is "
+                    f"{c['model_type']} (export it to a Hugging Face folder instead)")
+  arch = WRITES[c["model_type"]]
+  tokens, types, merges = _vocabulary(tokenizer)
   heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
   kind = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
           "bf16": gguf.GGMLQuantizationType.BF16}[dtype]
   partial = path + ".partial"
-  writer = gguf.GGUFWriter(partial, "llama")
+  writer = gguf.GGUFWriter(partial, arch)
   writer.add_block_count(c["num_hidden_layers"])
   writer.add_context_length(c["max_position_embeddings"])
   writer.add_embedding_length(c["hidden_size"])
   writer.add_feed_forward_length(c["intermediate_size"])
   writer.add_head_count(heads)
   writer.add_head_count_kv(kv_heads)
-  writer.add_rope_freq_base(float(c["rope_theta"]))
-  writer.add_rope_dimension_count(c["hidden_size"] // heads)
+  _write_architecture(writer, arch, c)
   writer.add_layer_norm_rms_eps(float(c["rms_norm_eps"]))
   writer.add_vocab_size(c["vocab_size"])
   writer.add_file_type({"f32": 0, "f16": 1, "bf16": 32}[dtype])
@@ -311,7 +412,7 @@ def write(path, hf_config, tensors, tokenizer, dtype="f32"):
   writer.add_add_bos_token(bool(getattr(tokenizer, "adds_bos", True)))
   if getattr(tokenizer, "chat_template", None):
     writer.add_chat_template(tokenizer.chat_template)
-  names = {hf: gguf_name for gguf_name, hf in _LLAMA_TENSORS.items()}
+  names = {hf: gguf_name for gguf_name, hf in tensor_names(arch).items()}
   for name, values in tensors.items():
     values = np.asarray(values, np.float32)
     generic = name
@@ -322,10 +423,12 @@ def write(path, hf_config, tensors, tokenizer, dtype="f32"):
     if generic not in names:
       raise UserError(f"GGUF export: no GGUF name for tensor {name}")
     gguf_name = names[generic] if layer is None else f"blk.{layer}.{names[generic]}"
-    if name.endswith("q_proj.weight"):
+    if arch == "llama" and name.endswith("q_proj.weight"):
       values = permute_rope_rows(values, heads)
-    elif name.endswith("k_proj.weight"):
+    elif arch == "llama" and name.endswith("k_proj.weight"):
       values = permute_rope_rows(values, kv_heads)
+    if arch in GEMMA and name.endswith("norm.weight"):
+      values = values + 1.0
     if values.ndim == 1 or dtype == "f32":
       writer.add_tensor(gguf_name, values)
     else:

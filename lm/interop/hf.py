@@ -77,7 +77,7 @@ def import_checkpoint(src, dst):
 def export_checkpoint(src, dst, step=None, best=False, gguf_type="f32"):
   """Writes the lm workdir `src`'s checkpoint (newest, `step`, or the best) as a Hugging Face
   folder `dst`: config.json, model.safetensors and the tokenizer's files; or, for a `dst`
-  ending in .gguf, as one GGUF file (a llama-layout decoder, matrices in `gguf_type`)."""
+  ending in .gguf, as one GGUF file (gguf_file.WRITES' decoders, matrices in `gguf_type`)."""
   source = pretrained.from_workdir(os.path.abspath(src),
                                    ("best",) if best else ("checkpoints",), step)
   config = source.meta["config"]
@@ -92,9 +92,9 @@ def export_checkpoint(src, dst, step=None, best=False, gguf_type="f32"):
   tensors = hf_models.to_hf(arch, fields, flat)
   tokenizer = from_dict(source.meta["tokenizer"])
   if dst.endswith(".gguf"):
-    if arch != "llama":
-      raise UserError(f"GGUF export writes the llama layout (RoPE, RMSNorm, SwiGLU); this "
-                      f"model is {arch}-like: export it to a Hugging Face folder instead")
+    if arch not in gguf_file.WRITES:
+      raise UserError(f"GGUF export writes {', '.join(gguf_file.WRITES)} models; this one "
+                      f"is {arch}-like: export it to a Hugging Face folder instead")
     config = hf_models.hf_config(arch, fields, tokenizer)
     gguf_file.write(dst, config, tensors, tokenizer, gguf_type)
     metrics.log(f"lm: exported {source.where} as a {gguf_type} GGUF file "

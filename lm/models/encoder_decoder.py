@@ -67,6 +67,7 @@ class CrossAttention(nn.Module):
 
 class DecoderBlock(nn.Module):
   cfg: ModelConfig
+  layer: int = None  # its index (layer_stack passes it; encoder-decoders have no windows)
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, mask, deterministic, cache=None, cache_index=None,

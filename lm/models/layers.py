@@ -54,7 +54,18 @@ class _ModelConfigBase:
 
   @property
   def head_dim(self):
-    return self.d_model // self.num_heads
+    return self.head_size or self.d_model // self.num_heads
+
+  def is_local(self, layer):
+    """Whether layer `layer` (None: every layer alike, a scanned stack) attends through the
+    sliding window."""
+    if not self.sliding_window:
+      return False
+    if not self.global_every:
+      return True
+    if layer is None:
+      raise ValueError("alternating local and global layers need a layer index (no scan)")
+    return (layer + 1) % self.global_every != 0
 
   @property
   def compute_dtype(self):
@@ -90,7 +101,8 @@ def choose_kernels(model_config, platform):
     platform = kernels.get(requested).platforms[0]
   try:
     return kernels.choose(requested, platform, dtype=model_config.get("dtype", "float32"),
-                          head_dim=model_config.d_model // model_config.num_heads,
+                          head_dim=(model_config.get("head_size", 0) or
+                                    model_config.d_model // model_config.num_heads),
                           dropout=model_config.get("dropout", 0.0))
   except ValueError as e:
     raise ConfigError("model.kernels", str(e)) from None
@@ -110,9 +122,28 @@ ModelConfig.__doc__ = ("The model's hyper-parameters (a frozen, hashable view of
                        "fields and defaults from lm/schema.py).")
 
 
-def make_norm(cfg, name):
-  scale_init = lp(nn.initializers.ones, ("embed",))
-  bias_init = lp(nn.initializers.zeros, ("embed",))
+class RMSNorm1p(nn.Module):
+  """Gemma's RMSNorm: x / rms(x) * (1 + scale) in float32, the scale initialised at 0."""
+
+  cfg: ModelConfig
+  axis: str = "embed"
+
+  @nn.compact
+  def __call__(self, x):
+    cfg = self.cfg
+    scale = self.param("scale", lp(nn.initializers.zeros, (self.axis,)), (x.shape[-1],),
+                       cfg.weight_dtype)
+    x32 = x.astype(jnp.float32)
+    y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + cfg.norm_eps)
+    return (y * (1.0 + scale.astype(jnp.float32))).astype(cfg.compute_dtype)
+
+
+def make_norm(cfg, name, axis="embed"):
+  """model.norm over the last axis (`axis`: its logical name; "kv" for a per-head norm)."""
+  scale_init = lp(nn.initializers.ones, (axis,))
+  bias_init = lp(nn.initializers.zeros, (axis,))
+  if cfg.norm == "rmsnorm_1p":
+    return RMSNorm1p(cfg, axis, name=name)
   if cfg.norm == "rmsnorm":
     return nn.RMSNorm(epsilon=cfg.norm_eps, dtype=cfg.compute_dtype,
                       param_dtype=cfg.weight_dtype, scale_init=scale_init, name=name)
@@ -147,6 +178,7 @@ class Dense(nn.Module):
   cfg: ModelConfig
   std: float = 0.02
   out_dtype: object = None  # default: the compute dtype; float32 keeps the accumulator
+  bias: bool = None  # default: model.use_bias
 
   @nn.compact
   def __call__(self, x):
@@ -161,49 +193,81 @@ class Dense(nn.Module):
     y = kernels.get(cfg.kernels).matmul(x2.astype(cfg.compute_dtype),
                                         k2.astype(cfg.compute_dtype))
     y = y.reshape(lead + tuple(self.features))
-    if cfg.use_bias:
+    if cfg.use_bias if self.bias is None else self.bias:
       bias = self.param("bias", lp(nn.initializers.zeros, self.axes[n_in:]), self.features,
                         cfg.weight_dtype)
       y = y + bias.astype(jnp.float32)
     return y.astype(self.out_dtype or cfg.compute_dtype)
 
 
+def layer_mask(mask, cfg, local):
+  """The mask one layer attends with: `mask` (a kernels.Mask, or a cached decoder's
+  {"global", "local"} booleans) for a global layer, through the window for a local one."""
+  if isinstance(mask, dict):
+    return mask["local" if local else "global"]
+  if local:
+    return mask.replace(window=cfg.sliding_window)
+  return mask
+
+
+def query_scale(cfg):
+  """What the queries are multiplied by so that the kernels' 1/sqrt(Dh) makes the scores'
+  scale 1/sqrt(query_pre_attn_scalar) (1 without it)."""
+  if not cfg.query_pre_attn_scalar:
+    return 1.0
+  return (cfg.head_dim / cfg.query_pre_attn_scalar) ** 0.5
+
+
 class Attention(nn.Module):
-  """Causal self-attention with grouped key/value heads and optional RoPE."""
+  """Causal self-attention with grouped key/value heads and optional RoPE, per-head q/k
+  norms, a sliding window (`layer`'s kind: ModelConfig.is_local) and soft-capped scores."""
 
   cfg: ModelConfig
+  layer: int = None  # its index in the stack (None: a scanned stack, every layer alike)
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, mask, deterministic, cache=None, cache_index=None):
     """Returns (output, cache). `mask`: a kernels.Mask. With a `cache` ({"k", "v"}:
     [B, K, S, Dh]), this call's keys and values are written at slots cache_index.. and the
-    queries attend over all S slots (`mask` is then booleans [B, 1, 1, L, S] saying which);
-    the updated cache is returned."""
+    queries attend over all S slots (`mask` is then booleans [B, 1, 1, L, S] saying which,
+    or {"global", "local"} such booleans with a window); the updated cache is returned."""
     cfg = self.cfg
     ops = kernels.get(cfg.kernels)
     dh = cfg.head_dim
-    q_BxLxHxDh = Dense((cfg.num_heads, dh), ("embed", "heads", "kv"), cfg, name="query")(x_BxLxD)
+    local = cfg.is_local(self.layer)
+    mask = layer_mask(mask, cfg, local)
+    qkv_bias = cfg.use_bias or cfg.qkv_bias
+    q_BxLxHxDh = Dense((cfg.num_heads, dh), ("embed", "heads", "kv"), cfg, bias=qkv_bias,
+                       name="query")(x_BxLxD)
     k_BxLxKxDh = Dense((cfg.num_kv_heads, dh), ("embed", "kv_heads", "kv"), cfg,
-                       name="key")(x_BxLxD)
+                       bias=qkv_bias, name="key")(x_BxLxD)
     v_BxLxKxDh = Dense((cfg.num_kv_heads, dh), ("embed", "kv_heads", "kv"), cfg,
-                       name="value")(x_BxLxD)
+                       bias=qkv_bias, name="value")(x_BxLxD)
+    if cfg.qk_norm:
+      q_BxLxHxDh = make_norm(cfg, "query_norm", axis="kv")(q_BxLxHxDh)
+      k_BxLxKxDh = make_norm(cfg, "key_norm", axis="kv")(k_BxLxKxDh)
     if cfg.positions == "rope":
-      q_BxLxHxDh = rotary(q_BxLxHxDh, positions_BxL, cfg.rope_theta)
-      k_BxLxKxDh = rotary(k_BxLxKxDh, positions_BxL, cfg.rope_theta)
+      theta = cfg.rope_local_theta if local and cfg.rope_local_theta else cfg.rope_theta
+      q_BxLxHxDh = rotary(q_BxLxHxDh, positions_BxL, theta)
+      k_BxLxKxDh = rotary(k_BxLxKxDh, positions_BxL, theta)
+    if cfg.query_pre_attn_scalar:
+      q_BxLxHxDh = (q_BxLxHxDh.astype(jnp.float32) * query_scale(cfg)).astype(
+          q_BxLxHxDh.dtype)
     q_BxLxHxDh = constrain(q_BxLxHxDh, ("batch", "length", "heads", "kv"))
     if cache is not None:
       write = lambda c, x: constrain(jax.lax.dynamic_update_slice_in_dim(
           c, x.transpose(0, 2, 1, 3).astype(c.dtype), cache_index, axis=2),
                                      ("batch", "kv_heads", "length", "kv"))
       cache = {"k": write(cache["k"], k_BxLxKxDh), "v": write(cache["v"], v_BxLxKxDh)}
-      out_BxLxHxDh = ops.cached_attention(q_BxLxHxDh, cache["k"], cache["v"], mask)
+      out_BxLxHxDh = ops.cached_attention(q_BxLxHxDh, cache["k"], cache["v"], mask,
+                                          softcap=cfg.attn_softcap)
     else:
       use_dropout = cfg.dropout > 0.0 and not deterministic
       out_BxLxHxDh = ops.attention(
           q_BxLxHxDh, k_BxLxKxDh, v_BxLxKxDh, mask,
           dropout_rate=cfg.dropout if use_dropout else 0.0,
           dropout_rng=self.make_rng("dropout") if use_dropout else None,
-          sow=sow_attention(self))
+          sow=sow_attention(self), softcap=cfg.attn_softcap)
     return Dense((cfg.d_model,), ("heads", "kv", "embed"), cfg, std=residual_std(cfg),
                  name="out")(out_BxLxHxDh), cache
 
@@ -231,7 +295,7 @@ def gelu(x, approximate=False):
 
 
 class Mlp(nn.Module):
-  """GELU (two matrices; exact or tanh-approximated) or SwiGLU (three matrices)."""
+  """GELU (two matrices; exact or tanh-approximated), SwiGLU or GeGLU (three matrices)."""
 
   cfg: ModelConfig
 
@@ -244,6 +308,8 @@ class Mlp(nn.Module):
                             name=name)
     if cfg.mlp == "swiglu":
       h_BxLxF = nn.silu(up("wi_gate")(x_BxLxD)) * up("wi_up")(x_BxLxD)
+    elif cfg.mlp == "geglu":
+      h_BxLxF = gelu(up("wi_gate")(x_BxLxD), approximate=True) * up("wi_up")(x_BxLxD)
     else:
       h_BxLxF = gelu(up("wi")(x_BxLxD), approximate=cfg.mlp == "gelu_tanh")
     h_BxLxF = h_BxLxF.astype(cfg.compute_dtype)

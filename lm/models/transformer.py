@@ -3,6 +3,10 @@
     tokens ─► embed (+ learned positions, + token types) ─► [block] x num_layers ─► norm ─► out
     pre-norm block:  x + Attention(Norm(x)), then x + Mlp(Norm(x))   (GPT-2, Llama)
     post-norm block: Norm(x + Attention(x)), then Norm(x + Mlp(x))   (BERT, the 2017 Transformer)
+    sandwich block:  x + Norm(Attention(Norm(x))), then x + Norm(Mlp(Norm(x)))   (Gemma 2/3)
+
+Layers attend through a sliding window or to the whole context by ModelConfig.is_local
+(Mistral: every layer local; Gemma: local ones alternating with global ones).
 
 The Decoder is causal and returns logits; the Encoder attends both ways within each segment
 (segment id 0 marks padding, which no real token attends to) and returns hidden states for the
@@ -19,21 +23,29 @@ import jax.numpy as jnp
 
 from lm.models.layers import Attention, Dense, Mask, Mlp, ModelConfig, constrain, lp
 from lm.models.layers import make_norm, tied_logits
+from lm.models.kernels.reference import softcap
 
 __all__ = ["Block", "Decoder", "Encoder", "ModelConfig", "init_cache"]
 
 
 class Block(nn.Module):
   cfg: ModelConfig
+  layer: int = None  # its index in the stack (None: scanned, every layer alike)
 
   @nn.compact
   def __call__(self, x_BxLxD, positions_BxL, mask, deterministic, cache=None, cache_index=None):
     cfg = self.cfg
     dropout = nn.Dropout(cfg.dropout)
     drop = lambda h: dropout(h, deterministic=deterministic)
-    attn, mlp = Attention(cfg, name="attn"), Mlp(cfg, name="mlp")
+    attn, mlp = Attention(cfg, self.layer, name="attn"), Mlp(cfg, name="mlp")
     ln_1, ln_2 = make_norm(cfg, "ln_1"), make_norm(cfg, "ln_2")
-    if cfg.norm_position == "post":
+    if cfg.norm_position == "sandwich":  # the residual gets normalised sub-layer outputs
+      h_BxLxD, cache = attn(ln_1(x_BxLxD), positions_BxL, mask, deterministic, cache,
+                            cache_index)
+      x_BxLxD = x_BxLxD + drop(make_norm(cfg, "ln_1_post")(h_BxLxD))
+      h_BxLxD = make_norm(cfg, "ln_2_post")(mlp(ln_2(x_BxLxD)))
+      x_BxLxD = x_BxLxD + drop(h_BxLxD)
+    elif cfg.norm_position == "post":
       h_BxLxD, cache = attn(x_BxLxD, positions_BxL, mask, deterministic, cache, cache_index)
       x_BxLxD = ln_1(x_BxLxD + drop(h_BxLxD))
       x_BxLxD = ln_2(x_BxLxD + drop(mlp(x_BxLxD)))
@@ -92,12 +104,15 @@ class Decoder(nn.Module):
       mask_BxLxS = ((slots_S[None, None, :] <= slots_L[None, :, None]) &
                     (slots_S[None, None, :] >= cache["start"][:, None, None]))
       mask = mask_BxLxS[:, None, None]
+      if cfg.sliding_window:  # slots are positions (from the row's start) in a row
+        near_LxS = slots_S[None, :] > slots_L[:, None] - cfg.sliding_window
+        mask = {"global": mask, "local": mask & near_LxS[None, None, None]}
     cache_index = None if cache is None else cache["index"]
     x_BxLxD, layers = layer_stack(self, cfg, x_BxLxD, positions_BxL, mask, deterministic,
                                   None if cache is None else cache["layers"], cache_index)
     if last_only:
       x_BxLxD = x_BxLxD[:, -1:]
-    if cfg.norm_position == "pre":
+    if cfg.norm_position in ("pre", "sandwich"):
       x_BxLxD = make_norm(cfg, "ln_f")(x_BxLxD)
 
     new_cache = None if cache is None else {"index": cache["index"] + length,
@@ -113,7 +128,7 @@ class Decoder(nn.Module):
       logits_BxLxV = tied_logits(cfg, embed.embedding, x_BxLxD, unembed_DxV)
     else:
       logits_BxLxV = Dense((cfg.vocab_size,), ("embed", "vocab"), cfg, name="lm_head")(x_BxLxD)
-    logits_BxLxV = logits_BxLxV.astype(jnp.float32)
+    logits_BxLxV = softcap(logits_BxLxV.astype(jnp.float32), cfg.final_softcap)
     if cache is None:
       return logits_BxLxV
     return logits_BxLxV, new_cache
@@ -126,6 +141,8 @@ def embed_tokens(cfg, tokens_BxL, positions_BxL, type_ids_BxL, deterministic):
                    param_dtype=cfg.weight_dtype, name="embed",
                    embedding_init=lp(nn.initializers.normal(0.02), ("vocab", "embed")))
   x_BxLxD = embed(tokens_BxL)
+  if cfg.embed_scale:  # sqrt(d) rounded to the compute dtype, as Gemma multiplies
+    x_BxLxD = x_BxLxD * jnp.asarray(cfg.d_model ** 0.5, cfg.compute_dtype)
   if cfg.positions == "learned":
     pos_embed = nn.Embed(cfg.max_len, cfg.d_model, dtype=cfg.compute_dtype,
                          param_dtype=cfg.weight_dtype, name="pos_embed",
@@ -162,7 +179,7 @@ def layer_stack(module, cfg, x_BxLxD, positions_BxL, mask, deterministic, cache_
                                             cache_index, deterministic, context)
   layers = []
   for i in range(cfg.num_layers):
-    x_BxLxD, layer_cache = block(cfg, name=f"layer_{i}")(
+    x_BxLxD, layer_cache = block(cfg, i, name=f"layer_{i}")(
         x_BxLxD, positions_BxL, mask, deterministic,
         None if cache_layers is None else cache_layers[i], cache_index, *context)
     layers.append(layer_cache)
@@ -194,7 +211,7 @@ class Encoder(nn.Module):
     _, x_BxLxD = embed_tokens(cfg, tokens_BxL, positions_BxL, type_ids_BxL, deterministic)
     mask = Mask(segment_ids_BxL)
     x_BxLxD, _ = layer_stack(self, cfg, x_BxLxD, positions_BxL, mask, deterministic)
-    if cfg.norm_position == "pre":
+    if cfg.norm_position in ("pre", "sandwich"):
       x_BxLxD = make_norm(cfg, "ln_f")(x_BxLxD)
     pooled_BxD = None
     if cfg.pooler:

@@ -53,12 +53,14 @@ class Kernels:
     return bool(self.custom_calls)
 
   def attention(self, q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask, dropout_rate=0.0,
-                dropout_rng=None, sow=None):
+                dropout_rng=None, sow=None, softcap=0.0):
     """Grouped-query attention; `mask` a Mask. `sow(probs_BxHxLxS)`, if given, receives the
-    weights: that call (and one with dropout) runs materialised."""
-    if sow is not None or (dropout_rate > 0.0 and dropout_rng is not None):
+    weights: that call (and one with dropout, or soft-capped scores, `softcap` > 0: no
+    fused kernel here takes them) runs materialised."""
+    if (sow is not None or softcap or
+        (dropout_rate > 0.0 and dropout_rng is not None)):
       return reference.materialised_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask,
-                                              dropout_rate, dropout_rng, sow)
+                                              dropout_rate, dropout_rng, sow, softcap)
     return self.fused_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask)
 
   cached_attention = staticmethod(reference.cached_attention)

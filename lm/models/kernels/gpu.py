@@ -60,8 +60,9 @@ def pallas_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask, interpret=False):
   if not (_self_attention_fits(q_BxLxHxDh, k_BxSxKxDh)
           and triton_head_dim_fits(q_BxLxHxDh.shape[-1])):
     return reference.xla_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask)
-  if mask.has_segments and not mask.self_segments:
-    # The kernel takes one segment-id row for queries and keys (self-attention).
+  if (mask.has_segments and not mask.self_segments) or mask.window:
+    # The kernel takes one segment-id row for queries and keys (self-attention), and no
+    # sliding window.
     return reference.xla_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask)
 
   def local(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, segments_BxL, _):
@@ -80,4 +81,5 @@ def cudnn_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask):
   if mask.has_segments:
     return pallas_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask)
   return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh,
-                                      is_causal=mask.causal, implementation="cudnn")
+                                      is_causal=mask.causal, implementation="cudnn",
+                                      local_window_size=reference.local_window(mask))

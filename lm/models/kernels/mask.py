@@ -1,4 +1,5 @@
-"""Which keys each query may see, as the kernels take it: a causal flag and segment ids.
+"""Which keys each query may see, as the kernels take it: a causal flag, segment ids and a
+sliding window.
 
 A dense [B, 1, 1, L, S] boolean mask is what the materialised kernels use; the fused ones
 (cuDNN, Pallas) take the flag and the ids and never build it.
@@ -19,6 +20,9 @@ class Mask:
   q_segment_ids_BxL: object = None
   kv_segment_ids_BxS: object = None  # None: the queries' (self-attention)
   causal: bool = flax.struct.field(pytree_node=False, default=False)
+  # > 0: query l sees keys s with l - window < s (and, not causal, s < l + window): itself
+  # and the window - 1 keys before it (self-attention: indexes are positions).
+  window: int = flax.struct.field(pytree_node=False, default=0)
 
   def __post_init__(self):
     if self.q_segment_ids_BxL is None and self.kv_segment_ids_BxS is not None:
@@ -42,6 +46,10 @@ class Mask:
     mask = jnp.ones((1, 1, 1, length, kv_length), jnp.bool_)
     if self.causal:
       mask = mask & jnp.tril(jnp.ones((length, kv_length), jnp.bool_))[None, None, None]
+    if self.window:
+      distance_LxS = jnp.arange(length)[:, None] - jnp.arange(kv_length)[None, :]
+      near_LxS = (distance_LxS < self.window) & (-distance_LxS < self.window)
+      mask = mask & near_LxS[None, None, None]
     if self.has_segments:
       same_BxLxS = self.q_segment_ids_BxL[:, :, None] == self.kv_segments[:, None, :]
       mask = mask & same_BxLxS[:, None, None]

@@ -75,21 +75,29 @@ matmul, matmul_nt = make_matmul(transpose_a_b)
 
 # The materialised attention maths: the masked softmax once, the products per layout.
 
-def masked_softmax(logits_BxKxGxLxS, mask, head_dim):
-  """softmax(logits / sqrt(Dh)) over the keys in float32, masked keys at -inf (a query that
-  sees no key at all gets uniform weights, never NaN)."""
-  logits_BxKxGxLxS = logits_BxKxGxLxS * (head_dim ** -0.5)
+def softcap(logits, cap):
+  """cap * tanh(logits / cap): Gemma 2's soft cap (cap 0: the logits as they are)."""
+  if not cap:
+    return logits
+  return cap * jnp.tanh(logits / cap)
+
+
+def masked_softmax(logits_BxKxGxLxS, mask, head_dim, cap=0.0):
+  """softmax(softcap(logits / sqrt(Dh))) over the keys in float32, masked keys at -inf (a
+  query that sees no key at all gets uniform weights, never NaN)."""
+  logits_BxKxGxLxS = softcap(logits_BxKxGxLxS * (head_dim ** -0.5), cap)
   return jax.nn.softmax(jnp.where(mask, logits_BxKxGxLxS, NEG_INF), axis=-1)
 
 
-def probs(q_BxLxHxDh, k_BxSxKxDh, mask):
-  """The attention probabilities, [B, K, G, L, S] in float32; `mask` broadcasts to them."""
+def probs(q_BxLxHxDh, k_BxSxKxDh, mask, cap=0.0):
+  """The attention probabilities, [B, K, G, L, S] in float32; `mask` broadcasts to them;
+  `cap`: the scores' soft cap."""
   b, length, h, dh = q_BxLxHxDh.shape
   kv_heads = k_BxSxKxDh.shape[2]
   q_BxLxKxGxDh = q_BxLxHxDh.reshape(b, length, kv_heads, h // kv_heads, dh)
   logits_BxKxGxLxS = jnp.einsum("blkgd,bskd->bkgls", q_BxLxKxGxDh, k_BxSxKxDh,
                                 preferred_element_type=jnp.float32)
-  return masked_softmax(logits_BxKxGxLxS, mask, dh)
+  return masked_softmax(logits_BxKxGxLxS, mask, dh, cap)
 
 
 def weighted_values(probs_BxKxGxLxS, v_BxSxKxDh, q_shape):
@@ -100,12 +108,12 @@ def weighted_values(probs_BxKxGxLxS, v_BxSxKxDh, q_shape):
 
 
 def materialised_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask, dropout_rate=0.0,
-                           dropout_rng=None, sow=None):
+                           dropout_rng=None, sow=None, softcap=0.0):
   """Attention through the [B, K, G, L, S] probabilities, differentiated by autodiff:
-  the path for attention dropout and for inspections that ask for the weights
-  (`sow(probs_BxHxLxS)` receives them, before dropout). `mask`: a kernels.Mask."""
+  the path for attention dropout, soft-capped scores and inspections that ask for the
+  weights (`sow(probs_BxHxLxS)` receives them, before dropout). `mask`: a kernels.Mask."""
   b, length, h, _ = q_BxLxHxDh.shape
-  p = probs(q_BxLxHxDh, k_BxSxKxDh, mask.dense(length, k_BxSxKxDh.shape[1]))
+  p = probs(q_BxLxHxDh, k_BxSxKxDh, mask.dense(length, k_BxSxKxDh.shape[1]), softcap)
   if sow is not None:
     sow(p.reshape(b, h, length, -1))
   if dropout_rate > 0.0 and dropout_rng is not None:
@@ -114,16 +122,16 @@ def materialised_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask, dropout_rat
   return weighted_values(p, v_BxSxKxDh, q_BxLxHxDh.shape)
 
 
-def cached_attention(q_BxLxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask):
+def cached_attention(q_BxLxHxDh, k_BxKxSxDh, v_BxKxSxDh, mask, softcap=0.0):
   """Attention over a KV cache stored heads-first ([B, K, S, Dh]): both products are then
   plain batched matmuls over (B, K), and the cache is never transposed. `mask`: booleans
-  broadcasting to [B, K, G, L, S] (which slots each query sees)."""
+  broadcasting to [B, K, G, L, S] (which slots each query sees); `softcap`: the scores'."""
   b, length, h, dh = q_BxLxHxDh.shape
   k = k_BxKxSxDh.shape[1]
   q_BxKxGxLxDh = q_BxLxHxDh.reshape(b, length, k, h // k, dh).transpose(0, 2, 3, 1, 4)
   logits_BxKxGxLxS = jnp.einsum("bkgld,bksd->bkgls", q_BxKxGxLxDh, k_BxKxSxDh,
                                 preferred_element_type=jnp.float32)
-  probs_BxKxGxLxS = masked_softmax(logits_BxKxGxLxS, mask, dh)
+  probs_BxKxGxLxS = masked_softmax(logits_BxKxGxLxS, mask, dh, softcap)
   out_BxKxGxLxDh = jnp.einsum("bkgls,bksd->bkgld", probs_BxKxGxLxS.astype(v_BxKxSxDh.dtype),
                               v_BxKxSxDh)
   return out_BxKxGxLxDh.transpose(0, 3, 1, 2, 4).reshape(b, length, h, dh)
@@ -136,4 +144,13 @@ def xla_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask):
   if mask.has_segments:  # [B, 1, L, S]: broadcast over heads
     dense = mask.q_segment_ids_BxL[:, None, :, None] == mask.kv_segments[:, None, None, :]
   return jax.nn.dot_product_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask=dense,
-                                      is_causal=mask.causal, implementation="xla")
+                                      is_causal=mask.causal, implementation="xla",
+                                      local_window_size=local_window(mask))
+
+
+def local_window(mask):
+  """jax.nn.dot_product_attention's local_window_size (keys before, keys after) for a
+  Mask's sliding window; None without one."""
+  if not mask.window:
+    return None
+  return (mask.window - 1, 0 if mask.causal else mask.window - 1)

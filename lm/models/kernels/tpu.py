@@ -31,12 +31,18 @@ def _block(n, largest=512):
 
 
 @functools.lru_cache(maxsize=64)
-def _kernel(heads, length, kv_length, causal, interpret):
+def _kernel(heads, length, kv_length, causal, window, interpret):
   """The splash kernel for one example's [H, L, Dh] queries: its block-sparsity tables are
   numpy work done once per shape (made concrete even when first asked for under a trace,
-  so that the cached kernel holds no tracer)."""
-  one = (masks.CausalMask((length, kv_length)) if causal
-         else masks.FullMask((length, kv_length)))
+  so that the cached kernel holds no tracer). A sliding window is a LocalMask, whose
+  blocks outside the window splash skips."""
+  if window:
+    one = masks.LocalMask((length, kv_length), (window - 1, 0 if causal else window - 1),
+                          offset=0)
+  elif causal:
+    one = masks.CausalMask((length, kv_length))
+  else:
+    one = masks.FullMask((length, kv_length))
   bq, bkv = _block(length), _block(kv_length)
   sizes = splash.BlockSizes(block_q=bq, block_kv=bkv, block_kv_compute=bkv, block_q_dkv=bq,
                             block_kv_dkv=bkv, block_kv_dkv_compute=bkv, block_q_dq=bq,
@@ -52,7 +58,8 @@ def attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask, interpret=False):
     return reference.xla_attention(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, mask)
 
   def local(q_BxLxHxDh, k_BxSxKxDh, v_BxSxKxDh, q_seg_BxL, kv_seg_BxS):
-    kernel = _kernel(q_BxLxHxDh.shape[2], length, kv_length, mask.causal, interpret)
+    kernel = _kernel(q_BxLxHxDh.shape[2], length, kv_length, mask.causal, mask.window,
+                     interpret)
     scale = np.asarray(q_BxLxHxDh.shape[-1] ** -0.5, q_BxLxHxDh.dtype)
     heads_first = lambda x: x.transpose(0, 2, 1, 3)  # splash takes [H, L, Dh] per example
 

@@ -75,6 +75,31 @@ def test_cached_logits_equal_full_recomputation(positions):
                              atol=2e-5)
 
 
+@pytest.mark.parametrize("global_every", [0, 2])
+def test_sliding_window_holds_in_cached_decoding_past_the_window(global_every):
+  """A 3-token window (every layer local, or Gemma's alternation): cached logits equal full
+  recomputation for 10 tokens, and left-padded rows decode as they do alone."""
+  model, params = make_model("rope", sharpen=1.0, sliding_window=3, global_every=global_every,
+                             attn_softcap=0.5, final_softcap=2.0)
+  tokens = [5, 3, 9, 1, 7, 2, 8, 6, 4, 11]
+  windowless, _ = make_model("rope", sharpen=1.0)
+  assert np.abs(full_logits(model, params, tokens) -
+                full_logits(windowless, params, tokens)).max() > 1e-3
+  cache = init_cache(model.cfg, 1, 16)
+  step = jax.jit(lambda p, x, c: model.apply({"params": p}, x, cache=c))
+  logits, cache = step(params, jnp.asarray([tokens[:2]]), cache)
+  cached = list(np.asarray(logits)[0])
+  for t in tokens[2:]:
+    logits, cache = step(params, jnp.asarray([[t]]), cache)
+    cached.append(np.asarray(logits)[0, 0])
+  np.testing.assert_allclose(np.stack(cached), full_logits(model, params, tokens), atol=2e-5)
+  sharp, sharp_params = make_model("rope", sliding_window=3, global_every=global_every)
+  prompts = [[7], [1, 2, 3, 4, 5, 6, 7, 8, 9], [4, 4, 2, 1, 3]]
+  together = generate(sharp, sharp_params, prompts, 5, GREEDY)
+  assert together == [generate(sharp, sharp_params, [p], 5, GREEDY)[0] for p in prompts]
+  assert together == [host_greedy(sharp, sharp_params, p, 5) for p in prompts]
+
+
 def test_bfloat16_cached_logits_track_full_recomputation():
   """With bfloat16 compute (the cache is float32 on CPU, see ModelConfig.cache_dtype)."""
   model, params = make_model("rope", sharpen=1.0, dtype="bfloat16")

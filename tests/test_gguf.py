@@ -334,3 +334,59 @@ def test_an_import_holds_parameters_only_and_init_from_fine_tunes_it(tiny_llama,
   config.init_from = workdir
   result = run(config, str(tmp_path / "tuned"), devices=one_device)
   assert result.final_step == 2 and result.config.model.d_model == 256
+
+
+SENTENCEPIECE_TEXTS = ["Hello world", " leading space and  two spaces", "line one\nline two",
+                       "digits 12345 and emoji \N{GRINNING FACE} and é", "def f(x):\n    return x"]
+
+
+def test_sentencepiece_tokenizers_go_through_gguf_as_transformers_reads_them(tmp_path,
+                                                                             one_device):
+  """A Llama with a SentencePiece BPE tokenizer (byte fallback, identity normalisation, as
+  Llama's and Gemma's are) exported to GGUF ("llama" vocabulary: pieces, scores, types)
+  and imported again: lm's ids equal the original SentencePiece model's and transformers'
+  reading of the GGUF file, and so do the logits."""
+  import sentencepiece as spm  # pylint: disable=import-outside-toplevel
+  folder = tmp_path / "hf"
+  folder.mkdir()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=iter(TEXT[:80_000].splitlines()), model_prefix=str(folder / "tokenizer"),
+      vocab_size=400, model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+      remove_extra_whitespaces=False, minloglevel=2, unk_id=0, bos_id=1, eos_id=2, pad_id=-1)
+  config = transformers.LlamaConfig(
+      hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+      num_key_value_heads=2, vocab_size=400, max_position_embeddings=64, bos_token_id=1,
+      eos_token_id=2, tie_word_embeddings=False)
+  torch.manual_seed(0)
+  model = transformers.LlamaForCausalLM(config).eval()
+  model.save_pretrained(folder)
+  hf.import_checkpoint(str(folder), str(tmp_path / "lm"))
+  path = str(tmp_path / "spm.gguf")
+  hf.export_checkpoint(str(tmp_path / "lm"), path)
+  hf.import_checkpoint(path, str(tmp_path / "again"))
+  again = load(str(tmp_path / "again"), devices=one_device)
+  assert again.tokenizer.kind == "spm"
+  original = transformers.AutoTokenizer.from_pretrained(str(folder))
+  _, from_gguf = _from_gguf(path)
+  for text in SENTENCEPIECE_TEXTS:
+    ids = original(text, add_special_tokens=False)["input_ids"]
+    assert again.tokenizer.encode(text).tolist() == ids, text
+    assert again.encode_prompt(text) == [1] + ids  # the file adds bos, as Llama's does
+    if not text.startswith(" "):  # transformers' GGUF converter drops the space prefix of
+      # a text that starts with a space (SentencePiece itself and llama.cpp keep it)
+      assert from_gguf(text)["input_ids"] == [1] + ids, text
+    assert again.tokenizer.decode(ids) == text
+  ids = again.encode_prompt(SENTENCEPIECE_TEXTS[3])
+  np.testing.assert_allclose(_lm_logits(again, [ids])[0], _logits(model, ids), atol=1e-4)
+
+
+def test_a_unigram_sentencepiece_tokenizer_is_refused_by_name(tmp_path, one_device):
+  from conftest import tiny_config  # pylint: disable=import-outside-toplevel
+  from lm.loop import run  # pylint: disable=import-outside-toplevel
+  run(tiny_config(**{"train.num_steps": 2, "sample.num_tokens": 0, "model.positions": "rope",
+                     "model.norm": "rmsnorm", "model.mlp": "swiglu",
+                     "data.tokenizer": "unigram", "data.vocab_size": 600}),
+      str(tmp_path / "run"), devices=one_device)
+  with pytest.raises(UserError, match="unigram"):
+    hf.export_checkpoint(str(tmp_path / "run"), str(tmp_path / "x.gguf"))
+  assert not (tmp_path / "x.gguf").exists()

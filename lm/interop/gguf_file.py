@@ -246,16 +246,77 @@ PRE_TOKENIZER_SPLITS = {"llama3": _LLAMA3_SPLIT, "llama-v3": _LLAMA3_SPLIT,
                         "qwen2": _QWEN2_SPLIT}
 
 
+def _special_ids(reader, path):
+  ids = {name: _value(reader, f"tokenizer.ggml.{key}") for name, key in (
+      ("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
+      ("pad", "padding_token_id"))}
+  if ids["eos"] is None:
+    raise UserError(f"{path}: GGUF metadata has no tokenizer.ggml.eos_token_id")
+  return ids
+
+
 def read_tokenizer(reader, path):
-  """The file's byte-level BPE tokenizer (tokenizer.ggml.model "gpt2") as an lm
-  HfTokenizer: the vocabulary as the file spells it, its merges, its control tokens kept
-  whole, its special ids, whether it adds bos, and its chat template."""
-  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-  from tokenizers import processors  # pylint: disable=import-outside-toplevel
+  """The file's tokenizer as lm's: byte-level BPE (tokenizer.ggml.model "gpt2") as an
+  HfTokenizer, SentencePiece (tokenizer.ggml.model "llama": Llama 2, Mistral, Gemma) as a
+  SentencePiece model; with its special ids, whether it adds bos, and its chat template."""
   model = _value(reader, "tokenizer.ggml.model")
+  if model == "llama":
+    return _read_sentencepiece(reader, path)
   if model != "gpt2":
     raise UserError(f"{path}: tokenizer {model!r} is not supported; lm reads GGUF byte-level "
-                    "BPE tokenizers (tokenizer.ggml.model gpt2)")
+                    "BPE (tokenizer.ggml.model gpt2) and SentencePiece (llama) tokenizers")
+  return _read_byte_level_bpe(reader, path)
+
+
+def _read_sentencepiece(reader, path):
+  """llama.cpp's SentencePiece vocabulary (pieces, scores and types, which are
+  SentencePiece's own piece types) as the BPE SentencePiece model it came from: identity
+  normalisation, the space prefix as the file says, byte fallback when it has byte pieces."""
+  from sentencepiece import sentencepiece_model_pb2 as pb  # pylint: disable=import-outside-toplevel
+  tokens = _value(reader, "tokenizer.ggml.tokens")
+  scores = _value(reader, "tokenizer.ggml.scores") or [0.0] * len(tokens)
+  types = _value(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
+  ids = _special_ids(reader, path)
+  proto = pb.ModelProto()
+  trainer = proto.trainer_spec
+  trainer.model_type = pb.TrainerSpec.BPE
+  trainer.vocab_size = len(tokens)
+  trainer.byte_fallback = 6 in types
+  unknown = [i for i, kind in enumerate(types) if kind == 2]
+  trainer.unk_id = int(ids["unk"]) if ids["unk"] is not None else (unknown or [0])[0]
+  trainer.bos_id = -1 if ids["bos"] is None else int(ids["bos"])
+  trainer.eos_id = int(ids["eos"])
+  trainer.pad_id = -1 if ids["pad"] is None else int(ids["pad"])
+  for name, i in (("unk", trainer.unk_id), ("bos", trainer.bos_id), ("eos", trainer.eos_id),
+                  ("pad", trainer.pad_id)):
+    if i >= 0:
+      setattr(trainer, f"{name}_piece", tokens[i])
+  normalizer = proto.normalizer_spec
+  normalizer.name = "identity"
+  normalizer.add_dummy_prefix = bool(_value(reader, "tokenizer.ggml.add_space_prefix", True))
+  normalizer.remove_extra_whitespaces = False
+  normalizer.escape_whitespaces = True
+  for token, score, kind in zip(tokens, scores, types):
+    piece = proto.pieces.add()
+    piece.piece, piece.score, piece.type = token, float(score), int(kind)
+  try:
+    eos = int(ids["eos"])
+    bos = eos if ids["bos"] is None else int(ids["bos"])
+    specials = {"pad": eos if ids["pad"] is None else int(ids["pad"]), "bos": bos,
+                "eos": eos, "unk": trainer.unk_id, "mask": eos}
+    return tk.SentencePieceFileTokenizer(
+        proto.SerializeToString(), specials,
+        adds_bos=bool(_value(reader, "tokenizer.ggml.add_bos_token", True)),
+        chat_template=_value(reader, "tokenizer.chat_template"))
+  except (RuntimeError, IndexError) as e:
+    raise UserError(f"{path}: its SentencePiece vocabulary does not make a model "
+                    f"({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+
+
+def _read_byte_level_bpe(reader, path):
+  """The vocabulary as the file spells it, its merges, its control tokens kept whole."""
+  from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
+  from tokenizers import processors  # pylint: disable=import-outside-toplevel
   tokens = _value(reader, "tokenizer.ggml.tokens")
   merges = _value(reader, "tokenizer.ggml.merges") or []
   types = _value(reader, "tokenizer.ggml.token_type") or [1] * len(tokens)
@@ -279,11 +340,7 @@ def read_tokenizer(reader, path):
           if kind == _USER_DEFINED and t in vocab]
   tok.add_special_tokens(control)
   tok.add_tokens(user)
-  ids = {name: _value(reader, f"tokenizer.ggml.{key}") for name, key in (
-      ("bos", "bos_token_id"), ("eos", "eos_token_id"), ("unk", "unknown_token_id"),
-      ("pad", "padding_token_id"))}
-  if ids["eos"] is None:
-    raise UserError(f"{path}: GGUF metadata has no tokenizer.ggml.eos_token_id")
+  ids = _special_ids(reader, path)
   eos = int(ids["eos"])
   bos = eos if ids["bos"] is None else int(ids["bos"])
   adds_bos = bool(_value(reader, "tokenizer.ggml.add_bos_token", False))
@@ -314,15 +371,37 @@ def permute_rope_rows(w_OxI, heads):
           .reshape(w_OxI.shape))
 
 
+def _sentencepiece_vocabulary(tokenizer):
+  """A BPE SentencePiece model's pieces, scores and types (llama.cpp's "llama" tokenizer)
+  and whether it prefixes a space; llama.cpp normalises nothing, so only models with
+  identity normalisation (Llama's, Gemma's, lm's) are written."""
+  from sentencepiece import sentencepiece_model_pb2 as pb  # pylint: disable=import-outside-toplevel
+  proto = pb.ModelProto()
+  proto.ParseFromString(tokenizer.model_proto)
+  if proto.trainer_spec.model_type != pb.TrainerSpec.BPE:
+    raise UserError("GGUF export writes BPE SentencePiece models (llama.cpp reads a unigram "
+                    "one differently); this tokenizer is a unigram model")
+  if proto.normalizer_spec.name not in ("identity", "") or proto.normalizer_spec.precompiled_charsmap:
+    raise UserError(f"GGUF export: the SentencePiece model normalises text "
+                    f"({proto.normalizer_spec.name}), which llama.cpp does not")
+  return {"model": "llama", "tokens": [p.piece for p in proto.pieces],
+          "scores": [p.score for p in proto.pieces], "types": [p.type for p in proto.pieces],
+          "merges": [], "add_space_prefix": proto.normalizer_spec.add_dummy_prefix}
+
+
 def _vocabulary(tokenizer):
-  """(tokens, token types, merges) of an lm tokenizer as a byte-level BPE vocabulary: a
-  checkpoint's byte-level BPE tokenizer.json as it is, lm's byte tokenizer as 256 single
-  bytes (no merges) and its specials. Other tokenizers have no GGUF form lm writes."""
+  """The GGUF form of an lm tokenizer: {model, tokens, types, merges, and for SentencePiece
+  scores and add_space_prefix}. A checkpoint's byte-level BPE tokenizer.json as it is; lm's
+  byte tokenizer as 256 single bytes (no merges) and its specials; a BPE SentencePiece
+  model (a checkpoint's, or one lm trained) as llama.cpp's "llama" vocabulary."""
   import json  # pylint: disable=import-outside-toplevel
+  if tokenizer.kind in ("spm", "bpe"):
+    return _sentencepiece_vocabulary(tokenizer)
   if tokenizer.kind == "byte":
     spelling = _byte_spelling()
     specials = [f"<|{name}|>" for name in tk.SPECIALS]
-    return ([spelling[b] for b in range(256)] + specials, [1] * 256 + [_CONTROL] * 5, [])
+    return {"model": "gpt2", "tokens": [spelling[b] for b in range(256)] + specials,
+            "types": [1] * 256 + [_CONTROL] * 5, "merges": []}
   spec = json.loads(tokenizer.tokenizer_json) if tokenizer.kind == "hf" else None
   model = (spec or {}).get("model") or {}
   if model.get("type") != "BPE" or "ByteLevel" not in json.dumps(spec.get("decoder")):
@@ -340,7 +419,7 @@ def _vocabulary(tokenizer):
   if missing:
     raise UserError(f"GGUF export: the tokenizer has no token for ids {missing[:5]}")
   merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
-  return tokens, types, merges
+  return {"model": "gpt2", "tokens": tokens, "types": types, "merges": merges}
 
 
 def _write_architecture(writer, arch, c):
@@ -383,7 +462,7 @@ def write(path, hf_config, tensors, tokenizer, dtype="f32"):
     raise UserError(f"GGUF export writes {', '.join(WRITES)} models; this one is "
                     f"{c['model_type']} (export it to a Hugging Face folder instead)")
   arch = WRITES[c["model_type"]]
-  tokens, types, merges = _vocabulary(tokenizer)
+  vocabulary = _vocabulary(tokenizer)
   heads, kv_heads = c["num_attention_heads"], c["num_key_value_heads"]
   kind = {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
           "bf16": gguf.GGMLQuantizationType.BF16}[dtype]
@@ -399,12 +478,15 @@ def write(path, hf_config, tensors, tokenizer, dtype="f32"):
   writer.add_layer_norm_rms_eps(float(c["rms_norm_eps"]))
   writer.add_vocab_size(c["vocab_size"])
   writer.add_file_type({"f32": 0, "f16": 1, "bf16": 32}[dtype])
-  writer.add_tokenizer_model("gpt2")
+  writer.add_tokenizer_model(vocabulary["model"])
   writer.add_tokenizer_pre("default")
-  writer.add_token_list(tokens)
-  writer.add_token_types(types)
-  if merges:
-    writer.add_token_merges(merges)
+  writer.add_token_list(vocabulary["tokens"])
+  writer.add_token_types(vocabulary["types"])
+  if vocabulary["merges"]:
+    writer.add_token_merges(vocabulary["merges"])
+  if "scores" in vocabulary:
+    writer.add_token_scores(vocabulary["scores"])
+    writer.add_add_space_prefix(bool(vocabulary["add_space_prefix"]))
   writer.add_bos_token_id(tokenizer.bos_id)
   writer.add_eos_token_id(tokenizer.eos_id)
   writer.add_pad_token_id(tokenizer.pad_id)

@@ -22,6 +22,11 @@ atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
 # many tests build (a tiny model's train step) compiles once.
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_CACHE, "xla"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+# Under pytest-xdist every worker shares the cores with the others: PyTorch's OpenMP threads
+# (the transformers references) spin-wait for cores another worker holds, which made the
+# SmolLM2 reference decoding six times slower in the suite than alone. One thread each.
+if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+  os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import sysconfig  # noqa: E402
 

@@ -227,7 +227,9 @@ FIELDS = (
         # a folder of them | parallel: a folder of <split>.<language>[.gz] files | labelled:
         # a folder of <split>.tsv / <split>.csv files with a header line.
         ("path", "", _RES),
-        ("format", "text", {"choices": ("text", "parallel", "labelled", "tagged")}),
+        # ... | chat: conversations (JSON / JSONL: messages, ShareGPT, Alpaca or
+        # prompt/completion records), a folder of <split>.jsonl files or one file
+        ("format", "text", {"choices": ("text", "parallel", "labelled", "tagged", "chat")}),
         ("data_dir", "", _RES),  # where built datasets are cached; "": ~/.cache/lm/tfds
         # byte | char | unigram | bpe (SentencePiece, trained on the train split) |
         # pretrained (init_from's own, e.g. an imported Hugging Face tokenizer)
@@ -243,6 +245,13 @@ FIELDS = (
         ("label_column", "label"),
         ("text_column", ""),
         ("num_threads", 2, {"bound": POSITIVE, **_RES}),  # Grain threads
+        # chat: the tokens a conversation's loss weighs (lm/data/conversations.py):
+        # all_assistant | last_assistant | everything
+        ("train_on", "all_assistant",
+         {"choices": ("all_assistant", "last_assistant", "everything")}),
+        # chat: a conversation longer than seq_len + 1 tokens is truncated or dropped (both
+        # counted in the log)
+        ("overflow", "truncate", {"choices": ("truncate", "drop")}),
         # > 0: batches of labelled / tagged / parallel examples are cut to their longest
         # example (source and target each), rounded up to a multiple of this (one
         # compilation per length); 0: always seq_len. Single-process runs only (processes

@@ -3,18 +3,21 @@
     config.data ─► builders.prepare (array_record, built once) ─► tokenizer (trained on train)
       ─► text: pipeline.token_stream (cached) ─► packed windows ─► batches
       ─► labelled / tagged / parallel: records ─► examples.* rows ─► batches
+      ─► chat: conversations.encode (chat template, loss weights) ─► packing ─► batches
 
 `make_data(config)` returns a `Data`; its `*_batches` methods return Grain MapDatasets of
 host batches, and `iterator()` a prefetching iterator with a checkpointable state.
 """
 
 import dataclasses
+import json
 import os
 
 import grain
 import numpy as np
 
-from lm.data import examples, pipeline
+from lm.data import conversations as conversations_lib
+from lm.data import examples, packing, pipeline
 from lm.data.builders import Prepared, default_data_dir, prepare
 from lm.data.tokenizers import (ByteTokenizer, CharTokenizer, SentencePieceTokenizer,
                                 fingerprint, from_dict, train_tokenizer)
@@ -31,8 +34,9 @@ class Batching:
   text column), each optionally passed through `transform(row, tokenizer, rng, data)`, whose
   rng is seeded by (seed, `salt`, window index), so a resumed run sees the same rows.
   examples: one row per record, `example(record, data, seq_len, target_len)`.
+  packed: conversations packed several to a row (lm/data/packing.py).
   """
-  kind: str  # "windows" | "examples"
+  kind: str  # "windows" | "examples" | "packed"
   transform: object = None  # windows: per-row function (masking, span corruption)
   salt: int = 0
   bucketed: bool = False  # windows: rows cut to data.length_bucket after the transform
@@ -68,6 +72,8 @@ class Data:
   num_threads: int = 2
   length_bucket: int = 0  # > 0: example batches cut to their length, rounded up to this
   sentinels: int = 0  # span corruption's sentinel ids, after the tokenizer's (model.extra_tokens)
+  # chat: split -> encoded conversations [(ids, weights)] that fit a row (packing.fit)
+  conversations: dict = dataclasses.field(default_factory=dict)
 
   @property
   def format(self):
@@ -90,11 +96,18 @@ class Data:
     """Tokens (text) or examples (labelled, parallel) in `split`."""
     if self.streams:
       return len(self.streams[split]) if split in self.streams else 0
+    if self.conversations:
+      return len(self.conversations.get(split, ()))
     return self.prepared.num_examples(split)
 
   def _batching(self, batching):
     """`batching`, or the format's own (causal windows of text; rows of examples)."""
     batching = batching or FORMAT_BATCHING.get(self.format, EXAMPLE_BATCHING)
+    if (batching.kind == "packed") != bool(self.conversations):
+      wants = ("this objective trains on conversations (format chat)"
+               if batching.kind == "packed" else "conversations (format chat) train the "
+               "sft objective")
+      raise UserError(f"config.data: {wants}; {self.source} is {self.format}")
     if batching.windows and not self.streams:
       raise UserError(f"config.data: this objective trains on a token stream: a text or "
                       f"labelled dataset (made with that objective); {self.source} is "
@@ -105,7 +118,10 @@ class Data:
                     batching=None, target_len=None):
     """Grain MapDataset: batch k is this process's rows of global training batch k."""
     batching = self._batching(batching)
-    if batching.windows:
+    if batching.kind == "packed":
+      batch_fn = packing.PackedTraining(self.conversations["train"], seq_len, seed,
+                                        self.tokenizer.pad_id).batch
+    elif batching.windows:
       batch_fn = pipeline.StreamWindows(self.streams["train"], seq_len, seed,
                                         self.tokenizer.pad_id).batch
       batch_fn = self._windows(batch_fn, batching, seed, process_count, self.streams["train"])
@@ -125,6 +141,13 @@ class Data:
                    batching=None, seed=0, target_len=None):
     """Grain MapDataset over every example of `split` once, in order, padded at the end."""
     batching = self._batching(batching)
+    if batching.kind == "packed":
+      encoded = self.conversations.get(split, [])
+      rows = packing.pack([len(ids) for ids, _ in encoded], range(len(encoded)), seq_len)
+      return pipeline.eval_batches(
+          len(rows), lambda indices: packing.rows_to_batch(
+              encoded, [rows[int(i)] for i in indices], seq_len, self.tokenizer.pad_id),
+          batch_size, process_index, process_count)
     if batching.windows:
       stream = self.streams[split]
       num_windows = -(-(len(stream) - 1) // seq_len) if len(stream) > 1 else 0
@@ -185,6 +208,9 @@ def _training_texts(prepared):
                                                                        ("text",))
   for i in range(len(records)):
     record = records[i]
+    if prepared.format == "chat":
+      yield "\n".join(turn["content"] for turn in json.loads(record["messages"]))
+      continue
     for field in fields:
       yield record[field].replace("\t", " ") if prepared.format == "tagged" else record[field]
 
@@ -205,6 +231,31 @@ def make_data(config, tokenizer_spec=None, windows=False):
     streams = {split: pipeline.token_stream(records, tokenizer, os.path.join(cache, split),
                                             config.data.num_threads)
                for split, records in prepared.sources.items()}
+  chats = _encoded_conversations(prepared, tokenizer, config.data) if (
+      prepared.format == "chat") else {}
   return Data(prepared=prepared, tokenizer=tokenizer, streams=streams,
               num_threads=config.data.num_threads, length_bucket=config.data.length_bucket,
-              sentinels=config.model.extra_tokens)
+              sentinels=config.model.extra_tokens, conversations=chats)
+
+
+def _encoded_conversations(prepared, tokenizer, data_config):
+  """split -> conversations rendered with the tokenizer's chat template and encoded with
+  their loss weights (data.train_on), those longer than a row truncated or dropped
+  (data.overflow) and counted in the log."""
+  from lm import metrics  # pylint: disable=import-outside-toplevel
+  if not getattr(tokenizer, "chat_template", None):
+    raise UserError("config.data.format: chat needs a chat template, and this tokenizer has "
+                    "none (its checkpoint ships none); use one that does, or lm's own "
+                    "tokenizers (ChatML)")
+  out = {}
+  for split, records in prepared.sources.items():
+    encoded = [conversations_lib.encode(json.loads(records[i]["messages"]), tokenizer,
+                                        data_config.train_on) for i in range(len(records))]
+    kept, truncated, dropped = packing.fit(encoded, data_config.seq_len, data_config.overflow)
+    if truncated or dropped:
+      metrics.log(f"lm: {split}: of {len(encoded):,} conversations, {truncated:,} longer than "
+                  f"data.seq_len + 1 = {data_config.seq_len + 1} tokens truncated and "
+                  f"{dropped:,} dropped (longer, with data.overflow=drop, or no token to "
+                  "learn left)")
+    out[split] = kept
+  return out

@@ -13,6 +13,11 @@ Three formats, chosen by `config.data.format`:
   * tagged: CoNLL-style `<split>.conll` / `.txt` / `.iob` files: a word and its tag per line
     (first and last whitespace-separated columns), a blank line between sentences,
     -DOCSTART- lines ignored. Records: {"words", "tags"} (tab-joined); tag names in order.
+  * chat: conversations in JSON Lines (`.jsonl`, a record a line) or JSON (`.json`, a list of
+    records): a folder of `<split>.jsonl` files, or one file whose records are split by
+    validation_fraction / test_fraction (a seeded shuffle). Any of the shapes
+    lm/data/conversations.py reads. Records: {"messages"}: the turns as a JSON list of
+    {"role", "content"}.
 
 For a folder of split files, a name starting with train goes to train, val/valid/dev to
 validation and test to test. Each built dataset is named by a hash of its sources' checksums
@@ -252,6 +257,45 @@ def _tagged_examples(data_config):
   return folder, checksums, examples, names
 
 
+def _chat_examples(data_config):
+  from lm.data import conversations  # pylint: disable=import-outside-toplevel
+  path = os.path.abspath(data_config.path)
+  if os.path.isdir(path):
+    files = _split_files(path, r"(.+)\.(?:jsonl|json)")
+  elif os.path.isfile(path):
+    files = {"all": path}
+  else:
+    raise UserError(f"config.data.path: {path} does not exist")
+  checksums, turns = {}, {}
+  for split, file in files.items():
+    data = _read_bytes(file)
+    checksums[file] = _md5(data)
+    try:
+      turns[split] = conversations.read_file(file, data)
+    except UnicodeDecodeError as e:
+      raise UserError(f"config.data.path: {file} is not UTF-8 text ({e.reason} at byte "
+                      f"{e.start})") from None
+    if not turns[split]:
+      raise UserError(f"config.data.path: {file} holds no conversations")
+  if "all" in turns:  # one file: a seeded split by the fractions
+    import numpy as np  # pylint: disable=import-outside-toplevel
+    records = turns.pop("all")
+    order = np.random.default_rng(0).permutation(len(records))
+    n_val = max(1, round(len(records) * data_config.validation_fraction))
+    n_test = round(len(records) * data_config.test_fraction)
+    if len(records) - n_val - n_test < 1:
+      raise UserError(f"config.data.path: {path} has {len(records)} conversations, too few "
+                      "to split into train and validation")
+    parts = {"validation": order[:n_val], "test": order[n_val:n_val + n_test],
+             "train": order[n_val + n_test:]}
+    turns = {split: [records[i] for i in sorted(idx)] for split, idx in parts.items()
+             if len(idx)}
+  examples = {split: [(f"{split}/{number}", {"messages": json.dumps(messages,
+                                                                    ensure_ascii=False)})
+                      for number, messages in items] for split, items in turns.items()}
+  return path, checksums, examples, ()
+
+
 def _read_table(path, text, data_config):
   """[(line number, label string, text)] from a TSV/CSV file with a header line."""
   delimiter = "\t" if path.endswith(".tsv") else ","
@@ -295,7 +339,8 @@ def _read_table(path, text, data_config):
 
 
 _READERS = {"text": _text_examples, "parallel": _parallel_examples,
-            "labelled": _labelled_examples, "tagged": _tagged_examples}
+            "labelled": _labelled_examples, "tagged": _tagged_examples,
+            "chat": _chat_examples}
 
 
 # ---------------------------------------------------------------------------------------
@@ -349,8 +394,11 @@ def _builder_classes():
   class LmTagged(_Local):
     FEATURES = {"words": "text", "tags": "text"}
 
+  class LmChat(_Local):
+    FEATURES = {"messages": "text"}
+
   _builder_classes.cache = {"text": LmText, "parallel": LmParallel, "labelled": LmLabelled,
-                            "tagged": LmTagged}
+                            "tagged": LmTagged, "chat": LmChat}
   return _builder_classes.cache
 
 
@@ -387,7 +435,8 @@ def _quiet():
 def _settings_key(data_config):
   keys = {"text": ("validation_fraction", "test_fraction"),
           "parallel": ("source_language", "target_language"),
-          "labelled": ("label_column", "text_column"), "tagged": ()}[data_config.format]
+          "labelled": ("label_column", "text_column"), "tagged": (),
+          "chat": ("validation_fraction", "test_fraction")}[data_config.format]
   return {k: data_config[k] for k in keys}
 
 

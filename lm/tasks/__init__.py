@@ -2,6 +2,7 @@
 
     objective       task (module)                    model                         data (*)
     causal          CausalLM (causal.py)             Decoder                       text
+    sft             ChatSFT (sft.py)                 Decoder                       chat
     mlm             MaskedLM (masked.py)             EncoderWithHead(mlm)          text
     classification  Classification (classify.py)     EncoderWithHead(pooled, n)    labelled
     regression      Regression (classify.py)         EncoderWithHead(pooled, 1)    labelled
@@ -26,11 +27,12 @@ from lm.tasks.causal import CausalLM
 from lm.tasks.classify import Classification, LabelBatch, Regression, TagBatch, Tagging
 from lm.tasks.masked import MaskedLM
 from lm.tasks.seq2seq import Seq2Seq, Seq2SeqBatch, SpanCorruption
+from lm.tasks.sft import ChatSFT
 
 __all__ = ["Batch", "LabelBatch", "REGISTRY", "Seq2SeqBatch", "TagBatch", "Task", "TokenBatch",
            "get", "make", "make_from_config"]
 
-REGISTRY = {cls.name: cls for cls in (CausalLM, MaskedLM, Classification, Regression, Tagging,
+REGISTRY = {cls.name: cls for cls in (CausalLM, ChatSFT, MaskedLM, Classification, Regression, Tagging,
                                       Seq2Seq, SpanCorruption)}
 OBJECTIVES = tuple(REGISTRY)
 

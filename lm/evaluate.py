@@ -1,0 +1,300 @@
+"""`python -m lm.evaluate --workdir=DIR --task=squad|gsm|classify|translate|preference
+--data=FILE [--limit=N] [--max_tokens=N]`: a model scored on a task by what it generates,
+printed as one JSON line (the scores, the count of examples, the wall time).
+
+    squad       SQuAD v1.1 JSON (data/paragraphs/qas): exact match and F1 of the answer to
+                each question about its context (the official normalisation)
+    gsm         JSONL of {question, answer} (GSM-Symbolic; GSM8K's "#### N" answers too):
+                accuracy of the reply's final number
+    classify    JSONL of {text, label} or a TSV with sentence/label columns: accuracy of
+                the first label word of the reply (--labels names them, by label id)
+    translate   FILE.SRC[.gz] with FILE.TGT[.gz] beside it (--data=val.en.gz): corpus BLEU and
+                chrF (sacrebleu) of the translations
+    preference  JSONL of {prompt, chosen, rejected} (or ShareGPT pairs): the share of pairs
+                whose chosen reply the model gives more log-probability than the rejected
+                one; with --reference=DIR, more than the reference model does (DPO's
+                implicit reward margin > 0)
+
+Each example is asked as a one-turn chat, rendered with the model's own chat template
+(--prompt: the user message, a format string of the example's fields), and answered by
+greedy cached decoding in batches of prompts of similar length. A reply ends at the
+model's stop tokens (and an lm-trained model's end-of-turn text).
+"""
+
+import argparse
+import gzip
+import json
+import os
+import sys
+import time
+
+import numpy as np
+
+from lm import answer_scores
+from lm.errors import UserError
+
+PROMPTS = {
+    "squad": ("Answer the question with a short span copied from the context.\n\n"
+              "Context: {context}\n\nQuestion: {question}"),
+    "gsm": "{question}\nSolve it step by step, then give the final answer as a number.",
+    "classify": "{text}\n\nWhich one describes it: {labels}? Answer with one word.",
+    "translate": "Translate into {target_language}:\n\n{source}",
+}
+LANGUAGES = {"de": "German", "en": "English", "fr": "French", "cs": "Czech"}
+
+
+def _open_text(path):
+  try:
+    with open(path, "rb") as f:
+      data = f.read()
+  except OSError as e:
+    raise UserError(f"--data: cannot read {path}: {e.strerror}") from None
+  if path.endswith(".gz"):
+    data = gzip.decompress(data)
+  return data.decode("utf-8")
+
+
+def _jsonl(path):
+  out = []
+  for number, line in enumerate(_open_text(path).split("\n"), 1):
+    if line.strip():
+      try:
+        out.append(json.loads(line))
+      except json.JSONDecodeError as e:
+        raise UserError(f"{path} line {number}: not valid JSON ({e.msg})") from None
+  return out
+
+
+def read_squad(path):
+  """[{id, context, question, answers}] of a SQuAD v1.1 file, in its order."""
+  try:
+    data = json.loads(_open_text(path))["data"]
+  except (json.JSONDecodeError, KeyError, TypeError):
+    raise UserError(f"{path}: not a SQuAD v1.1 file (a JSON object with data/paragraphs/"
+                    "qas)") from None
+  return [{"id": qa["id"], "context": p["context"], "question": qa["question"],
+           "answers": [a["text"] for a in qa["answers"]]}
+          for article in data for p in article["paragraphs"] for qa in p["qas"]]
+
+
+def read_gsm(path):
+  rows = _jsonl(path)
+  for i, r in enumerate(rows, 1):
+    if "question" not in r or "answer" not in r:
+      raise UserError(f"{path} line {i}: a GSM record needs question and answer")
+  return rows
+
+
+def read_classify(path):
+  if path.endswith(".tsv"):
+    lines = _open_text(path).rstrip("\n").split("\n")
+    header = lines[0].split("\t")
+    if "label" not in header:
+      raise UserError(f"{path}: the header has no label column")
+    text = next(h for h in header if h != "label")
+    rows = [dict(zip(header, line.split("\t"))) for line in lines[1:] if line]
+    return [{"text": r[text], "label": r["label"]} for r in rows]
+  return _jsonl(path)
+
+
+def read_translate(path, source_language, target_language):
+  stem = path[:-3] if path.endswith(".gz") else path
+  if not stem.endswith("." + source_language):
+    raise UserError(f"--data: {path} does not end in .{source_language} (--source_language)")
+  target = stem[:-len(source_language)] + target_language
+  target = target + ".gz" if not os.path.exists(target) else target
+  sources, targets = (_open_text(p).rstrip("\n").split("\n") for p in (path, target))
+  if len(sources) != len(targets):
+    raise UserError(f"--data: {path} has {len(sources)} lines and {target} {len(targets)}")
+  return [{"source": s, "target": t} for s, t in zip(sources, targets)]
+
+
+def read_preference(path):
+  """[{prompt (messages), chosen, rejected}] of {prompt, chosen, rejected} records or
+  ShareGPT pairs ({conversations, chosen: {from, value}, rejected: {from, value}})."""
+  from lm.data import conversations  # pylint: disable=import-outside-toplevel
+  if path.endswith(".json"):
+    records = json.loads(_open_text(path))
+  else:
+    records = _jsonl(path)
+  out = []
+  for i, r in enumerate(records, 1):
+    where = f"{path} record {i}"
+    if "conversations" in r:
+      turns = [conversations._turn(t, "from", "value", where, conversations._SHAREGPT_ROLES)  # pylint: disable=protected-access
+               for t in r["conversations"]]
+      chosen, rejected = r["chosen"]["value"], r["rejected"]["value"]
+    elif "prompt" in r:
+      turns = [{"role": "user", "content": r["prompt"]}]
+      chosen, rejected = r["chosen"], r["rejected"]
+    else:
+      raise UserError(f"{where}: a preference pair needs prompt (or conversations), chosen "
+                      "and rejected")
+    if chosen == rejected:
+      raise UserError(f"{where}: chosen equals rejected")
+    out.append({"prompt": turns, "chosen": chosen, "rejected": rejected})
+  return out
+
+
+class Asker:
+  """Greedy one-turn chat answers of a loaded model, batched by prompt length."""
+
+  def __init__(self, loaded, max_tokens, batch_size):
+    self.loaded, self.max_tokens, self.batch_size = loaded, max_tokens, batch_size
+
+  def ask(self, questions):
+    from lm import decode  # pylint: disable=import-outside-toplevel
+    loaded = self.loaded
+    prompts = [loaded.chat_ids([{"role": "user", "content": q}]) for q in questions]
+    room = loaded.model.cfg.max_len - self.max_tokens
+    if room < 1:
+      raise UserError(f"--max_tokens: {self.max_tokens} leaves no room for a prompt in the "
+                      f"model's context of {loaded.model.cfg.max_len}")
+    prompts = [p[-room:] for p in prompts]  # the context's end: the question
+    order = np.argsort([len(p) for p in prompts], kind="stable")
+    replies = [None] * len(prompts)
+    stop_text = getattr(loaded.tokenizer, "chat_stop_text", None)
+    for start in range(0, len(order), self.batch_size):
+      chunk = order[start:start + self.batch_size]
+      with loaded.on_mesh():
+        ids = decode.generate(loaded.model, loaded.params, [prompts[i] for i in chunk],
+                              self.max_tokens, decode.Sampling(temperature=0.0),
+                              loaded.stop_ids)
+      for i, row in zip(chunk, ids):
+        text = loaded.tokenizer.decode(row)
+        replies[i] = text.split(stop_text)[0] if stop_text else text
+    return replies
+
+
+def _log_probs(loaded, prompt_turns, replies):
+  """Sum of log p(reply tokens | chat-rendered prompt) per (prompt, reply)."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  out = []
+  apply = jax.jit(lambda p, x: jax.nn.log_softmax(loaded.model.apply({"params": p}, x)))
+  for turns, reply in zip(prompt_turns, replies):
+    context = loaded.chat_ids(turns)
+    full = loaded.tokenizer.chat_ids(_rendered(loaded, turns + [
+        {"role": "assistant", "content": reply}]).rstrip())
+    if full[:len(context)] != context:
+      raise UserError("the chat template does not render a reply after its prompt")
+    cut = max(len(full) - loaded.model.cfg.max_len, 0)  # a long one keeps its end
+    full = full[cut:]
+    n = len(full)
+    length = max(8, 1 << (n - 1).bit_length())
+    padded = np.zeros((1, length), np.int32)
+    padded[0, :n] = full
+    with loaded.on_mesh():
+      logp = np.asarray(apply(loaded.params, jnp.asarray(padded)))[0]
+    start = max(len(context) - cut, 1)  # the reply's first token
+    targets = np.asarray(full[start:n])
+    out.append(float(logp[np.arange(start - 1, n - 1), targets].sum()))
+  return out
+
+
+def _rendered(loaded, turns):
+  from lm import chat_template  # pylint: disable=import-outside-toplevel
+  return chat_template.render(loaded.tokenizer.chat_template, turns, False,
+                              loaded.tokenizer.special_tokens())
+
+
+def evaluate(loaded, task, rows, max_tokens=256, batch_size=16, prompt=None, labels=(),
+             target_language="de", reference=None):
+  """{score: value, "count": n} of `loaded` on `rows` (a reader's records) for `task`."""
+  if task == "preference":
+    return _preference(loaded, rows, reference)
+  asker = Asker(loaded, max_tokens, batch_size)
+  template = prompt or PROMPTS[task]
+  fields = {"labels": ", ".join(labels),
+            "target_language": LANGUAGES.get(target_language, target_language)}
+  try:
+    questions = [template.format(**{**fields, **r}) for r in rows]
+  except KeyError as e:
+    raise UserError(f"--prompt: the examples have no field {e.args[0]!r}") from None
+  replies = asker.ask(questions)
+  if task == "squad":
+    return {"exact_match": 100 * np.mean([answer_scores.squad_exact(p, r["answers"])
+                                          for p, r in zip(replies, rows)]),
+            "f1": 100 * np.mean([answer_scores.squad_f1(p, r["answers"])
+                                 for p, r in zip(replies, rows)]), "count": len(rows)}
+  if task == "gsm":
+    return {"accuracy": float(np.mean([answer_scores.gsm_correct(p, r["answer"])
+                                       for p, r in zip(replies, rows)])), "count": len(rows)}
+  if task == "classify":
+    if not labels:
+      raise UserError("--labels: name the label words, by label id (e.g. negative,positive)")
+    got = [answer_scores.label_of(p, labels) for p in replies]
+    want = [labels[int(r["label"])] for r in rows]
+    return {"accuracy": float(np.mean([g == w for g, w in zip(got, want)])),
+            "unlabelled": sum(g is None for g in got), "count": len(rows)}
+  if task == "translate":
+    from lm.translate import scores as corpus_scores  # pylint: disable=import-outside-toplevel
+    return {**corpus_scores([p.strip() for p in replies], [r["target"] for r in rows]),
+            "count": len(rows)}
+  raise UserError(f"--task: {task!r} is not one of squad, gsm, classify, translate, "
+                  "preference")
+
+
+def _preference(loaded, rows, reference):
+  turns = [r["prompt"] for r in rows]
+  margins = (np.asarray(_log_probs(loaded, turns, [r["chosen"] for r in rows])) -
+             np.asarray(_log_probs(loaded, turns, [r["rejected"] for r in rows])))
+  if reference is not None:
+    margins -= (np.asarray(_log_probs(reference, turns, [r["chosen"] for r in rows])) -
+                np.asarray(_log_probs(reference, turns, [r["rejected"] for r in rows])))
+  return {"accuracy": float(np.mean(margins > 0)), "mean_margin": float(np.mean(margins)),
+          "count": len(rows)}
+
+
+READERS = {"squad": read_squad, "gsm": read_gsm, "classify": read_classify,
+           "preference": read_preference}
+
+
+def main(argv=None):
+  parser = argparse.ArgumentParser(prog="python -m lm.evaluate",
+                                   description=__doc__.split("\n\n")[0])
+  parser.add_argument("--workdir", required=True)
+  parser.add_argument("--step", type=int, default=None)
+  parser.add_argument("--task", required=True,
+                      choices=("squad", "gsm", "classify", "translate", "preference"))
+  parser.add_argument("--data", required=True)
+  parser.add_argument("--limit", type=int, default=0, help="the first N examples (0: all)")
+  parser.add_argument("--max_tokens", type=int, default=256)
+  parser.add_argument("--batch_size", type=int, default=16)
+  parser.add_argument("--prompt", default=None, help="the user message: a format string of "
+                      "the example's fields (see PROMPTS)")
+  parser.add_argument("--labels", default="", help="classify: label words by id, comma-"
+                      "separated")
+  parser.add_argument("--source_language", default="en")
+  parser.add_argument("--target_language", default="de")
+  parser.add_argument("--reference", default=None, help="preference: the reference model's "
+                      "workdir (DPO's init_from)")
+  args = parser.parse_args(argv)
+  from lm.inference import load  # pylint: disable=import-outside-toplevel
+  try:
+    if args.limit < 0 or args.max_tokens < 1 or args.batch_size < 1:
+      raise UserError("--limit must be >= 0, --max_tokens and --batch_size >= 1")
+    if args.task == "translate":
+      rows = read_translate(args.data, args.source_language, args.target_language)
+    else:
+      rows = READERS[args.task](args.data)
+    rows = rows[:args.limit] if args.limit else rows
+    if not rows:
+      raise UserError(f"--data: {args.data} holds no examples")
+    started = time.time()
+    loaded = load(args.workdir, args.step)
+    reference = load(args.reference) if args.reference else None
+    result = evaluate(loaded, args.task, rows, args.max_tokens, args.batch_size, args.prompt,
+                      tuple(x for x in args.labels.split(",") if x), args.target_language,
+                      reference)
+  except UserError as e:
+    print(f"lm: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps({"task": args.task, "data": os.path.abspath(args.data),
+                    "workdir": os.path.abspath(args.workdir), "step": loaded.step,
+                    **{k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()},
+                    "wall_s": round(time.time() - started, 1)}))
+
+
+if __name__ == "__main__":
+  main()

@@ -1,0 +1,127 @@
+"""Evaluation by generation (lm/evaluate.py, lm/answer_scores.py): the scorers against
+hand-worked examples, and the command's batched answers and log-probabilities against a
+direct, one-example-at-a-time computation on a tiny model."""
+
+import json
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import REPO, tiny_config, user_env
+
+from lm import answer_scores as s
+from lm import chat_template
+from lm import evaluate, loop
+from lm.errors import UserError
+from lm.inference import load
+
+
+@pytest.mark.parametrize("prediction,answers,exact,f1", [
+    ("The Cat!", ["cat"], 1.0, 1.0),  # case, punctuation and articles go
+    ("a cat sat", ["the cat"], 0.0, 2 * (1 / 2) * 1 / (1 / 2 + 1)),  # P 1/2, R 1
+    ("Denver Broncos", ["Broncos", "Denver Broncos"], 1.0, 1.0),  # the best reference
+    ("in   1999 .", ["1999"], 0.0, 2 * (1 / 2) * 1 / (1 / 2 + 1)),
+    ("nothing", ["something else"], 0.0, 0.0),
+    ("an apple, an orange", ["apple orange"], 1.0, 1.0),
+])
+def test_squad_scores_follow_the_official_normalisation(prediction, answers, exact, f1):
+  assert s.squad_exact(prediction, answers) == exact
+  assert s.squad_f1(prediction, answers) == pytest.approx(f1)
+
+
+@pytest.mark.parametrize("reply,answer,correct", [
+    ("So she needs 1,050 minutes.", "1050", 1.0),
+    ("The total is -12.", "-12", 1.0),
+    ("First 3 + 4 = 7, then 7 * 2 = 14\n#### 14", "14", 1.0),
+    ("It comes to $2,345.50 in all", "2345.5", 1.0),
+    ("42, or maybe 41", "42", 0.0),  # the last number counts
+    ("no idea", "3", 0.0),
+    ("Answer: 831", "#### 831", 1.0),
+])
+def test_gsm_reads_the_final_number_with_commas_and_signs(reply, answer, correct):
+  assert s.gsm_correct(reply, answer) == correct
+
+
+def test_a_label_word_is_the_first_one_named():
+  labels = ("negative", "positive")
+  assert s.label_of("Positive, clearly - not negative.", labels) == "positive"
+  assert s.label_of("It is NEGATIVE.", labels) == "negative"
+  assert s.label_of("unpositive", labels) is None
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("eval") / "run")
+  loop.run(tiny_config(**{"train.num_steps": 3, "sample.num_tokens": 0, "data.seq_len": 64,
+                          "model.max_len": 128}), workdir, devices=jax.devices()[:1])
+  return load(workdir)
+
+
+def _greedy_alone(loaded, ids, max_tokens):
+  """A full forward pass per token, one prompt at a time."""
+  out = list(ids)
+  for _ in range(max_tokens):
+    logits = loaded.model.apply({"params": loaded.params}, jnp.asarray([out]))
+    token = int(np.argmax(np.asarray(logits)[0, -1]))
+    if token in loaded.stop_ids:
+      break
+    out.append(token)
+  return loaded.tokenizer.decode(out[len(ids):])
+
+
+def test_batched_answers_equal_greedy_decoding_one_at_a_time(tiny_run):
+  questions = ["What is it?", "A much longer question about the context of things?", "Hm"]
+  replies = evaluate.Asker(tiny_run, max_tokens=6, batch_size=2).ask(questions)
+  for question, reply in zip(questions, replies):
+    ids = tiny_run.chat_ids([{"role": "user", "content": question}])
+    assert reply == _greedy_alone(tiny_run, ids, 6).split("<|im_end|>")[0]
+
+
+def test_preference_margins_are_log_probability_sums(tiny_run):
+  rows = [{"prompt": [{"role": "user", "content": "Say yes"}], "chosen": "yes",
+           "rejected": "no thanks"}]
+  lp = evaluate._log_probs(tiny_run, [rows[0]["prompt"]] * 2, ["yes", "no thanks"])  # pylint: disable=protected-access
+  for reply, ours in zip(("yes", "no thanks"), lp):
+    context = tiny_run.chat_ids(rows[0]["prompt"])
+    text = chat_template.render(tiny_run.tokenizer.chat_template, rows[0]["prompt"] + [
+        {"role": "assistant", "content": reply}]).rstrip()  # the reply and its end marker
+    full = tiny_run.tokenizer.chat_ids(text)
+    logits = np.asarray(tiny_run.model.apply({"params": tiny_run.params},
+                                             jnp.asarray([full])), np.float64)[0]
+    top = logits.max(-1, keepdims=True)
+    logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+    expected = sum(logp[i - 1, full[i]] for i in range(len(context), len(full)))
+    assert ours == pytest.approx(expected, abs=1e-3)
+  result = evaluate.evaluate(tiny_run, "preference", rows)
+  assert result["accuracy"] == float(lp[0] > lp[1])
+  assert result["mean_margin"] == pytest.approx(lp[0] - lp[1])
+
+
+def test_the_command_prints_one_json_line(tiny_run, tmp_path):
+  squad = {"data": [{"paragraphs": [{"context": "lm is a codebase.", "qas": [
+      {"id": "1", "question": "What is lm?", "answers": [{"text": "a codebase"}]},
+      {"id": "2", "question": "Is it small?", "answers": [{"text": "yes"}]}]}]}]}
+  path = tmp_path / "squad.json"
+  path.write_text(json.dumps(squad), encoding="utf-8")
+  out = subprocess.run([sys.executable, "-m", "lm.evaluate", f"--workdir={tiny_run.workdir}",
+                        "--task=squad", f"--data={path}", "--max_tokens=4", "--limit=2"],
+                       cwd=REPO, env=user_env(), capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr
+  line = json.loads(out.stdout.strip().splitlines()[-1])
+  assert line["count"] == 2 and 0 <= line["f1"] <= 100 and "exact_match" in line
+
+
+def test_bad_evaluation_input_is_one_line(tiny_run, tmp_path):
+  bad = tmp_path / "gsm.jsonl"
+  bad.write_text('{"question": "1+1?", "answer": "2"}\n{oops\n', encoding="utf-8")
+  with pytest.raises(UserError, match="gsm.jsonl line 2: not valid JSON"):
+    evaluate.read_gsm(str(bad))
+  same = tmp_path / "pairs.jsonl"
+  same.write_text('{"prompt": "p", "chosen": "a", "rejected": "a"}\n', encoding="utf-8")
+  with pytest.raises(UserError, match="chosen equals rejected"):
+    evaluate.read_preference(str(same))
+  with pytest.raises(UserError, match="--labels"):
+    evaluate.evaluate(tiny_run, "classify", [{"text": "x", "label": 0}], max_tokens=2)

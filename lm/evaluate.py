@@ -110,30 +110,15 @@ def read_translate(path, source_language, target_language):
 
 
 def read_preference(path):
-  """[{prompt (messages), chosen, rejected}] of {prompt, chosen, rejected} records or
-  ShareGPT pairs ({conversations, chosen: {from, value}, rejected: {from, value}})."""
+  """[{prompt (turns), chosen, rejected}] of a file of preference pairs
+  (lm/data/conversations.py: pair_of)."""
   from lm.data import conversations  # pylint: disable=import-outside-toplevel
-  if path.endswith(".json"):
-    records = json.loads(_open_text(path))
-  else:
-    records = _jsonl(path)
-  out = []
-  for i, r in enumerate(records, 1):
-    where = f"{path} record {i}"
-    if "conversations" in r:
-      turns = [conversations._turn(t, "from", "value", where, conversations._SHAREGPT_ROLES)  # pylint: disable=protected-access
-               for t in r["conversations"]]
-      chosen, rejected = r["chosen"]["value"], r["rejected"]["value"]
-    elif "prompt" in r:
-      turns = [{"role": "user", "content": r["prompt"]}]
-      chosen, rejected = r["chosen"], r["rejected"]
-    else:
-      raise UserError(f"{where}: a preference pair needs prompt (or conversations), chosen "
-                      "and rejected")
-    if chosen == rejected:
-      raise UserError(f"{where}: chosen equals rejected")
-    out.append({"prompt": turns, "chosen": chosen, "rejected": rejected})
-  return out
+  try:
+    data = _open_text(path).encode("utf-8")
+  except UnicodeDecodeError as e:
+    raise UserError(f"--data: {path} is not UTF-8 text ({e.reason})") from None
+  return [{"prompt": turns, "chosen": chosen, "rejected": rejected}
+          for _, (turns, chosen, rejected) in conversations.read_pairs(path, data)]
 
 
 class Asker:

@@ -57,7 +57,7 @@ class Meter:
     rows, _ = batch.rows_and_length
     if lengths not in self._flops_at:
       self._flops_at[lengths] = self._example_flops(lengths)
-    self._tokens += batch.inputs_BxL.size
+    self._tokens += batch.num_tokens
     self._flops += n * rows * self._flops_at[lengths]
 
   @contextlib.contextmanager

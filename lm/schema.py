@@ -88,6 +88,13 @@ FIELDS = (
         ("beam_size", 4, {"bound": POSITIVE, **_RES}),
         ("length_penalty", 0.6, {"bound": NON_NEGATIVE, **_RES}),
         ("bleu_sentences", 0, {"bound": NON_NEGATIVE, **_RES}),
+        # dpo (Rafailov et al. 2023): beta, the strength of the KL anchor to the reference
+        # (init_from's model); the loss: dpo (-log sigmoid of beta times the margin) | ipo
+        # (Azar et al.: (margin - 1 / (2 beta))^2); dpo_label_smoothing: conservative DPO's
+        # share of flipped labels (Mitchell 2023), in [0, 0.5).
+        ("beta", 0.1, {"bound": POSITIVE}),
+        ("preference_loss", "dpo", {"choices": ("dpo", "ipo")}),
+        ("dpo_label_smoothing", 0.0, {"bound": UNIT}),
     ),
     *_fields(
         "peft",
@@ -229,7 +236,9 @@ FIELDS = (
         ("path", "", _RES),
         # ... | chat: conversations (JSON / JSONL: messages, ShareGPT, Alpaca or
         # prompt/completion records), a folder of <split>.jsonl files or one file
-        ("format", "text", {"choices": ("text", "parallel", "labelled", "tagged", "chat")}),
+        # ... | preference: pairs of a prompt and a chosen and a rejected reply (same files)
+        ("format", "text", {"choices": ("text", "parallel", "labelled", "tagged", "chat",
+                                        "preference")}),
         ("data_dir", "", _RES),  # where built datasets are cached; "": ~/.cache/lm/tfds
         # byte | char | unigram | bpe (SentencePiece, trained on the train split) |
         # pretrained (init_from's own, e.g. an imported Hugging Face tokenizer)

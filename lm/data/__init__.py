@@ -35,8 +35,9 @@ class Batching:
   rng is seeded by (seed, `salt`, window index), so a resumed run sees the same rows.
   examples: one row per record, `example(record, data, seq_len, target_len)`.
   packed: conversations packed several to a row (lm/data/packing.py).
+  pairs: preference pairs, a chosen and a rejected sequence per row.
   """
-  kind: str  # "windows" | "examples" | "packed"
+  kind: str  # "windows" | "examples" | "packed" | "pairs"
   transform: object = None  # windows: per-row function (masking, span corruption)
   salt: int = 0
   bucketed: bool = False  # windows: rows cut to data.length_bucket after the transform
@@ -72,7 +73,8 @@ class Data:
   num_threads: int = 2
   length_bucket: int = 0  # > 0: example batches cut to their length, rounded up to this
   sentinels: int = 0  # span corruption's sentinel ids, after the tokenizer's (model.extra_tokens)
-  # chat: split -> encoded conversations [(ids, weights)] that fit a row (packing.fit)
+  # chat: split -> encoded conversations [(ids, weights)] that fit a row (packing.fit);
+  # preference: split -> pairs of them (chosen, rejected)
   conversations: dict = dataclasses.field(default_factory=dict)
 
   @property
@@ -103,10 +105,11 @@ class Data:
   def _batching(self, batching):
     """`batching`, or the format's own (causal windows of text; rows of examples)."""
     batching = batching or FORMAT_BATCHING.get(self.format, EXAMPLE_BATCHING)
-    if (batching.kind == "packed") != bool(self.conversations):
-      wants = ("this objective trains on conversations (format chat)"
-               if batching.kind == "packed" else "conversations (format chat) train the "
-               "sft objective")
+    wanted = {"packed": "chat", "pairs": "preference"}.get(batching.kind)
+    if wanted != (self.format if self.format in ("chat", "preference") else None):
+      wants = (f"this objective trains on format {wanted}" if wanted else
+               f"format {self.format} trains the {'sft' if self.format == 'chat' else 'dpo'} "
+               "objective")
       raise UserError(f"config.data: {wants}; {self.source} is {self.format}")
     if batching.windows and not self.streams:
       raise UserError(f"config.data: this objective trains on a token stream: a text or "
@@ -121,6 +124,9 @@ class Data:
     if batching.kind == "packed":
       batch_fn = packing.PackedTraining(self.conversations["train"], seq_len, seed,
                                         self.tokenizer.pad_id).batch
+    elif batching.kind == "pairs":
+      batch_fn = packing.PairTraining(self.conversations["train"], seq_len, seed,
+                                      self.tokenizer.pad_id).batch
     elif batching.windows:
       batch_fn = pipeline.StreamWindows(self.streams["train"], seq_len, seed,
                                         self.tokenizer.pad_id).batch
@@ -141,6 +147,12 @@ class Data:
                    batching=None, seed=0, target_len=None):
     """Grain MapDataset over every example of `split` once, in order, padded at the end."""
     batching = self._batching(batching)
+    if batching.kind == "pairs":
+      pairs = self.conversations.get(split, [])
+      return pipeline.eval_batches(
+          len(pairs), lambda indices: packing.pair_rows(pairs, indices, seq_len,
+                                                        self.tokenizer.pad_id),
+          batch_size, process_index, process_count)
     if batching.kind == "packed":
       encoded = self.conversations.get(split, [])
       rows = packing.pack([len(ids) for ids, _ in encoded], range(len(encoded)), seq_len)
@@ -208,8 +220,11 @@ def _training_texts(prepared):
                                                                        ("text",))
   for i in range(len(records)):
     record = records[i]
-    if prepared.format == "chat":
-      yield "\n".join(turn["content"] for turn in json.loads(record["messages"]))
+    if prepared.format in ("chat", "preference"):
+      turns = json.loads(record["messages" if prepared.format == "chat" else "prompt"])
+      yield "\n".join([t["content"] for t in turns] +
+                      ([record["chosen"], record["rejected"]]
+                       if prepared.format == "preference" else []))
       continue
     for field in fields:
       yield record[field].replace("\t", " ") if prepared.format == "tagged" else record[field]
@@ -232,7 +247,7 @@ def make_data(config, tokenizer_spec=None, windows=False):
                                             config.data.num_threads)
                for split, records in prepared.sources.items()}
   chats = _encoded_conversations(prepared, tokenizer, config.data) if (
-      prepared.format == "chat") else {}
+      prepared.format in ("chat", "preference")) else {}
   return Data(prepared=prepared, tokenizer=tokenizer, streams=streams,
               num_threads=config.data.num_threads, length_bucket=config.data.length_bucket,
               sentinels=config.model.extra_tokens, conversations=chats)
@@ -248,12 +263,22 @@ def _encoded_conversations(prepared, tokenizer, data_config):
                     "none (its checkpoint ships none); use one that does, or lm's own "
                     "tokenizers (ChatML)")
   out = {}
+  pairs = prepared.format == "preference"
   for split, records in prepared.sources.items():
-    encoded = [conversations_lib.encode(json.loads(records[i]["messages"]), tokenizer,
-                                        data_config.train_on) for i in range(len(records))]
-    kept, truncated, dropped = packing.fit(encoded, data_config.seq_len, data_config.overflow)
+    if pairs:
+      encoded = [conversations_lib.encode_pair(json.loads(r["prompt"]), r["chosen"],
+                                               r["rejected"], tokenizer)
+                 for r in (records[i] for i in range(len(records)))]
+      kept, truncated, dropped = packing.fit_pairs(encoded, data_config.seq_len,
+                                                   data_config.overflow)
+    else:
+      encoded = [conversations_lib.encode(json.loads(records[i]["messages"]), tokenizer,
+                                          data_config.train_on) for i in range(len(records))]
+      kept, truncated, dropped = packing.fit(encoded, data_config.seq_len,
+                                             data_config.overflow)
     if truncated or dropped:
-      metrics.log(f"lm: {split}: of {len(encoded):,} conversations, {truncated:,} longer than "
+      kind = "pairs" if pairs else "conversations"
+      metrics.log(f"lm: {split}: of {len(encoded):,} {kind}, {truncated:,} longer than "
                   f"data.seq_len + 1 = {data_config.seq_len + 1} tokens truncated and "
                   f"{dropped:,} dropped (longer, with data.overflow=drop, or no token to "
                   "learn left)")

@@ -18,6 +18,8 @@ Three formats, chosen by `config.data.format`:
     validation_fraction / test_fraction (a seeded shuffle). Any of the shapes
     lm/data/conversations.py reads. Records: {"messages"}: the turns as a JSON list of
     {"role", "content"}.
+  * preference: pairs of replies to one prompt, in the same files: {prompt, chosen,
+    rejected} or ShareGPT's pairs. Records: {"prompt" (turns, JSON), "chosen", "rejected"}.
 
 For a folder of split files, a name starting with train goes to train, val/valid/dev to
 validation and test to test. Each built dataset is named by a hash of its sources' checksums
@@ -258,7 +260,17 @@ def _tagged_examples(data_config):
 
 
 def _chat_examples(data_config):
+  return _json_examples(data_config, "chat")
+
+
+def _preference_examples(data_config):
+  return _json_examples(data_config, "preference")
+
+
+def _json_examples(data_config, fmt):
+  """Conversations (chat) or preference pairs from JSONL / JSON files."""
   from lm.data import conversations  # pylint: disable=import-outside-toplevel
+  read = conversations.read_file if fmt == "chat" else conversations.read_pairs
   path = os.path.abspath(data_config.path)
   if os.path.isdir(path):
     files = _split_files(path, r"(.+)\.(?:jsonl|json)")
@@ -271,7 +283,7 @@ def _chat_examples(data_config):
     data = _read_bytes(file)
     checksums[file] = _md5(data)
     try:
-      turns[split] = conversations.read_file(file, data)
+      turns[split] = read(file, data)
     except UnicodeDecodeError as e:
       raise UserError(f"config.data.path: {file} is not UTF-8 text ({e.reason} at byte "
                       f"{e.start})") from None
@@ -290,9 +302,11 @@ def _chat_examples(data_config):
              "train": order[n_val + n_test:]}
     turns = {split: [records[i] for i in sorted(idx)] for split, idx in parts.items()
              if len(idx)}
-  examples = {split: [(f"{split}/{number}", {"messages": json.dumps(messages,
-                                                                    ensure_ascii=False)})
-                      for number, messages in items] for split, items in turns.items()}
+  dump = lambda x: json.dumps(x, ensure_ascii=False)
+  record = ((lambda m: {"messages": dump(m)}) if fmt == "chat" else
+            (lambda pair: {"prompt": dump(pair[0]), "chosen": pair[1], "rejected": pair[2]}))
+  examples = {split: [(f"{split}/{number}", record(item)) for number, item in items]
+              for split, items in turns.items()}
   return path, checksums, examples, ()
 
 
@@ -340,7 +354,7 @@ def _read_table(path, text, data_config):
 
 _READERS = {"text": _text_examples, "parallel": _parallel_examples,
             "labelled": _labelled_examples, "tagged": _tagged_examples,
-            "chat": _chat_examples}
+            "chat": _chat_examples, "preference": _preference_examples}
 
 
 # ---------------------------------------------------------------------------------------
@@ -397,8 +411,12 @@ def _builder_classes():
   class LmChat(_Local):
     FEATURES = {"messages": "text"}
 
+  class LmPreference(_Local):
+    FEATURES = {"prompt": "text", "chosen": "text", "rejected": "text"}
+
   _builder_classes.cache = {"text": LmText, "parallel": LmParallel, "labelled": LmLabelled,
-                            "tagged": LmTagged, "chat": LmChat}
+                            "tagged": LmTagged, "chat": LmChat,
+                            "preference": LmPreference}
   return _builder_classes.cache
 
 
@@ -436,7 +454,8 @@ def _settings_key(data_config):
   keys = {"text": ("validation_fraction", "test_fraction"),
           "parallel": ("source_language", "target_language"),
           "labelled": ("label_column", "text_column"), "tagged": (),
-          "chat": ("validation_fraction", "test_fraction")}[data_config.format]
+          "chat": ("validation_fraction", "test_fraction"),
+          "preference": ("validation_fraction", "test_fraction")}[data_config.format]
   return {k: data_config[k] for k in keys}
 
 

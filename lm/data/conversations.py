@@ -88,25 +88,8 @@ def _turn(message, role_key, content_key, where, roles):
 def read_file(path, data):
   """[(line number, messages)] of a .jsonl file (one record a line) or a .json file (a list
   of records, numbered from 1); `data` is the file's bytes."""
-  text = data.decode("utf-8", errors="strict")
-  if path.endswith(".json"):
-    try:
-      records = json.loads(text)
-    except json.JSONDecodeError as e:
-      raise UserError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
-    if not isinstance(records, list):
-      raise UserError(f"{path}: a .json conversation file holds a list of records")
-    return [(i, messages_of(r, f"{path} record {i}")) for i, r in enumerate(records, 1)]
-  out = []
-  for number, line in enumerate(text.split("\n"), 1):
-    if not line.strip():
-      continue
-    try:
-      record = json.loads(line)
-    except json.JSONDecodeError as e:
-      raise UserError(f"{path} line {number}: not valid JSON ({e.msg})") from None
-    out.append((number, messages_of(record, f"{path} line {number}")))
-  return out
+  return [(number, messages_of(record, where)) for number, record, where in
+          _records(path, data)]
 
 
 def encode(messages, tokenizer, train_on="all_assistant", template=None):
@@ -136,3 +119,61 @@ def encode(messages, tokenizer, train_on="all_assistant", template=None):
                       "told apart); set data.train_on=everything")
     weights[len(start):len(end)] = 1.0
   return np.asarray(ids, np.int32), weights
+
+
+def pair_of(record, where):
+  """(prompt turns, chosen reply, rejected reply) of a preference record: {prompt, chosen,
+  rejected} with a prompt text (TruthfulQA's pairs) or turns, or ShareGPT's {conversations,
+  chosen: {from, value}, rejected: {from, value}}."""
+  if not isinstance(record, dict) or "chosen" not in record or "rejected" not in record:
+    raise UserError(f"{where}: a preference pair needs chosen and rejected (and prompt or "
+                    "conversations)")
+  if "conversations" in record:
+    turns = [_turn(m, "from", "value", where, _SHAREGPT_ROLES)
+             for m in _list(record, "conversations", where)]
+    reply = lambda key: (_turn(record[key], "from", "value", where, _SHAREGPT_ROLES)["content"]
+                         if isinstance(record[key], dict) else _text(record, key, where))
+  elif "prompt" in record:
+    turns = ([{"role": "user", "content": _text(record, "prompt", where)}]
+             if not isinstance(record["prompt"], list) else
+             [_turn(m, "role", "content", where, ROLES) for m in record["prompt"]])
+    reply = lambda key: _text(record, key, where)
+  else:
+    raise UserError(f"{where}: a preference pair needs a prompt or conversations")
+  chosen, rejected = reply("chosen"), reply("rejected")
+  if chosen == rejected:
+    raise UserError(f"{where}: chosen equals rejected")
+  if turns[-1]["role"] == "assistant":
+    raise UserError(f"{where}: the prompt ends with an assistant turn; the replies follow it")
+  return turns, chosen, rejected
+
+
+def read_pairs(path, data):
+  """[(line number, (turns, chosen, rejected))] of a .jsonl or .json file of pairs."""
+  return [(number, pair_of(record, where)) for number, record, where in _records(path, data)]
+
+
+def _records(path, data):
+  text = data.decode("utf-8", errors="strict")
+  if path.endswith(".json"):
+    try:
+      records = json.loads(text)
+    except json.JSONDecodeError as e:
+      raise UserError(f"{path}: not valid JSON (line {e.lineno}: {e.msg})") from None
+    if not isinstance(records, list):
+      raise UserError(f"{path}: a .json file of records holds a list of them")
+    return [(i, r, f"{path} record {i}") for i, r in enumerate(records, 1)]
+  out = []
+  for number, line in enumerate(text.split("\n"), 1):
+    if line.strip():
+      try:
+        out.append((number, json.loads(line), f"{path} line {number}"))
+      except json.JSONDecodeError as e:
+        raise UserError(f"{path} line {number}: not valid JSON ({e.msg})") from None
+  return out
+
+
+def encode_pair(turns, chosen, rejected, tokenizer):
+  """Two (ids, weights): the prompt followed by each reply, weight 1 on the reply's tokens."""
+  return tuple(encode(turns + [{"role": "assistant", "content": reply}], tokenizer,
+                      "last_assistant") for reply in (chosen, rejected))

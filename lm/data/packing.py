@@ -113,3 +113,50 @@ class PackedTraining:
   def batch(self, indices):
     return rows_to_batch(self.encoded, [self.row(int(i)) for i in indices], self.seq_len,
                          self.pad_id)
+
+
+def fit_pairs(pairs, seq_len, overflow):
+  """(pairs whose two sequences both fit a row, truncated, dropped): packing.fit's rule on
+  each side; a pair loses both sides if either goes."""
+  kept, truncated, dropped = [], 0, 0
+  for chosen, rejected in pairs:
+    sides, cut = fit([chosen, rejected], seq_len, overflow)[0:2]
+    if len(sides) < 2:
+      dropped += 1
+      continue
+    truncated += bool(cut)
+    kept.append(tuple(sides))
+  return kept, truncated, dropped
+
+
+def pair_rows(pairs, indices, seq_len, pad_id):
+  """Host batch of preference pairs: chosen_* and rejected_* {inputs, targets, weights}
+  [B, L], one sequence a row from position 0 (padding after it: weight 0)."""
+  out = {}
+  for side, name in enumerate(("chosen", "rejected")):
+    rows = rows_to_batch([pairs[int(i)][side] for i in indices],
+                         [[r] for r in range(len(indices))], seq_len, pad_id)
+    out.update({f"{name}_{k}": rows[k] for k in ("inputs", "targets", "weights")})
+  return out
+
+
+class PairTraining:
+  """Training rows of preference pairs: each epoch a fresh seeded order of the pairs."""
+
+  def __init__(self, pairs, seq_len, seed, pad_id):
+    if not pairs:
+      raise UserError("config.data: no training pair has reply tokens to compare")
+    self.pairs, self.seq_len, self.seed, self.pad_id = pairs, seq_len, seed, pad_id
+    self._orders = {}
+    self._lock = threading.Lock()
+
+  def _pair(self, index):
+    epoch, at = divmod(int(index), len(self.pairs))
+    with self._lock:
+      if epoch not in self._orders:
+        self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(
+            len(self.pairs))
+      return int(self._orders[epoch][at])
+
+  def batch(self, indices):
+    return pair_rows(self.pairs, [self._pair(i) for i in indices], self.seq_len, self.pad_id)

@@ -3,6 +3,7 @@
     objective       task (module)                    model                         data (*)
     causal          CausalLM (causal.py)             Decoder                       text
     sft             ChatSFT (sft.py)                 Decoder                       chat
+    dpo             DPO (preference.py)              Decoder (LoRA; base = reference) preference
     mlm             MaskedLM (masked.py)             EncoderWithHead(mlm)          text
     classification  Classification (classify.py)     EncoderWithHead(pooled, n)    labelled
     regression      Regression (classify.py)         EncoderWithHead(pooled, 1)    labelled
@@ -27,12 +28,13 @@ from lm.tasks.causal import CausalLM
 from lm.tasks.classify import Classification, LabelBatch, Regression, TagBatch, Tagging
 from lm.tasks.masked import MaskedLM
 from lm.tasks.seq2seq import Seq2Seq, Seq2SeqBatch, SpanCorruption
+from lm.tasks.preference import DPO, PreferenceBatch
 from lm.tasks.sft import ChatSFT
 
 __all__ = ["Batch", "LabelBatch", "REGISTRY", "Seq2SeqBatch", "TagBatch", "Task", "TokenBatch",
            "get", "make", "make_from_config"]
 
-REGISTRY = {cls.name: cls for cls in (CausalLM, ChatSFT, MaskedLM, Classification, Regression, Tagging,
+REGISTRY = {cls.name: cls for cls in (CausalLM, ChatSFT, DPO, MaskedLM, Classification, Regression, Tagging,
                                       Seq2Seq, SpanCorruption)}
 OBJECTIVES = tuple(REGISTRY)
 
@@ -46,13 +48,14 @@ def get(objective):
 
 
 def make(objective, model_cfg, num_labels=0, pooling="cls", adapters=None,
-         label_smoothing=0.0):
-  """A task instance: its model built for `model_cfg` (lm.models.ModelConfig)."""
+         label_smoothing=0.0, options=None):
+  """A task instance: its model built for `model_cfg` (lm.models.ModelConfig). `options`:
+  config.task's fields, for the tasks that read more of them (dpo's beta)."""
   return get(objective)(model_cfg, num_labels=num_labels, pooling=pooling, adapters=adapters,
-                        label_smoothing=label_smoothing)
+                        label_smoothing=label_smoothing, options=options)
 
 
 def make_from_config(config, model_cfg, num_labels, adapters=None):
   """The task config.task describes."""
   return make(config.task.objective, model_cfg, num_labels, config.task.pooling, adapters,
-              config.task.label_smoothing)
+              config.task.label_smoothing, config.task.to_dict())

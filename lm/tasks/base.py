@@ -62,6 +62,11 @@ class Batch:
     """(B, L) of the batch's inputs (a leading steps axis, if stacked, is not counted)."""
     return tuple(self.inputs_BxL.shape[-2:])
 
+  @property
+  def num_tokens(self):
+    """Input positions in the batch, padding included (tokens/s counts them)."""
+    return self.inputs_BxL.size
+
 
 @flax.struct.dataclass
 class TokenBatch(Batch):
@@ -97,10 +102,11 @@ class Task(abc.ABC):
   causal_attention: ClassVar[bool] = False  # the (decoder's) self-attention is causal
 
   def __init__(self, model_cfg, num_labels=0, pooling="cls", adapters=None,
-               label_smoothing=0.0):
+               label_smoothing=0.0, options=None):
     """`adapters`: lora.Adapters that init and apply add to the model (never to the head).
-    `label_smoothing`: of the training loss of token predictions."""
+    `label_smoothing`: of the training loss of token predictions. `options`: config.task."""
     self.model_cfg, self.num_labels, self.pooling = model_cfg, num_labels, pooling
+    self.options = dict(options or {})
     self.label_smoothing = label_smoothing
     self.model = self.build_model()
     self.adapters = adapters and dataclasses.replace(adapters, skip=self.head_keys)

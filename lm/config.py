@@ -58,6 +58,8 @@ def _check_field(field, value):
     return
   if expected is int and isinstance(value, bool):
     raise ConfigError(field.name, f"must be an int, got {value!r}")
+  if expected is tuple and isinstance(value, list):  # a tuple read back from JSON
+    value = tuple(value)
   if not isinstance(value, expected) and not (
       expected is float and isinstance(value, int) and not isinstance(value, bool)):
     raise ConfigError(field.name, f"must be a {expected.__name__}, got {value!r}")
@@ -142,6 +144,12 @@ def validate(config, num_devices):
                         f"expression ({e})") from None
 
   tasks.get(config.task.objective).check_config(config)
+  if d.mixture:
+    from lm.data import mixture  # pylint: disable=import-outside-toplevel
+    if d.format != "chat" or d.path:
+      raise ConfigError("data.mixture", "mixes chat datasets: set data.format=chat and leave "
+                        "data.path empty (each source has its own path)")
+    mixture.check(d.mixture)
   if tasks.get(config.task.objective).architecture == "encoder_decoder":
     decoder_only = {"norm_position": ("sandwich",), "sliding_window": None,
                     "attn_softcap": None, "final_softcap": None}

@@ -254,6 +254,10 @@ FIELDS = (
         ("label_column", "label"),
         ("text_column", ""),
         ("num_threads", 2, {"bound": POSITIVE, **_RES}),  # Grain threads
+        # chat: several datasets mixed by weight, each turned into conversations by prompt
+        # templates (lm/data/mixture.py): a tuple of {path, weight, reader, user,
+        # assistant, system} dicts; () reads data.path alone.
+        ("mixture", (), {"type": tuple}),
         # chat: the tokens a conversation's loss weighs (lm/data/conversations.py):
         # all_assistant | last_assistant | everything
         ("train_on", "all_assistant",

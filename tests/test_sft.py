@@ -12,7 +12,7 @@ import pytest
 from conftest import STDLIB_TEXT, tiny_config
 
 from lm import loop
-from lm.data import conversations, packing
+from lm.data import conversations, mixture, packing
 from lm.data.tokenizers import ByteTokenizer, HfTokenizer
 from lm.errors import UserError
 from lm.models import Decoder, ModelConfig
@@ -173,3 +173,78 @@ def test_sft_needs_conversations_and_conversations_need_sft(tmp_path, one_device
   with pytest.raises(UserError, match="sft"):
     loop.run(_sft_config(_chat_file(tmp_path / "c.jsonl"), **{"task.objective": "causal"}),
              str(tmp_path / "b"), devices=one_device)
+
+
+# Task mixtures (lm/data/mixture.py).
+
+def _mixture_sources(tmp_path):
+  squad = {"data": [{"paragraphs": [{"context": f"Paragraph {i} is about the number {i}.",
+                                     "qas": [{"id": str(i), "question": f"Which number is {i}?",
+                                              "answers": [{"text": str(i)}]}]}
+                                    for i in range(30)]}]}
+  (tmp_path / "squad.json").write_text(json.dumps(squad), encoding="utf-8")
+  with open(tmp_path / "gsm.jsonl", "w", encoding="utf-8") as f:
+    for i in range(30):
+      f.write(json.dumps({"question": f"What is {i} + {i}?", "answer": str(2 * i)}) + "\n")
+  return ({"path": str(tmp_path / "squad.json"), "reader": "squad", "weight": 3.0,
+           "user": "{context}\nQ: {question}", "assistant": "{answer}"},
+          {"path": str(tmp_path / "gsm.jsonl"), "reader": "jsonl", "weight": 1.0,
+           "user": "{question}", "assistant": "#### {answer}"})
+
+
+def _mixture_config(mix, **overrides):
+  config = _sft_config("", **overrides)
+  config.data.mixture = mix
+  return config
+
+
+def test_weighted_draws_follow_the_weights_and_visit_each_source_in_turn():
+  sizes, weights = [100, 50], [3.0, 1.0]
+  order = mixture.weighted_order(sizes, weights, seed=0, epoch=0)
+  assert len(order) == 150
+  share = np.mean(order < 100)
+  assert abs(share - 0.75) < 0.08, share  # binomial sd 0.035
+  small = order[order >= 100] - 100  # the small source cycles its shuffle, none repeats early
+  assert len(set(small[:50].tolist())) == min(len(small), 50)
+  assert not np.array_equal(order, mixture.weighted_order(sizes, weights, seed=0, epoch=1))
+
+
+def test_a_mixture_trains_logs_its_shares_and_resumes_exactly(tmp_path, one_device, capsys):
+  mix = _mixture_sources(tmp_path)
+  config = _mixture_config(mix)
+  straight = loop.run(config, str(tmp_path / "a"), devices=one_device)
+  assert "mixture source 0" in capsys.readouterr().out
+  first = loop.run(config, str(tmp_path / "b"), devices=one_device, stop_after=3)
+  second = loop.run(config, str(tmp_path / "b"), devices=one_device)
+  assert {**first.train_losses, **second.train_losses} == straight.train_losses
+  data = __import__("lm.data", fromlist=["make_data"]).make_data(config)
+  shares = data.mixture_shares(config.train.seed)
+  assert shares[0][0] > shares[1][0]  # weight 3 against 1
+  templated = [json.loads(data.prepared.sources["train"][i]["messages"])
+               for i in range(len(data.prepared.sources["train"]))]
+  users = [t[0]["content"] for t in templated]
+  assert any(u.startswith("What is ") and u.endswith("?") for u in users)  # the jsonl's
+  assert any(u.startswith("Paragraph") and "\nQ: Which number is" in u for u in users)
+  answers = {t[0]["content"]: t[1]["content"] for t in templated}
+  assert answers.get("What is 4 + 4?", "#### 8") == "#### 8"
+
+
+@pytest.mark.parametrize("entry,message", [
+    ({"path": "x.jsonl", "weight": 0}, r"data.mixture\[0\]: weight must be a number > 0"),
+    ({"path": "x.jsonl", "weight": -1.0}, "weight must be a number > 0"),
+    ({"path": "x.jsonl", "reader": "jsonl"}, "needs user and assistant templates"),
+    ({"path": "x.jsonl", "colour": "red"}, "unknown key 'colour'"),
+])
+def test_bad_mixtures_are_one_line_config_errors(tmp_path, one_device, entry, message):
+  from lm.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ConfigError, match=message):
+    loop.run(_mixture_config((entry,)), str(tmp_path / "run"), devices=one_device)
+
+
+def test_a_template_naming_a_missing_field_is_named(tmp_path, one_device):
+  squad, gsm = _mixture_sources(tmp_path)
+  with pytest.raises(UserError, match=r"gsm.jsonl line 1: the mixture's template names "
+                                      r"\{solution\}"):
+    loop.run(_mixture_config((squad, {**gsm, "assistant": "{solution}"})),
+             str(tmp_path / "run"), devices=one_device)
+  assert not (tmp_path / "run" / "checkpoints").exists()

@@ -17,7 +17,7 @@ import grain
 import numpy as np
 
 from lm.data import conversations as conversations_lib
-from lm.data import examples, packing, pipeline
+from lm.data import examples, mixture, packing, pipeline
 from lm.data.builders import Prepared, default_data_dir, prepare
 from lm.data.tokenizers import (ByteTokenizer, CharTokenizer, SentencePieceTokenizer,
                                 fingerprint, from_dict, train_tokenizer)
@@ -76,6 +76,9 @@ class Data:
   # chat: split -> encoded conversations [(ids, weights)] that fit a row (packing.fit);
   # preference: split -> pairs of them (chosen, rejected)
   conversations: dict = dataclasses.field(default_factory=dict)
+  # a mixture (data.mixture): split -> each kept conversation's source, and the weights
+  sources: dict = dataclasses.field(default_factory=dict)
+  weights: tuple = ()
 
   @property
   def format(self):
@@ -123,7 +126,7 @@ class Data:
     batching = self._batching(batching)
     if batching.kind == "packed":
       batch_fn = packing.PackedTraining(self.conversations["train"], seq_len, seed,
-                                        self.tokenizer.pad_id).batch
+                                        self.tokenizer.pad_id, self.mixed_order(seed)).batch
     elif batching.kind == "pairs":
       batch_fn = packing.PairTraining(self.conversations["train"], seq_len, seed,
                                       self.tokenizer.pad_id).batch
@@ -175,6 +178,29 @@ class Data:
         num, self._bucketed(pipeline.rows(self._record_examples(split, seq_len, target_len,
                                                                 batching)), process_count),
         batch_size, process_index, process_count)
+
+  def mixed_order(self, seed):
+    """A mixture's epochs: weighted draws from its sources (None for one dataset)."""
+    if not self.weights:
+      return None
+    sources = np.asarray(self.sources["train"])
+    sizes = [int((sources == s).sum()) for s in range(len(self.weights))]
+    by_source = [np.flatnonzero(sources == s) for s in range(len(self.weights))]
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+
+    def order(epoch):
+      drawn = mixture.weighted_order(sizes, self.weights, seed, epoch)
+      which = np.searchsorted(starts, drawn, side="right") - 1
+      return np.asarray([by_source[s][d - starts[s]] for s, d in zip(which, drawn)])
+    return order
+
+  def mixture_shares(self, seed, epoch=0):
+    """Each source's share of an epoch's training conversations and of its tokens."""
+    order = self.mixed_order(seed)(epoch)
+    sources = np.asarray(self.sources["train"])[order]
+    tokens = np.asarray([len(self.conversations["train"][i][0]) for i in order])
+    return [(float(np.mean(sources == s)), float(tokens[sources == s].sum() / tokens.sum()))
+            for s in range(len(self.weights))]
 
   def iterator(self, dataset, state=None):
     return pipeline.iterator(dataset, self.num_threads, state=state)
@@ -246,14 +272,24 @@ def make_data(config, tokenizer_spec=None, windows=False):
     streams = {split: pipeline.token_stream(records, tokenizer, os.path.join(cache, split),
                                             config.data.num_threads)
                for split, records in prepared.sources.items()}
-  chats = _encoded_conversations(prepared, tokenizer, config.data) if (
+  sources = {}
+  chats = _encoded_conversations(prepared, tokenizer, config.data, sources) if (
       prepared.format in ("chat", "preference")) else {}
-  return Data(prepared=prepared, tokenizer=tokenizer, streams=streams,
+  weights = tuple(float(e.get("weight", 1.0)) for e in config.data.get("mixture", ()))
+  data = Data(prepared=prepared, tokenizer=tokenizer, streams=streams,
               num_threads=config.data.num_threads, length_bucket=config.data.length_bucket,
-              sentinels=config.model.extra_tokens, conversations=chats)
+              sentinels=config.model.extra_tokens, conversations=chats,
+              sources=sources if weights else {}, weights=weights)
+  if weights:
+    from lm import metrics  # pylint: disable=import-outside-toplevel
+    for i, (share, token_share) in enumerate(data.mixture_shares(config.train.seed)):
+      metrics.log(f"lm: mixture source {i} ({config.data.mixture[i]['path']}): weight "
+                  f"{weights[i]:g}, {share:.1%} of the training conversations, "
+                  f"{token_share:.1%} of their tokens")
+  return data
 
 
-def _encoded_conversations(prepared, tokenizer, data_config):
+def _encoded_conversations(prepared, tokenizer, data_config, sources=None):
   """split -> conversations rendered with the tokenizer's chat template and encoded with
   their loss weights (data.train_on), those longer than a row truncated or dropped
   (data.overflow) and counted in the log."""
@@ -272,10 +308,14 @@ def _encoded_conversations(prepared, tokenizer, data_config):
       kept, truncated, dropped = packing.fit_pairs(encoded, data_config.seq_len,
                                                    data_config.overflow)
     else:
-      encoded = [conversations_lib.encode(json.loads(records[i]["messages"]), tokenizer,
-                                          data_config.train_on) for i in range(len(records))]
+      rows = [records[i] for i in range(len(records))]
+      encoded = [conversations_lib.encode(json.loads(r["messages"]), tokenizer,
+                                          data_config.train_on) for r in rows]
+      kept_indices = []
       kept, truncated, dropped = packing.fit(encoded, data_config.seq_len,
-                                             data_config.overflow)
+                                             data_config.overflow, kept_indices)
+      if sources is not None and rows and "source" in rows[0]:
+        sources[split] = [int(rows[i]["source"]) for i in kept_indices]
     if truncated or dropped:
       kind = "pairs" if pairs else "conversations"
       metrics.log(f"lm: {split}: of {len(encoded):,} {kind}, {truncated:,} longer than "

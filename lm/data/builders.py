@@ -310,6 +310,35 @@ def _json_examples(data_config, fmt):
   return path, checksums, examples, ()
 
 
+def _mixture_examples(data_config):
+  """data.mixture's sources, each read into conversations by its reader and templates and
+  split by the fractions (lm/data/mixture.py). Records: {"messages", "source"}."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  from lm.data import mixture  # pylint: disable=import-outside-toplevel
+  checksums, examples = {}, {}
+  for source, entry in enumerate(data_config.mixture):
+    path = os.path.abspath(os.path.expanduser(entry["path"]))
+    data = _read_bytes(path, f"config.data.mixture[{source}].path")
+    checksums[path] = _md5(data)
+    items = mixture.conversations_of(entry, path, data)
+    if len(items) < 2:
+      raise UserError(f"config.data.mixture[{source}]: {path} has {len(items)} "
+                      "conversations; a source needs some for training and validation")
+    order = np.random.default_rng([0, source]).permutation(len(items))
+    n_val = max(1, round(len(items) * data_config.validation_fraction))
+    n_test = round(len(items) * data_config.test_fraction)
+    parts = {"validation": order[:n_val], "test": order[n_val:n_val + n_test],
+             "train": order[n_val + n_test:]}
+    for split, idx in parts.items():
+      examples.setdefault(split, []).extend(
+          (f"{split}/{source}/{items[i][0]}",
+           {"messages": json.dumps(items[i][1], ensure_ascii=False), "source": source})
+          for i in sorted(idx))
+  examples = {split: ex for split, ex in examples.items() if ex}
+  return "a mixture of " + ", ".join(e["path"] for e in data_config.mixture), checksums, \
+      examples, ()
+
+
 def _read_table(path, text, data_config):
   """[(line number, label string, text)] from a TSV/CSV file with a header line."""
   delimiter = "\t" if path.endswith(".tsv") else ","
@@ -411,12 +440,15 @@ def _builder_classes():
   class LmChat(_Local):
     FEATURES = {"messages": "text"}
 
+  class LmMixture(_Local):
+    FEATURES = {"messages": "text", "source": "int"}
+
   class LmPreference(_Local):
     FEATURES = {"prompt": "text", "chosen": "text", "rejected": "text"}
 
   _builder_classes.cache = {"text": LmText, "parallel": LmParallel, "labelled": LmLabelled,
                             "tagged": LmTagged, "chat": LmChat,
-                            "preference": LmPreference}
+                            "preference": LmPreference, "mixture": LmMixture}
   return _builder_classes.cache
 
 
@@ -470,18 +502,24 @@ def prepare(data_config):
                       f"{data_config.format}")
     data_config = data_config.copy_and_resolve_references()
     data_config.path = downloads.fetch(name, data_dir)
-  elif not data_config.path and name not in LOCAL_NAMES:
+  elif not data_config.path and name not in LOCAL_NAMES and not data_config.get("mixture"):
     return _prepare_catalog(name, data_config, data_dir)
   fmt = data_config.format
   if fmt not in _READERS:
     raise UserError(f"config.data.format: {fmt!r} is not one of {', '.join(_READERS)}")
-  source, checksums, examples, label_names = _READERS[fmt](data_config)
+  mixed = bool(data_config.get("mixture"))
+  source, checksums, examples, label_names = (_mixture_examples if mixed else
+                                              _READERS[fmt])(data_config)
   if not examples.get("train"):
     raise UserError(f"config.data: the train split of {source} is empty")
+  settings = _settings_key(data_config)
+  if mixed:  # what shapes the records: each source's reader and templates
+    settings["mixture"] = [{k: v for k, v in e.items() if k not in ("path", "weight")}
+                           for e in data_config.mixture]
   key = json.dumps({"version": VERSION, "format": fmt, "checksums": checksums,
-                    "settings": _settings_key(data_config)}, sort_keys=True)
+                    "settings": settings}, sort_keys=True)
   fingerprint = _md5(key.encode("utf-8"))[:16]
-  cls = _builder_classes()[fmt]
+  cls = _builder_classes()["mixture" if mixed else fmt]
   with _lock(data_dir, f"{fmt}-{fingerprint}"), _quiet():
     builder = cls(name=f"h{fingerprint}", examples=examples, checksums=checksums,
                   source=source, label_names=label_names, data_dir=data_dir,

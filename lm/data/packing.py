@@ -19,11 +19,12 @@ import numpy as np
 from lm.errors import UserError
 
 
-def fit(encoded, seq_len, overflow):
+def fit(encoded, seq_len, overflow, kept_indices=None):
   """(conversations that fit a row of seq_len positions, how many were truncated, dropped).
-  `overflow`: truncate (keep the first seq_len + 1 tokens) or drop."""
+  `overflow`: truncate (keep the first seq_len + 1 tokens) or drop. `kept_indices`: a list
+  that gets the indices of the conversations kept."""
   kept, truncated, dropped = [], 0, 0
-  for ids, weights in encoded:
+  for index, (ids, weights) in enumerate(encoded):
     cut = len(ids) - 1 > seq_len
     if cut and overflow == "truncate":
       ids, weights = ids[:seq_len + 1], weights[:seq_len + 1]
@@ -32,6 +33,8 @@ def fit(encoded, seq_len, overflow):
       continue
     truncated += cut
     kept.append((ids, weights))
+    if kept_indices is not None:
+      kept_indices.append(index)
   return kept, truncated, dropped
 
 
@@ -77,10 +80,14 @@ class PackedTraining:
   """Training rows of packed conversations: `batch(indices)` holds the run's rows `indices`
   (row k of the whole run: epochs follow one another)."""
 
-  def __init__(self, encoded, seq_len, seed, pad_id):
+  def __init__(self, encoded, seq_len, seed, pad_id, order=None):
+    """`order(epoch)`: the conversations an epoch visits, in order (default: each once, in
+    a seeded shuffle; a mixture's weighted draws: lm/data/mixture.py)."""
     if not encoded:
       raise UserError("config.data: no training conversation has a token to learn")
     self.encoded, self.seq_len, self.seed, self.pad_id = encoded, seq_len, seed, pad_id
+    self.order = order or (lambda epoch: np.random.default_rng([seed, epoch]).permutation(
+        len(encoded)))
     self.lengths = np.asarray([len(ids) for ids, _ in encoded])
     self._epochs = []  # rows of each epoch packed so far
     self._starts = [0]  # the run's first row index of each epoch
@@ -93,8 +100,7 @@ class PackedTraining:
   def _packed(self, epoch):
     while len(self._epochs) <= epoch:
       e = len(self._epochs)
-      order = np.random.default_rng([self.seed, e]).permutation(len(self.encoded))
-      self._epochs.append(pack(self.lengths, order, self.seq_len))
+      self._epochs.append(pack(self.lengths, self.order(e), self.seq_len))
       self._starts.append(self._starts[-1] + len(self._epochs[-1]))
     return self._epochs[epoch]
 

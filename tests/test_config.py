@@ -16,7 +16,8 @@ def load_experiment(name):
   return lm_config.load_experiment(os.path.join(REPO, "experiments", f"{name}.py"))
 
 
-@pytest.mark.parametrize("name", ["base", "shakespeare_char"])
+@pytest.mark.parametrize("name", ["base", "shakespeare_char", "smollm_sft_squad",
+                                  "smollm_sft_gsm"])
 def test_experiments_are_valid(name):
   validate(load_experiment(name), num_devices=1)
 

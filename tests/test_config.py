@@ -17,7 +17,7 @@ def load_experiment(name):
 
 
 @pytest.mark.parametrize("name", ["base", "shakespeare_char", "smollm_sft_squad",
-                                  "smollm_sft_gsm"])
+                                  "smollm_sft_gsm", "smollm_dpo_pairs"])
 def test_experiments_are_valid(name):
   validate(load_experiment(name), num_devices=1)
 

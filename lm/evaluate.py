@@ -13,7 +13,8 @@ printed as one JSON line (the scores, the count of examples, the wall time).
     preference  JSONL of {prompt, chosen, rejected} (or ShareGPT pairs): the share of pairs
                 whose chosen reply the model gives more log-probability than the rejected
                 one; with --reference=DIR, more than the reference model does (DPO's
-                implicit reward margin > 0)
+                implicit reward margin > 0), and KL(model || reference) per token on
+                continuations sampled from the model (--max_tokens of them)
 
 Each example is asked as a one-turn chat, rendered with the model's own chat template
 (--prompt: the user message, a format string of the example's fields), and answered by
@@ -151,6 +152,43 @@ class Asker:
     return replies
 
 
+def _sequence_log_probs(loaded, context, continuation):
+  """Sum of log p(continuation | context) (both token id lists) in one forward pass."""
+  import jax  # pylint: disable=import-outside-toplevel
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  full = (list(context) + list(continuation))[-loaded.model.cfg.max_len:]
+  start = max(len(full) - len(continuation), 1)
+  length = max(8, 1 << (len(full) - 1).bit_length())
+  padded = np.zeros((1, length), np.int32)
+  padded[0, :len(full)] = full
+  with loaded.on_mesh():
+    logits = loaded.model.apply({"params": loaded.params}, jnp.asarray(padded))
+    logp = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32)))
+  return float(logp[np.arange(start - 1, len(full) - 1), np.asarray(full[start:])].sum())
+
+
+def sampled_kl(policy, reference, prompt_turns, max_tokens=64, seed=0):
+  """KL(policy || reference) per token, estimated on continuations sampled from the policy
+  (temperature 1, no top-k or top-p) for each prompt: the mean over samples of
+  (log policy(y|x) - log reference(y|x)) / |y|, and the mean sum per sample."""
+  from lm import decode  # pylint: disable=import-outside-toplevel
+  contexts = [policy.chat_ids(turns) for turns in prompt_turns]
+  with policy.on_mesh():
+    samples = decode.generate(policy.model, policy.params, contexts, max_tokens,
+                              [decode.Sampling(temperature=1.0, seed=seed + i)
+                               for i in range(len(contexts))], policy.stop_ids)
+  per_token, per_sample = [], []
+  for context, sample in zip(contexts, samples):
+    if not sample:
+      continue
+    gap = (_sequence_log_probs(policy, context, sample) -
+           _sequence_log_probs(reference, context, sample))
+    per_sample.append(gap)
+    per_token.append(gap / len(sample))
+  return {"kl_per_token": float(np.mean(per_token)) if per_token else 0.0,
+          "kl_per_sample": float(np.mean(per_sample)) if per_sample else 0.0}
+
+
 def _log_probs(loaded, prompt_turns, replies):
   """Sum of log p(reply tokens | chat-rendered prompt) per (prompt, reply)."""
   import jax  # pylint: disable=import-outside-toplevel
@@ -187,7 +225,7 @@ def evaluate(loaded, task, rows, max_tokens=256, batch_size=16, prompt=None, lab
              target_language="de", reference=None):
   """{score: value, "count": n} of `loaded` on `rows` (a reader's records) for `task`."""
   if task == "preference":
-    return _preference(loaded, rows, reference)
+    return _preference(loaded, rows, reference, max_tokens)
   asker = Asker(loaded, max_tokens, batch_size)
   template = prompt or PROMPTS[task]
   fields = {"labels": ", ".join(labels),
@@ -220,15 +258,17 @@ def evaluate(loaded, task, rows, max_tokens=256, batch_size=16, prompt=None, lab
                   "preference")
 
 
-def _preference(loaded, rows, reference):
+def _preference(loaded, rows, reference, max_tokens=64):
   turns = [r["prompt"] for r in rows]
   margins = (np.asarray(_log_probs(loaded, turns, [r["chosen"] for r in rows])) -
              np.asarray(_log_probs(loaded, turns, [r["rejected"] for r in rows])))
+  kl = {}
   if reference is not None:
     margins -= (np.asarray(_log_probs(reference, turns, [r["chosen"] for r in rows])) -
                 np.asarray(_log_probs(reference, turns, [r["rejected"] for r in rows])))
+    kl = sampled_kl(loaded, reference, turns, max_tokens)
   return {"accuracy": float(np.mean(margins > 0)), "mean_margin": float(np.mean(margins)),
-          "count": len(rows)}
+          **kl, "count": len(rows)}
 
 
 READERS = {"squad": read_squad, "gsm": read_gsm, "classify": read_classify,

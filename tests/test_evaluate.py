@@ -125,3 +125,17 @@ def test_bad_evaluation_input_is_one_line(tiny_run, tmp_path):
     evaluate.read_preference(str(same))
   with pytest.raises(UserError, match="--labels"):
     evaluate.evaluate(tiny_run, "classify", [{"text": "x", "label": 0}], max_tokens=2)
+
+
+def test_sampled_kl_is_zero_against_itself_and_matches_a_direct_sum(tiny_run):
+  turns = [[{"role": "user", "content": "Tell me"}], [{"role": "user", "content": "More"}]]
+  assert evaluate.sampled_kl(tiny_run, tiny_run, turns, max_tokens=5) == {
+      "kl_per_token": 0.0, "kl_per_sample": 0.0}
+  context, continuation = tiny_run.chat_ids(turns[0]), [5, 9, 11]
+  logits = np.asarray(tiny_run.model.apply({"params": tiny_run.params},
+                                           jnp.asarray([context + continuation])), np.float64)[0]
+  top = logits.max(-1, keepdims=True)
+  logp = logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+  expected = sum(logp[len(context) - 1 + i, t] for i, t in enumerate(continuation))
+  assert evaluate._sequence_log_probs(tiny_run, context, continuation) == pytest.approx(  # pylint: disable=protected-access
+      expected, abs=1e-3)

@@ -144,6 +144,13 @@ def validate(config, num_devices):
                         f"expression ({e})") from None
 
   tasks.get(config.task.objective).check_config(config)
+  if config.task.eval_generate:
+    if tasks.get(config.task.objective).architecture != "decoder":
+      raise ConfigError("task.eval_generate", "scores what a decoder generates; "
+                        f"{config.task.objective} trains no decoder")
+    if not config.task.eval_data:
+      raise ConfigError("task.eval_data", f"names the {config.task.eval_generate} file "
+                        "task.eval_generate scores")
   if d.mixture:
     from lm.data import mixture  # pylint: disable=import-outside-toplevel
     if d.format != "chat" or d.path:

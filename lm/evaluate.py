@@ -275,6 +275,13 @@ READERS = {"squad": read_squad, "gsm": read_gsm, "classify": read_classify,
            "preference": read_preference}
 
 
+def read_rows(task, path, source_language="en", target_language="de"):
+  """The examples of `path` for `task`, by its reader."""
+  if task == "translate":
+    return read_translate(path, source_language, target_language)
+  return READERS[task](path)
+
+
 def main(argv=None):
   parser = argparse.ArgumentParser(prog="python -m lm.evaluate",
                                    description=__doc__.split("\n\n")[0])
@@ -299,10 +306,7 @@ def main(argv=None):
   try:
     if args.limit < 0 or args.max_tokens < 1 or args.batch_size < 1:
       raise UserError("--limit must be >= 0, --max_tokens and --batch_size >= 1")
-    if args.task == "translate":
-      rows = read_translate(args.data, args.source_language, args.target_language)
-    else:
-      rows = READERS[args.task](args.data)
+    rows = read_rows(args.task, args.data, args.source_language, args.target_language)
     rows = rows[:args.limit] if args.limit else rows
     if not rows:
       raise UserError(f"--data: {args.data} holds no examples")

@@ -53,6 +53,9 @@ def final_evaluations(trainer, data, config, state, best, best_checkpointer, wri
     prefix = "eval" if split == "validation" else "test"
     if split not in final:
       final[split] = eval_metrics(trainer, data, config, params, split, 0)
+      if split == "validation" and config.task.eval_generate:
+        final[split].update({f"generate_{k}": v for k, v in generation_scores(
+            trainer, data, config, params, step).items() if k != "count"})
       writer.write(step, {f"{prefix}/{k}": v for k, v in final[split].items()
                           if k not in ("tokens", "examples")})
     if trainer.task.translates:
@@ -75,10 +78,30 @@ def final_evaluations(trainer, data, config, state, best, best_checkpointer, wri
                   f"{final[split]['perplexity']:.2f}{accuracy} over all "
                   f"{int(final[split]['tokens']):,} {kind}tokens"
                   f"{per_char}")
+      generated = {k: v for k, v in final[split].items() if k.startswith("generate_")}
+      if generated:
+        metrics.log(f"final {split}: {config.task.eval_generate} by generation on "
+                    f"{config.task.eval_data}: {describe(generated)}")
     else:
       metrics.log(f"{split} (step {best['step'] if best else step}): "
                   f"{describe(final[split])} over all {final[split]['examples']:,} examples")
   return final
+
+
+def generation_scores(trainer, data, config, params, step):
+  """lm/evaluate.py's scores of the model as it is (config.task.eval_generate on
+  task.eval_data): answers decoded with the cached decoder from the servable parameters."""
+  from lm import evaluate, inference  # pylint: disable=import-outside-toplevel
+  t = config.task
+  rows = evaluate.read_rows(t.eval_generate, t.eval_data, config.data.source_language,
+                            config.data.target_language)[:t.eval_limit]
+  served = jax.tree.map(lambda x: x.addressable_shards[0].data, _servable(trainer, params))
+  loaded = inference.Loaded(model=trainer.model, params=served, tokenizer=data.tokenizer,
+                            config=config, step=step, mesh=trainer.mesh)
+  labels = tuple(x for x in t.eval_labels.split(",") if x)
+  return evaluate.evaluate(loaded, t.eval_generate, rows, t.eval_max_tokens,
+                           config.train.batch_size, labels=labels,
+                           target_language=config.data.target_language)
 
 
 def translation_scores(trainer, data, config, params, split):

@@ -95,6 +95,16 @@ FIELDS = (
         ("beta", 0.1, {"bound": POSITIVE}),
         ("preference_loss", "dpo", {"choices": ("dpo", "ipo")}),
         ("dpo_label_smoothing", 0.0, {"bound": UNIT}),
+        # Evaluation by generation at every evaluation of a decoder (lm/evaluate.py's tasks,
+        # on eval_data: its first eval_limit examples, replies of up to eval_max_tokens;
+        # eval_labels: classify's label words, comma-separated): the scores go to the log,
+        # metrics.jsonl and TensorBoard as eval/<score>. "": none.
+        ("eval_generate", "", {"choices": ("", "squad", "gsm", "classify", "translate"),
+                               **_RES}),
+        ("eval_data", "", _RES),
+        ("eval_limit", 200, {"bound": POSITIVE, **_RES}),
+        ("eval_max_tokens", 64, {"bound": POSITIVE, **_RES}),
+        ("eval_labels", "", _RES),
     ),
     *_fields(
         "peft",

@@ -42,6 +42,11 @@ class Selection:
     t = self.t
     result = evaluation.eval_metrics(self.trainer, self.data, self.config, state.params,
                                      "validation", t.eval_steps)
+    if self.config.task.eval_generate:  # scores of generated answers, beside the loss
+      generated = evaluation.generation_scores(self.trainer, self.data, self.config,
+                                               state.params, step)
+      result = {**result, **{f"generate_{k}": v for k, v in generated.items()
+                             if k != "count"}}
     if step == t.num_steps:
       self.last_validation = result
     self.writer.write(step, {f"eval/{k}": v for k, v in result.items()

@@ -139,3 +139,39 @@ def test_sampled_kl_is_zero_against_itself_and_matches_a_direct_sum(tiny_run):
   expected = sum(logp[len(context) - 1 + i, t] for i, t in enumerate(continuation))
   assert evaluate._sequence_log_probs(tiny_run, context, continuation) == pytest.approx(  # pylint: disable=protected-access
       expected, abs=1e-3)
+
+
+def test_generation_scores_in_the_loop_equal_the_command_s(tmp_path, one_device):
+  """task.eval_generate scores at each evaluation; at the last step they equal what
+  lm.evaluate gives on the saved checkpoint (another path: save, load, decode)."""
+  gsm = tmp_path / "gsm.jsonl"
+  gsm.write_text("".join(json.dumps({"question": f"{i} + 1?", "answer": str(i + 1)}) + "\n"
+                         for i in range(5)), encoding="utf-8")
+  chats = tmp_path / "chat.jsonl"
+  chats.write_text("".join(json.dumps({"prompt": f"{i} + 1?", "completion": f"#### {i + 1}"})
+                           + "\n" for i in range(30)), encoding="utf-8")
+  config = tiny_config(**{"task.objective": "sft", "data.format": "chat",
+                          "data.path": str(chats), "data.seq_len": 128, "model.max_len": 128,
+                          "train.num_steps": 4, "train.eval_every": 2, "sample.num_tokens": 0,
+                          "task.eval_generate": "gsm", "task.eval_data": str(gsm),
+                          "task.eval_limit": 4, "task.eval_max_tokens": 6,
+                          "train.checkpoint_every": 4})
+  workdir = str(tmp_path / "run")
+  result = loop.run(config, workdir, devices=one_device)
+  with open(f"{workdir}/metrics.jsonl", encoding="utf-8") as f:
+    logged = [json.loads(line) for line in f]
+  # step 2 in the loop; step 4's whole-split final evaluation scores them too
+  assert [r["step"] for r in logged if "eval/generate_accuracy" in r] == [2, 4]
+  command = evaluate.evaluate(load(workdir), "gsm", evaluate.read_gsm(str(gsm))[:4],
+                              max_tokens=6, batch_size=config.train.batch_size)
+  assert result.eval["validation"]["generate_accuracy"] == command["accuracy"]
+
+
+def test_generation_evaluation_needs_a_decoder_and_a_file(tmp_path, one_device):
+  from lm.errors import ConfigError  # pylint: disable=import-outside-toplevel
+  with pytest.raises(ConfigError, match="task.eval_data"):
+    loop.run(tiny_config(**{"task.eval_generate": "squad"}), str(tmp_path / "a"),
+             devices=one_device)
+  with pytest.raises(ConfigError, match="task.eval_generate"):
+    loop.run(tiny_config(**{"task.eval_generate": "squad", "task.eval_data": "x.json",
+                            "task.objective": "mlm"}), str(tmp_path / "b"), devices=one_device)

@@ -152,18 +152,30 @@ class Asker:
     return replies
 
 
-def _sequence_log_probs(loaded, context, continuation):
-  """Sum of log p(continuation | context) (both token id lists) in one forward pass."""
+_LOG_SOFTMAX = {}  # model -> its jitted log-probabilities
+
+
+def _token_log_probs(loaded, ids):
+  """log p(token | the ones before) over `ids` [L] (padded to a power of two: few
+  compiles), as float32 [L, V]; jitted once per model."""
   import jax  # pylint: disable=import-outside-toplevel
   import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  model = loaded.model
+  if model not in _LOG_SOFTMAX:
+    _LOG_SOFTMAX[model] = jax.jit(lambda p, x: jax.nn.log_softmax(
+        model.apply({"params": p}, x)[0].astype(jnp.float32)))
+  length = max(8, 1 << (len(ids) - 1).bit_length())
+  padded = np.zeros((1, length), np.int32)
+  padded[0, :len(ids)] = ids
+  with loaded.on_mesh():
+    return np.asarray(_LOG_SOFTMAX[model](loaded.params, jnp.asarray(padded)))[:len(ids)]
+
+
+def _sequence_log_probs(loaded, context, continuation):
+  """Sum of log p(continuation | context) (both token id lists) in one forward pass."""
   full = (list(context) + list(continuation))[-loaded.model.cfg.max_len:]
   start = max(len(full) - len(continuation), 1)
-  length = max(8, 1 << (len(full) - 1).bit_length())
-  padded = np.zeros((1, length), np.int32)
-  padded[0, :len(full)] = full
-  with loaded.on_mesh():
-    logits = loaded.model.apply({"params": loaded.params}, jnp.asarray(padded))
-    logp = np.asarray(jax.nn.log_softmax(logits[0].astype(jnp.float32)))
+  logp = _token_log_probs(loaded, full)
   return float(logp[np.arange(start - 1, len(full) - 1), np.asarray(full[start:])].sum())
 
 
@@ -190,28 +202,16 @@ def sampled_kl(policy, reference, prompt_turns, max_tokens=64, seed=0):
 
 
 def _log_probs(loaded, prompt_turns, replies):
-  """Sum of log p(reply tokens | chat-rendered prompt) per (prompt, reply)."""
-  import jax  # pylint: disable=import-outside-toplevel
-  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  """Sum of log p(reply tokens | chat-rendered prompt) per (prompt, reply): the reply as
+  the template writes an assistant turn, through its end-of-turn marker."""
   out = []
-  apply = jax.jit(lambda p, x: jax.nn.log_softmax(loaded.model.apply({"params": p}, x)))
   for turns, reply in zip(prompt_turns, replies):
     context = loaded.chat_ids(turns)
     full = loaded.tokenizer.chat_ids(_rendered(loaded, turns + [
         {"role": "assistant", "content": reply}]).rstrip())
     if full[:len(context)] != context:
       raise UserError("the chat template does not render a reply after its prompt")
-    cut = max(len(full) - loaded.model.cfg.max_len, 0)  # a long one keeps its end
-    full = full[cut:]
-    n = len(full)
-    length = max(8, 1 << (n - 1).bit_length())
-    padded = np.zeros((1, length), np.int32)
-    padded[0, :n] = full
-    with loaded.on_mesh():
-      logp = np.asarray(apply(loaded.params, jnp.asarray(padded)))[0]
-    start = max(len(context) - cut, 1)  # the reply's first token
-    targets = np.asarray(full[start:n])
-    out.append(float(logp[np.arange(start - 1, n - 1), targets].sum()))
+    out.append(_sequence_log_probs(loaded, context, full[len(context):]))
   return out
 
 

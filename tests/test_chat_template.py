@@ -11,7 +11,7 @@ from conftest import smollm2_file
 from lm import chat_template
 from lm.data.tokenizers import ByteTokenizer
 from lm.errors import UserError
-from lm.interop import gguf_file
+from lm.interop import gguf_tokenizer
 
 CONVERSATIONS = {
     "one turn": [{"role": "user", "content": "What is the capital of France?"}],
@@ -26,7 +26,7 @@ CONVERSATIONS = {
 @pytest.fixture(scope="module")
 def smollm2_tokenizers():
   path = pathlib.Path(smollm2_file())
-  ours = gguf_file.read_tokenizer(gguf.GGUFReader(str(path)), str(path))
+  ours = gguf_tokenizer.read(gguf.GGUFReader(str(path)), str(path))
   theirs = transformers.AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
   return ours, theirs
 

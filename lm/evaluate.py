@@ -23,7 +23,6 @@ model's stop tokens (and an lm-trained model's end-of-turn text).
 """
 
 import argparse
-import gzip
 import json
 import os
 import sys
@@ -45,14 +44,8 @@ LANGUAGES = {"de": "German", "en": "English", "fr": "French", "cs": "Czech"}
 
 
 def _open_text(path):
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-  except OSError as e:
-    raise UserError(f"--data: cannot read {path}: {e.strerror}") from None
-  if path.endswith(".gz"):
-    data = gzip.decompress(data)
-  return data.decode("utf-8")
+  from lm.data import corpus, source_files  # pylint: disable=import-outside-toplevel
+  return corpus.decode_utf8(source_files.read_bytes(path, "--data"), path)
 
 
 def _jsonl(path):
@@ -114,10 +107,7 @@ def read_preference(path):
   """[{prompt (turns), chosen, rejected}] of a file of preference pairs
   (lm/data/conversations.py: pair_of)."""
   from lm.data import conversations  # pylint: disable=import-outside-toplevel
-  try:
-    data = _open_text(path).encode("utf-8")
-  except UnicodeDecodeError as e:
-    raise UserError(f"--data: {path} is not UTF-8 text ({e.reason})") from None
+  data = _open_text(path).encode("utf-8")  # checked to be UTF-8
   return [{"prompt": turns, "chosen": chosen, "rejected": rejected}
           for _, (turns, chosen, rejected) in conversations.read_pairs(path, data)]
 

@@ -21,8 +21,9 @@ Three formats, chosen by `config.data.format`:
   * preference: pairs of replies to one prompt, in the same files: {prompt, chosen,
     rejected} or ShareGPT's pairs. Records: {"prompt" (turns, JSON), "chosen", "rejected"}.
 
-For a folder of split files, a name starting with train goes to train, val/valid/dev to
-validation and test to test. Each built dataset is named by a hash of its sources' checksums
+For a folder of split files (lm/data/source_files.py), a name starting with train goes to
+train, val/valid/dev to validation and test to test. Chat and preference files and mixtures
+are read by lm/data/chat_files.py. Each built dataset is named by a hash of its sources' checksums
 and of the settings that shape it, and records those checksums in its metadata: editing a
 source builds a new dataset, never reads a stale one. Datasets live under
 `config.data.data_dir` (default `~/.cache/lm/tfds`).
@@ -36,8 +37,6 @@ import contextlib
 import csv
 import dataclasses
 import fcntl
-import gzip
-import hashlib
 import importlib
 import io
 import json
@@ -45,14 +44,16 @@ import logging
 import os
 import re
 
+from lm.data import chat_files
 from lm.data import corpus as corpus_lib
 from lm.data import downloads
+from lm.data.source_files import SPLITS
+from lm.data.source_files import md5 as _md5
+from lm.data.source_files import read_bytes as _read_bytes
+from lm.data.source_files import split_files as _split_files
 from lm.errors import UserError
 
 VERSION = "1.1.0"  # 1.1: labelled records carry "value"
-SPLITS = ("train", "validation", "test")
-_SPLIT_PREFIXES = (("train", "train"), ("validation", "val"), ("validation", "dev"),
-                   ("test", "test"))
 # TFDS catalog datasets: name -> (format, {our field: their feature}, the TFDS module that
 # registers the builder; without TensorFlow, TFDS imports some of them only on request).
 CATALOG = {
@@ -86,49 +87,6 @@ def default_data_dir():
 
 # ---------------------------------------------------------------------------------------
 # Reading local sources into split -> [(key, example)] lists, with checksums.
-
-
-def _md5(data):
-  return hashlib.md5(data).hexdigest()
-
-
-def _read_bytes(path, field="config.data.path"):
-  try:
-    with open(path, "rb") as f:
-      data = f.read()
-  except OSError as e:
-    raise UserError(f"{field}: cannot read {path}: {e.strerror}") from None
-  if path.endswith(".gz"):
-    try:
-      data = gzip.decompress(data)
-    except (OSError, EOFError) as e:
-      raise UserError(f"{field}: {path} is not a valid gzip file ({e})") from None
-  return data
-
-
-def _split_files(folder, pattern):
-  """{split: path} for files in `folder` whose names match `pattern` (group 1: the prefix)."""
-  if not os.path.isdir(folder):
-    raise UserError(f"config.data.path: {folder} is not a folder" if os.path.exists(folder)
-                    else f"config.data.path: {folder} does not exist")
-  found = {}
-  for name in sorted(os.listdir(folder)):
-    m = re.fullmatch(pattern, name)
-    if not m:
-      continue
-    prefix = m.group(1).lower()
-    for split, start in _SPLIT_PREFIXES:
-      if prefix.startswith(start):
-        if split in found:
-          raise UserError(f"config.data.path: {folder} has two {split} files, "
-                          f"{os.path.basename(found[split])} and {name}; keep one")
-        found[split] = os.path.join(folder, name)
-        break
-  for split in ("train", "validation"):
-    if split not in found:
-      raise UserError(f"config.data.path: {folder} has no {split} file matching {pattern} "
-                      f"(names start with {'/'.join(p for s, p in _SPLIT_PREFIXES if s == split)})")
-  return found
 
 
 def _text_examples(data_config):
@@ -259,86 +217,6 @@ def _tagged_examples(data_config):
   return folder, checksums, examples, names
 
 
-def _chat_examples(data_config):
-  return _json_examples(data_config, "chat")
-
-
-def _preference_examples(data_config):
-  return _json_examples(data_config, "preference")
-
-
-def _json_examples(data_config, fmt):
-  """Conversations (chat) or preference pairs from JSONL / JSON files."""
-  from lm.data import conversations  # pylint: disable=import-outside-toplevel
-  read = conversations.read_file if fmt == "chat" else conversations.read_pairs
-  path = os.path.abspath(data_config.path)
-  if os.path.isdir(path):
-    files = _split_files(path, r"(.+)\.(?:jsonl|json)")
-  elif os.path.isfile(path):
-    files = {"all": path}
-  else:
-    raise UserError(f"config.data.path: {path} does not exist")
-  checksums, turns = {}, {}
-  for split, file in files.items():
-    data = _read_bytes(file)
-    checksums[file] = _md5(data)
-    try:
-      turns[split] = read(file, data)
-    except UnicodeDecodeError as e:
-      raise UserError(f"config.data.path: {file} is not UTF-8 text ({e.reason} at byte "
-                      f"{e.start})") from None
-    if not turns[split]:
-      raise UserError(f"config.data.path: {file} holds no conversations")
-  if "all" in turns:  # one file: a seeded split by the fractions
-    import numpy as np  # pylint: disable=import-outside-toplevel
-    records = turns.pop("all")
-    order = np.random.default_rng(0).permutation(len(records))
-    n_val = max(1, round(len(records) * data_config.validation_fraction))
-    n_test = round(len(records) * data_config.test_fraction)
-    if len(records) - n_val - n_test < 1:
-      raise UserError(f"config.data.path: {path} has {len(records)} conversations, too few "
-                      "to split into train and validation")
-    parts = {"validation": order[:n_val], "test": order[n_val:n_val + n_test],
-             "train": order[n_val + n_test:]}
-    turns = {split: [records[i] for i in sorted(idx)] for split, idx in parts.items()
-             if len(idx)}
-  dump = lambda x: json.dumps(x, ensure_ascii=False)
-  record = ((lambda m: {"messages": dump(m)}) if fmt == "chat" else
-            (lambda pair: {"prompt": dump(pair[0]), "chosen": pair[1], "rejected": pair[2]}))
-  examples = {split: [(f"{split}/{number}", record(item)) for number, item in items]
-              for split, items in turns.items()}
-  return path, checksums, examples, ()
-
-
-def _mixture_examples(data_config):
-  """data.mixture's sources, each read into conversations by its reader and templates and
-  split by the fractions (lm/data/mixture.py). Records: {"messages", "source"}."""
-  import numpy as np  # pylint: disable=import-outside-toplevel
-  from lm.data import mixture  # pylint: disable=import-outside-toplevel
-  checksums, examples = {}, {}
-  for source, entry in enumerate(data_config.mixture):
-    path = os.path.abspath(os.path.expanduser(entry["path"]))
-    data = _read_bytes(path, f"config.data.mixture[{source}].path")
-    checksums[path] = _md5(data)
-    items = mixture.conversations_of(entry, path, data)
-    if len(items) < 2:
-      raise UserError(f"config.data.mixture[{source}]: {path} has {len(items)} "
-                      "conversations; a source needs some for training and validation")
-    order = np.random.default_rng([0, source]).permutation(len(items))
-    n_val = max(1, round(len(items) * data_config.validation_fraction))
-    n_test = round(len(items) * data_config.test_fraction)
-    parts = {"validation": order[:n_val], "test": order[n_val:n_val + n_test],
-             "train": order[n_val + n_test:]}
-    for split, idx in parts.items():
-      examples.setdefault(split, []).extend(
-          (f"{split}/{source}/{items[i][0]}",
-           {"messages": json.dumps(items[i][1], ensure_ascii=False), "source": source})
-          for i in sorted(idx))
-  examples = {split: ex for split, ex in examples.items() if ex}
-  return "a mixture of " + ", ".join(e["path"] for e in data_config.mixture), checksums, \
-      examples, ()
-
-
 def _read_table(path, text, data_config):
   """[(line number, label string, text)] from a TSV/CSV file with a header line."""
   delimiter = "\t" if path.endswith(".tsv") else ","
@@ -383,7 +261,7 @@ def _read_table(path, text, data_config):
 
 _READERS = {"text": _text_examples, "parallel": _parallel_examples,
             "labelled": _labelled_examples, "tagged": _tagged_examples,
-            "chat": _chat_examples, "preference": _preference_examples}
+            "chat": chat_files.chat_examples, "preference": chat_files.preference_examples}
 
 
 # ---------------------------------------------------------------------------------------
@@ -508,7 +386,7 @@ def prepare(data_config):
   if fmt not in _READERS:
     raise UserError(f"config.data.format: {fmt!r} is not one of {', '.join(_READERS)}")
   mixed = bool(data_config.get("mixture"))
-  source, checksums, examples, label_names = (_mixture_examples if mixed else
+  source, checksums, examples, label_names = (chat_files.mixture_examples if mixed else
                                               _READERS[fmt])(data_config)
   if not examples.get("train"):
     raise UserError(f"config.data: the train split of {source} is empty")

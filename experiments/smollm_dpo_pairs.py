@@ -14,28 +14,20 @@ The reference is the model DPO started from: the same weights with the adapters 
 training, and the imported model in the evaluation (--reference).
 """
 
-import importlib.util
 import os
 
-from lm.config import defaults
+from lm.config import load_experiment
 
-
-def _squad_experiment():
-  path = os.path.join(os.path.dirname(__file__), "smollm_sft_squad.py")
-  spec = importlib.util.spec_from_file_location("smollm_sft_squad", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-SQUAD_EXPERIMENT = _squad_experiment()
-PAIRS = os.path.join(SQUAD_EXPERIMENT.SHARED, "preferences", "dpo_en_demo.json")
+PAIRS = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                                      "preferences", "dpo_en_demo.json"))
 
 
 def get_config():
-  config = SQUAD_EXPERIMENT.lora_sft(defaults())  # the model, LoRA and tokenizer settings
+  # The model, LoRA and tokenizer of the SQuAD SFT experiment; preference pairs instead.
+  config = load_experiment(os.path.join(os.path.dirname(__file__), "smollm_sft_squad.py"))
   config.task.objective = "dpo"
   config.data.format = "preference"
+  config.data.mixture = ()
   config.data.path = PAIRS
   config.data.validation_fraction = 0.1  # 30 held-out pairs for the rewards' accuracy
   config.data.seq_len = 1024  # a multi-turn prompt and its reply; longer pairs are dropped

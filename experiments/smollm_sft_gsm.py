@@ -14,34 +14,18 @@ The prompt is lm/evaluate.py's PROMPTS["gsm"], in training and in evaluation. Wi
 TFDS's `gsm8k` has GSM8K itself (the same record shape: question, answer "... #### N").
 """
 
-import importlib.util
 import os
 
-from lm.config import defaults
+from lm.config import load_experiment
 from lm.evaluate import PROMPTS
 
-
-def _squad_experiment():
-  """experiments/smollm_sft_squad.py, for what the SmolLM2 SFT experiments share."""
-  path = os.path.join(os.path.dirname(__file__), "smollm_sft_squad.py")
-  spec = importlib.util.spec_from_file_location("smollm_sft_squad", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-SQUAD_EXPERIMENT = _squad_experiment()
-GSM = os.path.join(SQUAD_EXPERIMENT.SHARED, "gsm_symbolic")
+GSM = os.path.normpath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data",
+                                    "gsm_symbolic"))
 
 
 def get_config():
-  config = SQUAD_EXPERIMENT.lora_sft(defaults())
-  config.data.seq_len = 512
+  # The model, LoRA, tokenizer and schedule of the SQuAD experiment; GSM's data instead.
+  config = load_experiment(os.path.join(os.path.dirname(__file__), "smollm_sft_squad.py"))
   config.data.mixture = ({"path": os.path.join(GSM, "train.jsonl"), "reader": "jsonl",
                           "user": PROMPTS["gsm"], "assistant": "{answer_cot}"},)
-  config.train.batch_size = 8
-  config.train.num_steps = 600
-  config.train.warmup_steps = 30
-  config.train.eval_every = 200
-  config.train.checkpoint_every = 200
   return config

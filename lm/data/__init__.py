@@ -301,16 +301,12 @@ def _encoded_conversations(prepared, tokenizer, data_config, sources=None):
   out = {}
   pairs = prepared.format == "preference"
   for split, records in prepared.sources.items():
+    rows = [records[i] for i in range(len(records))]
+    encoded = _cached_encoding(prepared, tokenizer, data_config, split, rows, pairs)
     if pairs:
-      encoded = [conversations_lib.encode_pair(json.loads(r["prompt"]), r["chosen"],
-                                               r["rejected"], tokenizer)
-                 for r in (records[i] for i in range(len(records)))]
       kept, truncated, dropped = packing.fit_pairs(encoded, data_config.seq_len,
                                                    data_config.overflow)
     else:
-      rows = [records[i] for i in range(len(records))]
-      encoded = [conversations_lib.encode(json.loads(r["messages"]), tokenizer,
-                                          data_config.train_on) for r in rows]
       kept_indices = []
       kept, truncated, dropped = packing.fit(encoded, data_config.seq_len,
                                              data_config.overflow, kept_indices)
@@ -324,3 +320,41 @@ def _encoded_conversations(prepared, tokenizer, data_config, sources=None):
                   "learn left)")
     out[split] = kept
   return out
+
+
+def _cached_encoding(prepared, tokenizer, data_config, split, rows, pairs):
+  """The split's records encoded (conversations.encode / encode_pair), once per dataset,
+  tokenizer, template and data.train_on: rendering every conversation's prefixes is most
+  of a chat run's start, so the arrays are kept beside the token streams."""
+  import hashlib  # pylint: disable=import-outside-toplevel
+  key = hashlib.md5(json.dumps([tokenizer.chat_template, data_config.train_on]).encode())
+  folder = os.path.join(data_config.data_dir or default_data_dir(), "lm_chats",
+                        f"{prepared.fingerprint}-{fingerprint(tokenizer)}-"
+                        f"{key.hexdigest()[:12]}")
+  path = os.path.join(folder, f"{split}.npz")
+  sides = ("chosen", "rejected") if pairs else ("",)
+  if not os.path.exists(path):
+    if pairs:
+      encoded = [conversations_lib.encode_pair(json.loads(r["prompt"]), r["chosen"],
+                                               r["rejected"], tokenizer) for r in rows]
+    else:
+      encoded = [(conversations_lib.encode(json.loads(r["messages"]), tokenizer,
+                                           data_config.train_on),) for r in rows]
+    arrays = {}
+    for s, side in enumerate(sides):
+      part = [e[s] for e in encoded]
+      arrays[f"{side}ids"] = np.concatenate([ids for ids, _ in part] or [np.zeros(0, np.int32)])
+      arrays[f"{side}weights"] = np.concatenate([w for _, w in part] or [np.zeros(0)])
+      arrays[f"{side}lengths"] = np.asarray([len(ids) for ids, _ in part], np.int64)
+    os.makedirs(folder, exist_ok=True)
+    tmp = f"{path}.{os.getpid()}.tmp.npz"
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)  # whole or not at all
+  with np.load(path) as saved:
+    columns = []
+    for side in sides:
+      ends = np.cumsum(saved[f"{side}lengths"])
+      ids, weights = saved[f"{side}ids"], saved[f"{side}weights"].astype(np.float32)
+      columns.append([(ids[e - n:e], weights[e - n:e])
+                      for e, n in zip(ends, saved[f"{side}lengths"])])
+  return list(zip(*columns)) if pairs else columns[0]

@@ -61,11 +61,15 @@ def tiny_run(tmp_path_factory):
 
 
 def _greedy_alone(loaded, ids, max_tokens):
-  """A full forward pass per token, one prompt at a time."""
+  """A full forward pass per token, one prompt at a time (right-padded to the context: a
+  causal model's logits do not depend on what follows, and one program serves every call)."""
+  forward = jax.jit(lambda p, x: loaded.model.apply({"params": p}, x))
   out = list(ids)
   for _ in range(max_tokens):
-    logits = loaded.model.apply({"params": loaded.params}, jnp.asarray([out]))
-    token = int(np.argmax(np.asarray(logits)[0, -1]))
+    padded = np.zeros((1, loaded.model.cfg.max_len), np.int32)
+    padded[0, :len(out)] = out
+    logits = forward(loaded.params, jnp.asarray(padded))
+    token = int(np.argmax(np.asarray(logits)[0, len(out) - 1]))
     if token in loaded.stop_ids:
       break
     out.append(token)

@@ -49,10 +49,15 @@ class ModelSetup:
     boxed_trainable, boxed_frozen = peft.split(abstract_boxed, self.is_trainable)
     peft.check_trainable(self.peft_method, boxed_trainable, self.task.head_keys, config)
     self.param_shardings = sharding.logical_shardings(boxed_trainable, mesh)
-    self.frozen_shardings = sharding.logical_shardings(boxed_frozen, mesh)
-    self.all_shardings = peft.join(self.frozen_shardings, self.param_shardings)
+    self.all_shardings = peft.join(sharding.logical_shardings(boxed_frozen, mesh),
+                                   self.param_shardings)
     self.abstract_params = nn.unbox(abstract_boxed)  # all of them
     self.abstract_trainable = nn.unbox(boxed_trainable)
+    # A task's frozen copy of the initial model (task.reference_key) joins the frozen part.
+    self.reference_key = self.task.reference_key
+    if self.reference_key:
+      boxed_frozen = {**boxed_frozen, self.reference_key: abstract_boxed}
+    self.frozen_shardings = sharding.logical_shardings(boxed_frozen, mesh)
     self.abstract_frozen = nn.unbox(boxed_frozen)
 
   def _make_task(self, model_cfg, num_labels):
@@ -98,8 +103,17 @@ class ModelSetup:
                      compiler_options=self.init_compiler_options)(self.init_key)
 
   def split(self, params):
-    """(trainable, frozen) parts of the model's whole parameter tree."""
-    return peft.split(params, self.is_trainable)
+    """(trainable, frozen) parts of the model's whole parameter tree; with a task's
+    reference_key, the frozen part also holds all of `params` under that key."""
+    trainable, frozen = peft.split(params, self.is_trainable)
+    if self.reference_key:
+      frozen = {**frozen, self.reference_key: params}
+    return trainable, frozen
+
+  def model_params(self, joined):
+    """The model's parameters of a join of the frozen and trainable parts (without the
+    task's reference copy)."""
+    return {k: v for k, v in joined.items() if k != self.reference_key}
 
   def place(self, tree, shardings):
     """`tree` (host or device arrays) on the mesh with `shardings`."""
@@ -108,6 +122,7 @@ class ModelSetup:
 
   def servable(self, full_params):
     """The plain model's parameters (self.model, no adapters): LoRA folded in."""
+    full_params = self.model_params(full_params)
     if self.peft_method == "lora":
       return lora.merge(full_params, self.config.peft.alpha)
     return full_params

@@ -56,7 +56,7 @@ class Trainer:
     self.batch_sharding = sharding.batch_sharding(mesh)
     self.stacked_batch_sharding = sharding.stacked_batch_sharding(mesh)
     # The frozen parameters, on the mesh: set by init_state / state_from_params / set_base.
-    self.frozen = {} if not setup.peft_method else None
+    self.frozen = None if jax.tree.leaves(setup.abstract_frozen) else {}
 
     self._init = jax.jit(
         self._init_state, out_shardings=(self.state_shardings, self.frozen_shardings),
@@ -115,7 +115,7 @@ class Trainer:
 
   def full_params(self, params):
     """The model's whole parameter tree: the frozen base with the trainable `params`."""
-    return peft.join(self.frozen, params)
+    return self.setup.model_params(peft.join(self.frozen, params))
 
   def servable_params(self, params):
     """The plain model's parameters (self.model, no adapters): LoRA folded in."""

@@ -1,10 +1,12 @@
 """Preference tuning (lm/tasks/preference.py): the DPO, cDPO and IPO losses, rewards and
 gradients against numpy's closed forms; policy = reference gives log 2 and a step prefers
-the chosen reply; LoRA-DPO's reference is the base itself (no second copy); runs resume."""
+the chosen reply; LoRA-DPO's reference is the base itself (no second copy), full
+fine-tuning's a frozen copy; the token KL against numpy; runs of both resume exactly."""
 
 import json
 import math
 
+import chex
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -127,16 +129,47 @@ def test_lora_dpo_holds_one_copy_of_the_base(base_workdir, tmp_path, one_device)
   assert trainable and all(lora.is_adapter(tuple(k.key for k in p)) for p, _ in trainable)
 
 
-def test_dpo_trains_evaluates_and_resumes_exactly(base_workdir, tmp_path, one_device):
-  config = _dpo_config(base_workdir, _pairs_file(tmp_path / "p.jsonl"))
+def test_full_fine_tuning_dpo_holds_a_frozen_copy_of_the_base(base_workdir, tmp_path,
+                                                               one_device):
+  """Without adapters every model weight trains, and the frozen tree is the reference: one
+  copy of the base, beside the policy's trainable copy."""
+  config = _dpo_config(base_workdir, _pairs_file(tmp_path / "p.jsonl"), **{"peft.method": ""})
+  mesh = sharding.make_mesh(config.mesh, one_device)
+  setup = ModelSetup(config, ByteTokenizer().vocab_size, mesh)
+  count = lambda tree: sum(x.size for x in jax.tree.leaves(tree))
+  assert count(setup.abstract_trainable) == count(setup.abstract_params)
+  assert list(setup.abstract_frozen) == [preference.REFERENCE]
+  assert (jax.tree.structure(setup.abstract_frozen[preference.REFERENCE])
+          == jax.tree.structure(setup.abstract_params))
+
+
+def test_token_kl_matches_numpy():
+  rng = np.random.default_rng(2)
+  p_logits, q_logits = rng.normal(size=(2, 2, 3, 7)).astype(np.float32)
+  p = np.exp(p_logits) / np.exp(p_logits).sum(-1, keepdims=True)
+  q = np.exp(q_logits) / np.exp(q_logits).sum(-1, keepdims=True)
+  np.testing.assert_allclose(preference.token_kl(p_logits, q_logits),
+                             (p * np.log(p / q)).sum(-1), rtol=1e-5, atol=1e-7)
+  chex.assert_trees_all_close(preference.token_kl(p_logits, p_logits), np.zeros((2, 3)),
+                              atol=1e-6)
+
+
+@pytest.mark.parametrize("method", ["lora", ""])
+def test_dpo_trains_evaluates_and_resumes_exactly(base_workdir, tmp_path, one_device, method):
+  config = _dpo_config(base_workdir, _pairs_file(tmp_path / "p.jsonl"),
+                       **{"peft.method": method})
+  if not method:
+    config.train.learning_rate = 1e-3  # every weight moves
   straight = loop.run(config, str(tmp_path / "a"), devices=one_device)
   first = loop.run(config, str(tmp_path / "b"), devices=one_device, stop_after=3)
   second = loop.run(config, str(tmp_path / "b"), devices=one_device)
   assert {**first.train_losses, **second.train_losses} == straight.train_losses
-  assert straight.train_losses[1] == pytest.approx(math.log(2), abs=1e-5)
+  assert straight.train_losses[1] == pytest.approx(math.log(2), abs=1e-5)  # pi = ref
   assert straight.train_losses[6] < straight.train_losses[1]
-  assert set(straight.eval["validation"]) >= {"reward_chosen", "reward_rejected",
-                                              "reward_margin", "reward_accuracy"}
+  evaluation = straight.eval["validation"]
+  assert set(evaluation) >= {"reward_chosen", "reward_rejected", "reward_margin",
+                             "reward_accuracy", "kl_per_token"}
+  assert evaluation["kl_per_token"] > 0  # the policy has left the reference
 
 
 def test_bad_preference_input_is_one_line(base_workdir, tmp_path, one_device):
@@ -146,7 +179,9 @@ def test_bad_preference_input_is_one_line(base_workdir, tmp_path, one_device):
                    encoding="utf-8")
   with pytest.raises(UserError, match="same.jsonl line 2: chosen equals rejected"):
     loop.run(_dpo_config(base_workdir, str(pairs)), str(tmp_path / "r"), devices=one_device)
-  with pytest.raises(ConfigError, match="peft.method"):
-    loop.run(_dpo_config(base_workdir, _pairs_file(tmp_path / "p.jsonl"),
-                         **{"peft.method": ""}), str(tmp_path / "s"), devices=one_device)
+  no_reference = _dpo_config(base_workdir, _pairs_file(tmp_path / "p.jsonl"),
+                             **{"peft.method": ""})
+  no_reference.init_from = ""
+  with pytest.raises(ConfigError, match="init_from"):
+    loop.run(no_reference, str(tmp_path / "s"), devices=one_device)
   assert not (tmp_path / "r" / "checkpoints").exists()

@@ -3,7 +3,7 @@
     objective       task (module)                    model                         data (*)
     causal          CausalLM (causal.py)             Decoder                       text
     sft             ChatSFT (sft.py)                 Decoder                       chat
-    dpo             DPO (preference.py)              Decoder (LoRA; base = reference) preference
+    dpo             DPO (preference.py)              Decoder (+ frozen reference)  preference
     mlm             MaskedLM (masked.py)             EncoderWithHead(mlm)          text
     classification  Classification (classify.py)     EncoderWithHead(pooled, n)    labelled
     regression      Regression (classify.py)         EncoderWithHead(pooled, 1)    labelled

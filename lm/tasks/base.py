@@ -100,6 +100,9 @@ class Task(abc.ABC):
   translates: ClassVar[bool] = False  # final evaluations add BLEU and chrF
   per_character: ClassVar[bool] = False  # final evaluations add nats per character
   causal_attention: ClassVar[bool] = False  # the (decoder's) self-attention is causal
+  # A top-level key under which the frozen tree holds a copy of the model's initial
+  # parameters that the loss reads (dpo's reference under full fine-tuning); "" for none.
+  reference_key: ClassVar[str] = ""
 
   def __init__(self, model_cfg, num_labels=0, pooling="cls", adapters=None,
                label_smoothing=0.0, options=None):

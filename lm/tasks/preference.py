@@ -8,12 +8,19 @@ the reply tokens' log-probabilities under the policy pi and the frozen reference
           conservative DPO; e = 0 is the paper's loss)
     ipo:  (h - 1 / (2 beta))^2
 
-The reference is init_from's model. The policy trains LoRA adapters on it (peft.method
-lora), so the reference is the same weights with the adapters switched off: one copy of
-the base on the device, and a forward pass without adapters (no gradient) per step.
+The reference is init_from's model, and a forward pass through it (no gradient) is part
+of each step:
+- peft.method lora: the policy trains LoRA adapters on the base, so the reference is the
+  same weights with the adapters switched off: one copy of the base on the device.
+- peft.method "" (full fine-tuning) or bitfit: the policy's weights move, so the frozen
+  tree holds a copy of init_from's model under REFERENCE (twice the parameters on the
+  device; no optimizer state for the copy).
+
 Evaluations report the loss, the mean implicit rewards beta (log pi - log ref) of chosen
-and rejected replies, their margin and the reward accuracy (the share of pairs whose
-chosen reward is the higher).
+and rejected replies, their margin, the reward accuracy (the share of pairs whose chosen
+reward is the higher) and `kl_per_token`: KL(pi || ref) of the next-token distributions,
+summed over the vocabulary exactly and averaged over the held-out replies' tokens (both
+sides, teacher-forced). lm.evaluate --reference estimates the KL of sampled continuations.
 """
 
 import flax
@@ -25,6 +32,8 @@ from lm.data import Batching
 from lm.errors import ConfigError
 from lm.models import Decoder, lora
 from lm.tasks.base import Batch, Task
+
+REFERENCE = "reference"  # the frozen tree's copy of the initial model (full fine-tuning)
 
 
 @flax.struct.dataclass
@@ -57,6 +66,13 @@ def sequence_log_probs(logits_BxLxV, targets_BxL, weights_BxL):
   return jnp.sum(picked_BxL * weights_BxL.astype(jnp.float32), axis=-1)
 
 
+def token_kl(policy_logits_BxLxV, reference_logits_BxLxV):
+  """KL(pi || ref) of each position's next-token distributions, float32 [B, L]."""
+  logp = jax.nn.log_softmax(policy_logits_BxLxV.astype(jnp.float32), axis=-1)
+  logq = jax.nn.log_softmax(reference_logits_BxLxV.astype(jnp.float32), axis=-1)
+  return jnp.sum(jnp.exp(logp) * (logp - logq), axis=-1)
+
+
 def preference_losses(policy_chosen_B, policy_rejected_B, ref_chosen_B, ref_rejected_B,
                       beta, loss="dpo", label_smoothing=0.0):
   """(per-pair losses [B], chosen rewards [B], rejected rewards [B])."""
@@ -81,12 +97,16 @@ class DPO(Task):
   causal_attention = True
   token_scored = False  # a held-out split's pairs are scored whole at every evaluation
 
+  def __init__(self, *args, **kwargs):
+    super().__init__(*args, **kwargs)
+    # Without adapters the policy's own weights move: the reference is a frozen copy.
+    self.reference_key = "" if self.adapters else REFERENCE
+
   @classmethod
   def check_config(cls, config):
-    if config.peft.method != "lora":
-      raise ConfigError("peft.method", "dpo trains LoRA adapters on init_from's model, whose "
-                        "weights with the adapters off are the reference (one copy in "
-                        "memory); set peft.method=lora")
+    if not config.init_from:
+      raise ConfigError("init_from", "dpo tunes a pretrained model against itself as the "
+                        "reference; set config.init_from (an lm workdir, or hf:FOLDER)")
 
   def build_model(self):
     return Decoder(self.model_cfg)
@@ -102,13 +122,18 @@ class DPO(Task):
     return self.model.apply({"params": params}, inputs, **self._flags(dropout_key))
 
   def apply(self, params, batch, dropout_key=None):
-    """(policy logits, reference logits) of both sides, chosen rows first. The reference:
-    the same parameters without the adapters (outside their interceptor), no gradient."""
+    """(policy logits, reference logits) of both sides, chosen rows first. The reference,
+    without gradient: the frozen copy under REFERENCE, or else the same parameters without
+    the adapters (outside their interceptor)."""
     batch = self.Batch.from_host(batch)
+    if self.reference_key:
+      reference = params[self.reference_key]
+      params = {k: v for k, v in params.items() if k != self.reference_key}
+    else:
+      reference, _ = peft.split(params, lambda path: not lora.is_adapter(path))
     policy = super().apply(params, batch, dropout_key)
-    base, _ = peft.split(params, lambda path: not lora.is_adapter(path))
     inputs, _, _ = self._both(batch)
-    return policy, jax.lax.stop_gradient(self.model.apply({"params": base}, inputs))
+    return policy, jax.lax.stop_gradient(self.model.apply({"params": reference}, inputs))
 
   def _pairs(self, outputs, batch):
     """(losses, chosen rewards, rejected rewards, real pairs), each [B]."""
@@ -130,8 +155,11 @@ class DPO(Task):
 
   def eval_extras(self, outputs, batch):
     _, chosen, rejected, real_B = self._pairs(outputs, batch)
+    _, _, weights = self._both(batch)
+    kl_BxL = token_kl(*outputs)
     return {"chosen_sum": jnp.sum(chosen * real_B), "rejected_sum": jnp.sum(rejected * real_B),
-            "correct_sum": jnp.sum((chosen > rejected) * real_B)}
+            "correct_sum": jnp.sum((chosen > rejected) * real_B),
+            "kl_sum": jnp.sum(kl_BxL * weights), "kl_tokens": jnp.sum(weights)}
 
   def summarize(self, outputs):
     total = lambda k: sum(float(o[k]) for o in outputs)
@@ -139,11 +167,14 @@ class DPO(Task):
     chosen, rejected = total("chosen_sum") / n, total("rejected_sum") / n
     return {"loss": total("loss_sum") / n, "reward_chosen": chosen,
             "reward_rejected": rejected, "reward_margin": chosen - rejected,
-            "reward_accuracy": total("correct_sum") / n, "examples": int(total("weight_sum"))}
+            "reward_accuracy": total("correct_sum") / n,
+            "kl_per_token": total("kl_sum") / max(total("kl_tokens"), 1.0),
+            "examples": int(total("weight_sum"))}
 
   def example_flops(self, abstract_params, abstract_frozen, lengths, causal_share=1.0):
     """Two sequences a row, each forward and backward through the policy and forward
     through the reference (a third more: 2 of 6 FLOPs per parameter and token)."""
+    abstract_frozen = {k: v for k, v in abstract_frozen.items() if k != REFERENCE}
     train = Task.example_flops(self, abstract_params, abstract_frozen, lengths, causal_share)
     return 2 * train * (1 + 1 / 3)
 

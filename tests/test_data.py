@@ -1,6 +1,7 @@
 """Datasets (TFDS builders), tokenizers, and the Grain pipelines: packing, order, sharding."""
 
 import gzip
+import json
 
 import jax
 import numpy as np
@@ -135,6 +136,30 @@ def test_labelled_builder_reads_tsv_with_header(tmp_path):
   assert rows == [("bad film", 0), ("fine", 1), ("good film", 1)]
   assert prepared.sources["validation"][0] == {"text": "dull", "label": 0, "value": 0.0}
   assert prepared.label_names == ("0", "1")
+
+
+def test_labelled_builder_reads_one_json_lines_file_split_by_fraction(tmp_path):
+  records = [{"id": i, "label": "pos" if i % 3 else "neg", "text": f"review {i}"}
+             for i in range(20)]
+  path = tmp_path / "reviews.jsonl"
+  path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
+  c = tiny_config(**{"data.path": str(path), "data.format": "labelled",
+                     "data.validation_fraction": 0.25, "data.test_fraction": 0.0})
+  prepared = prepare(c.data)
+  assert prepared.label_names == ("neg", "pos")
+  got = {s: [prepared.sources[s][i] for i in range(prepared.num_examples(s))]
+         for s in ("train", "validation")}
+  assert [len(got["train"]), len(got["validation"])] == [15, 5]
+  by_text = {r["text"]: r for r in records}
+  for split in got.values():  # every record once, with its own label
+    for row in split:
+      assert ("neg", "pos")[row["label"]] == by_text[row["text"]]["label"]
+  assert (sorted(r["text"] for part in got.values() for r in part)
+          == sorted(by_text))
+  bad = tmp_path / "bad.jsonl"
+  bad.write_text('{"label": "pos", "text": "a"}\n{"text": "b"}\n', encoding="utf-8")
+  with pytest.raises(UserError, match=r"label_column: .*bad\.jsonl line 2 has no field 'label'"):
+    prepare(tiny_config(**{"data.path": str(bad), "data.format": "labelled"}).data)
 
 
 @pytest.mark.parametrize("case,message", [

@@ -8,8 +8,10 @@ Three formats, chosen by `config.data.format`:
     (e.g. Multi30k's train.en.gz / train.de.gz), line i of one translating line i of the
     other. Records: {"source", "target"}.
   * labelled: `<split>.tsv` or `<split>.csv` files with a header line, a label column and a
-    text column (e.g. GLUE SST-2's train.tsv / dev.tsv). Records: {"text", "label", "value"}:
-    the label's class id, and its number for regression (NaN if it is not one).
+    text column (e.g. GLUE SST-2's train.tsv / dev.tsv), or JSON Lines (`<split>.jsonl`
+    files, or one `.jsonl` file split by validation_fraction / test_fraction) whose records
+    have those fields. Records: {"text", "label", "value"}: the label's class id, and its
+    number for regression (NaN if it is not one).
   * tagged: CoNLL-style `<split>.conll` / `.txt` / `.iob` files: a word and its tag per line
     (first and last whitespace-separated columns), a blank line between sentences,
     -DOCSTART- lines ignored. Records: {"words", "tags"} (tab-joined); tag names in order.
@@ -50,6 +52,7 @@ from lm.data import downloads
 from lm.data.source_files import SPLITS
 from lm.data.source_files import md5 as _md5
 from lm.data.source_files import read_bytes as _read_bytes
+from lm.data.source_files import seeded_split
 from lm.data.source_files import split_files as _split_files
 from lm.errors import UserError
 
@@ -148,12 +151,20 @@ def _parallel_examples(data_config):
 
 def _labelled_examples(data_config):
   folder = os.path.abspath(data_config.path)
-  files = _split_files(folder, r"(.+)\.(?:tsv|csv)")
+  if os.path.isfile(folder) and folder.endswith(".jsonl"):
+    files = {"all": folder}
+  else:
+    files = _split_files(folder, r"(.+)\.(?:tsv|csv|jsonl)")
   checksums, rows = {}, {}
   for split, path in files.items():
     data = _read_bytes(path)
     checksums[path] = _md5(data)
-    rows[split] = _read_table(path, corpus_lib.decode_utf8(data, path), data_config)
+    read = _read_json_lines if path.endswith(".jsonl") else _read_table
+    rows[split] = read(path, corpus_lib.decode_utf8(data, path), data_config)
+  if "all" in rows:  # one file: a seeded split by the fractions
+    rows = seeded_split(rows.pop("all"), data_config.validation_fraction,
+                        data_config.test_fraction, 0, f"config.data.path: {folder}")
+    files = {split: folder for split in rows}
   raw_labels = sorted({label for split in rows.values() for _, label, _ in split})
   if all(re.fullmatch(r"-?\d+", label) for label in raw_labels):
     names = tuple(str(i) for i in range(max(int(x) for x in raw_labels) + 1))
@@ -215,6 +226,36 @@ def _tagged_examples(data_config):
                                              "tags": "\t".join(tags)})
                       for number, words, tags in items] for split, items in sentences.items()}
   return folder, checksums, examples, names
+
+
+def _read_json_lines(path, text, data_config):
+  """[(line number, label string, text)] from JSON Lines records with a label field
+  (data.label_column) and a text field (data.text_column, by default text/sentence/content)."""
+  label_key = data_config.label_column
+  text_keys = ((data_config.text_column,) if data_config.text_column
+               else ("text", "sentence", "content"))
+  out = []
+  for line, raw in enumerate(text.split("\n"), 1):
+    if not raw.strip():
+      continue
+    try:
+      record = json.loads(raw)
+    except json.JSONDecodeError as e:
+      raise UserError(f"config.data.path: {path} line {line}: not valid JSON ({e.msg})") from None
+    if not isinstance(record, dict) or label_key not in record:
+      raise UserError(f"config.data.label_column: {path} line {line} has no field "
+                      f"{label_key!r}")
+    key = next((k for k in text_keys if k in record), None)
+    if key is None or not isinstance(record[key], str):
+      raise UserError(f"config.data.text_column: {path} line {line} has no text field "
+                      f"({' / '.join(text_keys)})")
+    label = str(record[label_key]).strip()
+    if not label:
+      raise UserError(f"config.data.label_column: {path} line {line} has an empty label")
+    out.append((line, label, record[key]))
+  if not out:
+    raise UserError(f"config.data.path: {path} holds no records")
+  return out
 
 
 def _read_table(path, text, data_config):
@@ -366,6 +407,8 @@ def _settings_key(data_config):
           "labelled": ("label_column", "text_column"), "tagged": (),
           "chat": ("validation_fraction", "test_fraction"),
           "preference": ("validation_fraction", "test_fraction")}[data_config.format]
+  if data_config.format == "labelled" and os.path.isfile(data_config.path):
+    keys += ("validation_fraction", "test_fraction")  # one JSON Lines file, split by them
   return {k: data_config[k] for k in keys}
 
 

@@ -103,14 +103,14 @@ def test_policy_equal_to_reference_gives_log_2_and_a_step_prefers_the_chosen(tmp
   params = nn.unbox(task.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32)))
   assert any(lora.is_adapter(tuple(k.key for k in p))
              for p, _ in jax.tree_util.tree_flatten_with_path(params)[0])
-  loss, count = task.loss(params, batch)
+  loss, count = jax.jit(task.loss)(params, batch)
   assert count == 1 and float(loss) == pytest.approx(math.log(2), abs=1e-6)  # B = 0: pi = ref
   adapters_only = lambda path: lora.is_adapter(path)
-  grads = jax.grad(lambda p: task.loss(p, batch)[0])(params)
+  grads = jax.jit(jax.grad(lambda p: task.loss(p, batch)[0]))(params)
   moved = jax.tree_util.tree_map_with_path(
       lambda path, p, g: p - 0.5 * g if adapters_only(tuple(k.key for k in path)) else p,
       params, grads)
-  after = task.summarize([jax.device_get(task.eval_outputs(moved, batch))])
+  after = task.summarize([jax.device_get(jax.jit(task.eval_outputs)(moved, batch))])
   assert after["reward_chosen"] > after["reward_rejected"] and after["loss"] < math.log(2)
 
 

@@ -94,12 +94,12 @@ def test_a_packed_conversation_s_logits_equal_it_alone():
                     num_kv_heads=2, d_model=32, d_ff=64, max_len=seq_len, positions="rope")
   model = Decoder(cfg)
   params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
-  packed = np.asarray(model.apply({"params": params}, batch["inputs"], batch["positions"],
-                                  batch["segment_ids"]))[0]
+  apply = jax.jit(lambda *args: model.apply({"params": params}, *args))
+  packed = np.asarray(apply(batch["inputs"], batch["positions"], batch["segment_ids"]))[0]
   at = 0
   for ids, weights in encoded:
     n = len(ids) - 1
-    alone = np.asarray(model.apply({"params": params}, jnp.asarray([ids[:-1]])))[0]
+    alone = np.asarray(apply(jnp.asarray([ids[:-1]])))[0]
     np.testing.assert_allclose(packed[at:at + n], alone, atol=2e-5)
     np.testing.assert_array_equal(batch["targets"][0, at:at + n], ids[1:])
     np.testing.assert_array_equal(batch["weights"][0, at:at + n], weights[1:])

@@ -1,4 +1,4 @@
-"""`python -m lm.evaluate --workdir=DIR --task=squad|gsm|classify|translate|preference
+"""`python -m lm.evaluate --workdir=DIR --task=squad|gsm|classify|translate|preference|reward
 --data=FILE [--limit=N] [--max_tokens=N]`: a model scored on a task by what it generates,
 printed as one JSON line (the scores, the count of examples, the wall time).
 
@@ -15,6 +15,9 @@ printed as one JSON line (the scores, the count of examples, the wall time).
                 one; with --reference=DIR, more than the reference model does (DPO's
                 implicit reward margin > 0), and KL(model || reference) per token on
                 continuations sampled from the model (--max_tokens of them)
+    reward      JSONL of {prompt} (lm.reward_pairs' heldout.jsonl): the mean reward
+                (--scorer's probability of --label) of --samples replies per prompt sampled
+                at temperature 1, the share above 0.5, and with --reference their KL per token
 
 Each example is asked as a one-turn chat, rendered with the model's own chat template
 (--prompt: the user message, a format string of the example's fields), and answered by
@@ -179,6 +182,13 @@ def sampled_kl(policy, reference, prompt_turns, max_tokens=64, seed=0):
     samples = decode.generate(policy.model, policy.params, contexts, max_tokens,
                               [decode.Sampling(temperature=1.0, seed=seed + i)
                                for i in range(len(contexts))], policy.stop_ids)
+  return kl_of_samples(policy, reference, contexts, samples)
+
+
+def kl_of_samples(policy, reference, contexts, samples):
+  """{kl_per_token, kl_per_sample} of continuations `samples` (id lists, drawn from the
+  policy at temperature 1) of `contexts`: the means of log policy(y|x) - log reference(y|x),
+  divided by |y| and not."""
   per_token, per_sample = [], []
   for context, sample in zip(contexts, samples):
     if not sample:
@@ -189,6 +199,24 @@ def sampled_kl(policy, reference, prompt_turns, max_tokens=64, seed=0):
     per_token.append(gap / len(sample))
   return {"kl_per_token": float(np.mean(per_token)) if per_token else 0.0,
           "kl_per_sample": float(np.mean(per_sample)) if per_sample else 0.0}
+
+
+def _reward(loaded, rows, scorer, reference, max_tokens, samples, batch_size):
+  """The mean reward (the scorer's probability of its label) of replies sampled at
+  temperature 1, `samples` per prompt, and with a reference their KL per token."""
+  from lm import reward_pairs  # pylint: disable=import-outside-toplevel
+  if scorer is None:
+    raise UserError("--scorer: the reward task needs a classification workdir (and --label)")
+  sampled = reward_pairs.sample_replies(loaded, [r["prompt"] for r in rows], samples,
+                                        max_tokens, batch_size=batch_size)
+  rewards = scorer([text for _, replies in sampled for _, text in replies])
+  kl = {}
+  if reference is not None:
+    kl = kl_of_samples(loaded, reference,
+                       [context for context, replies in sampled for _ in replies],
+                       [ids for _, replies in sampled for ids, _ in replies])
+  return {"mean_reward": float(np.mean(rewards)), "above_half": float(np.mean(rewards > 0.5)),
+          **kl, "samples": len(rewards), "count": len(rows)}
 
 
 def _log_probs(loaded, prompt_turns, replies):
@@ -212,10 +240,13 @@ def _rendered(loaded, turns):
 
 
 def evaluate(loaded, task, rows, max_tokens=256, batch_size=16, prompt=None, labels=(),
-             target_language="de", reference=None):
-  """{score: value, "count": n} of `loaded` on `rows` (a reader's records) for `task`."""
+             target_language="de", reference=None, scorer=None, samples=1):
+  """{score: value, "count": n} of `loaded` on `rows` (a reader's records) for `task`.
+  `scorer`: the reward task's lm.reward_pairs.Scorer."""
   if task == "preference":
     return _preference(loaded, rows, reference, max_tokens)
+  if task == "reward":
+    return _reward(loaded, rows, scorer, reference, max_tokens, samples, batch_size)
   asker = Asker(loaded, max_tokens, batch_size)
   template = prompt or PROMPTS[task]
   fields = {"labels": ", ".join(labels),
@@ -244,8 +275,7 @@ def evaluate(loaded, task, rows, max_tokens=256, batch_size=16, prompt=None, lab
     from lm.translate import scores as corpus_scores  # pylint: disable=import-outside-toplevel
     return {**corpus_scores([p.strip() for p in replies], [r["target"] for r in rows]),
             "count": len(rows)}
-  raise UserError(f"--task: {task!r} is not one of squad, gsm, classify, translate, "
-                  "preference")
+  raise UserError(f"--task: {task!r} is not one of {', '.join(TASKS)}")
 
 
 def _preference(loaded, rows, reference, max_tokens=64):
@@ -261,8 +291,18 @@ def _preference(loaded, rows, reference, max_tokens=64):
           **kl, "count": len(rows)}
 
 
+def read_reward_prompts(path):
+  """[{prompt}] of JSON Lines records with a prompt field (lm.reward_pairs' heldout.jsonl)."""
+  rows = _jsonl(path)
+  for i, r in enumerate(rows, 1):
+    if not isinstance(r, dict) or not isinstance(r.get("prompt"), str):
+      raise UserError(f"{path} line {i}: a reward prompt record needs a prompt field")
+  return rows
+
+
 READERS = {"squad": read_squad, "gsm": read_gsm, "classify": read_classify,
-           "preference": read_preference}
+           "preference": read_preference, "reward": read_reward_prompts}
+TASKS = ("squad", "gsm", "classify", "translate", "preference", "reward")
 
 
 def read_rows(task, path, source_language="en", target_language="de"):
@@ -277,8 +317,7 @@ def main(argv=None):
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--step", type=int, default=None)
-  parser.add_argument("--task", required=True,
-                      choices=("squad", "gsm", "classify", "translate", "preference"))
+  parser.add_argument("--task", required=True, choices=TASKS)
   parser.add_argument("--data", required=True)
   parser.add_argument("--limit", type=int, default=0, help="the first N examples (0: all)")
   parser.add_argument("--max_tokens", type=int, default=256)
@@ -289,13 +328,20 @@ def main(argv=None):
                       "separated")
   parser.add_argument("--source_language", default="en")
   parser.add_argument("--target_language", default="de")
-  parser.add_argument("--reference", default=None, help="preference: the reference model's "
-                      "workdir (DPO's init_from)")
+  parser.add_argument("--reference", default=None, help="preference, reward: the reference "
+                      "model's workdir (DPO's init_from)")
+  parser.add_argument("--scorer", default=None, help="reward: a classification workdir")
+  parser.add_argument("--label", default=None, help="reward: the scorer's label whose "
+                      "probability is the reward")
+  parser.add_argument("--samples", type=int, default=1, help="reward: replies per prompt")
   args = parser.parse_args(argv)
   from lm.inference import load  # pylint: disable=import-outside-toplevel
   try:
-    if args.limit < 0 or args.max_tokens < 1 or args.batch_size < 1:
-      raise UserError("--limit must be >= 0, --max_tokens and --batch_size >= 1")
+    if args.limit < 0 or args.max_tokens < 1 or args.batch_size < 1 or args.samples < 1:
+      raise UserError("--limit must be >= 0, --max_tokens, --batch_size and --samples >= 1")
+    if args.task == "reward" and not (args.scorer and args.label):
+      raise UserError("--scorer and --label: the reward task needs a classification "
+                      "workdir and the label whose probability is the reward")
     rows = read_rows(args.task, args.data, args.source_language, args.target_language)
     rows = rows[:args.limit] if args.limit else rows
     if not rows:
@@ -303,9 +349,13 @@ def main(argv=None):
     started = time.time()
     loaded = load(args.workdir, args.step)
     reference = load(args.reference) if args.reference else None
+    scorer = None
+    if args.task == "reward":
+      from lm.reward_pairs import Scorer  # pylint: disable=import-outside-toplevel
+      scorer = Scorer(args.scorer, args.label)
     result = evaluate(loaded, args.task, rows, args.max_tokens, args.batch_size, args.prompt,
                       tuple(x for x in args.labels.split(",") if x), args.target_language,
-                      reference)
+                      reference, scorer, args.samples)
   except UserError as e:
     print(f"lm: error: {e}", file=sys.stderr)
     sys.exit(2)

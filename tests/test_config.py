@@ -17,7 +17,8 @@ def load_experiment(name):
 
 
 @pytest.mark.parametrize("name", ["base", "shakespeare_char", "smollm_sft_squad",
-                                  "smollm_sft_gsm", "smollm_dpo_pairs"])
+                                  "smollm_sft_gsm", "smollm_dpo_pairs", "smollm_dpo_sentiment",
+                                  "minilm_movie_sentences"])
 def test_experiments_are_valid(name):
   validate(load_experiment(name), num_devices=1)
 

@@ -179,3 +179,96 @@ def test_generation_evaluation_needs_a_decoder_and_a_file(tmp_path, one_device):
   with pytest.raises(ConfigError, match="task.eval_generate"):
     loop.run(tiny_config(**{"task.eval_generate": "squad", "task.eval_data": "x.json",
                             "task.objective": "mlm"}), str(tmp_path / "b"), devices=one_device)
+
+
+# Reward-ranked pairs (lm/reward_pairs.py) and the reward task.
+
+
+def test_best_and_worst_skip_ties_and_identical_texts():
+  from lm import reward_pairs  # pylint: disable=import-outside-toplevel
+  assert reward_pairs.best_and_worst(["a", "b", "c"], np.array([0.2, 0.9, 0.1])) == (
+      "b", "c", 0.9, 0.1)
+  assert reward_pairs.best_and_worst(["a", "b"], np.array([0.5, 0.5])) is None
+  assert reward_pairs.best_and_worst(["a", "a"], np.array([0.1, 0.7])) is None
+
+
+def test_prompts_are_the_openings_split_once(tmp_path):
+  from lm import reward_pairs  # pylint: disable=import-outside-toplevel
+  path = tmp_path / "reviews.jsonl"
+  texts = [f"review {i} opens with these words and then goes on" for i in range(10)]
+  path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts), encoding="utf-8")
+  prompts = reward_pairs.read_prompts(str(path), 3, "Go on: {opening}", 0.2)
+  assert len(prompts["validation"]) == 2 and len(prompts["train"]) == 8
+  expected = sorted(f"Go on: review {i} opens" for i in range(10))
+  assert sorted(prompts["train"] + prompts["validation"]) == expected
+  with pytest.raises(UserError, match="has no {opening}"):
+    reward_pairs.read_prompts(str(path), 3, "no field", 0.2)
+
+
+@pytest.fixture(scope="module")
+def tiny_scorer(tmp_path_factory):
+  """A tiny classifier of good/bad sentences (char tokenizer), trained for a few steps."""
+  from lm import reward_pairs  # pylint: disable=import-outside-toplevel
+  folder = tmp_path_factory.mktemp("scorer")
+  path = folder / "sentences.jsonl"
+  rows = [{"label": ("neg", "pos")[i % 2], "text": ("a bad dull film", "a good fine film")[i % 2]
+           + f" {i}"} for i in range(40)]
+  path.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+  workdir = str(folder / "run")
+  loop.run(tiny_config(**{"task.objective": "classification", "data.format": "labelled",
+                          "data.path": str(path), "data.test_fraction": 0.0,
+                          "data.seq_len": 32, "train.num_steps": 3, "sample.num_tokens": 0}),
+           workdir, devices=jax.devices()[:1])
+  return reward_pairs.Scorer(workdir, "pos")
+
+
+def test_sampled_replies_equal_each_row_decoded_alone(tiny_run):
+  from lm import decode, reward_pairs  # pylint: disable=import-outside-toplevel
+  questions = ["Go on: it was", "Go on: a much longer opening than the other"]
+  sampled = reward_pairs.sample_replies(tiny_run, questions, 2, 6, seed=3, batch_size=3)
+  for q, (context, replies) in enumerate(sampled):
+    assert context == tiny_run.chat_ids([{"role": "user", "content": questions[q]}])
+    for r, (ids, text) in enumerate(replies):
+      alone = decode.generate(tiny_run.model, tiny_run.params, [context], 6,
+                              decode.Sampling(temperature=1.0, seed=3 + q * 2 + r),
+                              tiny_run.stop_ids)[0]
+      assert ids == list(alone)
+      assert text == tiny_run.tokenizer.decode(
+          [t for t in alone if t not in tiny_run.stop_ids]).split("<|im_end|>")[0].strip()
+
+
+def test_pairs_rank_by_the_scorer_and_the_reward_task_scores_them(tiny_run, tiny_scorer,
+                                                                  tmp_path, capsys):
+  from lm import reward_pairs  # pylint: disable=import-outside-toplevel
+  questions = [f"Go on: film {i}" for i in range(4)]
+  pairs, rewards = reward_pairs.make_pairs(tiny_run, tiny_scorer, questions, 3, 8, seed=1)
+  assert rewards.shape == (4, 3) and ((rewards >= 0) & (rewards <= 1)).all()
+  for pair in pairs:  # each pair: the best and the worst of its prompt's samples
+    row = rewards[questions.index(pair["prompt"])]
+    good, bad = tiny_scorer([pair["chosen"], pair["rejected"]])
+    assert good == pytest.approx(row.max(), abs=1e-5) and bad == pytest.approx(row.min(),
+                                                                                abs=1e-5)
+    assert pair["chosen"] != pair["rejected"]
+  reviews = tmp_path / "reviews.jsonl"
+  reviews.write_text("".join(json.dumps({"text": f"film {i} was quite"}) + "\n"
+                             for i in range(10)), encoding="utf-8")
+  out = tmp_path / "pairs"
+  capsys.readouterr()
+  reward_pairs.main([f"--workdir={tiny_run.workdir}", f"--scorer={tiny_scorer.loaded.workdir}",
+                     "--label=pos", f"--data={reviews}", f"--out={out}", "--max_tokens=6",
+                     "--samples=3"])
+  summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+  written = [json.loads(line) for line in (out / "pairs.jsonl").read_text().splitlines()]
+  heldout = [json.loads(line) for line in (out / "heldout.jsonl").read_text().splitlines()]
+  assert summary["pairs"] == len(written) and summary["prompts"] == 8 and len(heldout) == 2
+  assert all(p["chosen_reward"] >= p["rejected_reward"] for p in written)
+  rows = evaluate.read_reward_prompts(str(out / "heldout.jsonl"))
+  result = evaluate.evaluate(tiny_run, "reward", rows, max_tokens=6, reference=tiny_run,
+                             scorer=tiny_scorer, samples=2)
+  sampled = reward_pairs.sample_replies(tiny_run, [r["prompt"] for r in rows], 2, 6,
+                                        batch_size=16)
+  expected = tiny_scorer([text for _, replies in sampled for _, text in replies])
+  assert result["mean_reward"] == pytest.approx(float(np.mean(expected)), abs=1e-6)
+  assert result["kl_per_token"] == 0.0 and result["samples"] == 4  # against itself
+  with pytest.raises(UserError, match="--label: .* not 'happy'"):
+    reward_pairs.Scorer(tiny_scorer.loaded.workdir, "happy")

@@ -390,3 +390,45 @@ def test_a_unigram_sentencepiece_tokenizer_is_refused_by_name(tmp_path, one_devi
   with pytest.raises(UserError, match="unigram"):
     hf.export_checkpoint(str(tmp_path / "run"), str(tmp_path / "x.gguf"))
   assert not (tmp_path / "x.gguf").exists()
+
+
+def test_lora_on_a_gguf_base_is_served_merged(tiny_llama, tmp_path, one_device):
+  """A LoRA run whose init_from is a GGUF file: what lm.sample / lm.chat / lm.serve load
+  (lm.inference.load) is the plain model with the adapters folded in. Its logits equal the
+  adapted model's (the GGUF's tensors, read again, and the checkpoint's factors, through
+  the LoRA interceptor), and its untargeted weights are the file's own."""
+  from conftest import tiny_config  # pylint: disable=import-outside-toplevel
+  from lm import pretrained, peft, sharding, tasks, trees  # pylint: disable=import-outside-toplevel
+  from lm.checkpoint import Checkpointer  # pylint: disable=import-outside-toplevel
+  from lm.loop import run  # pylint: disable=import-outside-toplevel
+  from lm.train import Trainer  # pylint: disable=import-outside-toplevel
+  _, workdir = tiny_llama
+  path = str(tmp_path / "tiny.gguf")
+  hf.export_checkpoint(workdir, path)
+  config = tiny_config(**{"train.num_steps": 3, "sample.num_tokens": 0, "data.seq_len": 32,
+                          "data.tokenizer": "pretrained", "peft.method": "lora",
+                          "peft.rank": 4, "peft.targets": r"attn/(query|value)$",
+                          "train.learning_rate": 1e-2, "train.eval_every": 100})
+  config.init_from = "hf:" + path
+  tuned = str(tmp_path / "tuned")
+  run(config, tuned, devices=one_device)
+
+  loaded = load(tuned)
+  served = jax.device_get(loaded.params)
+  here = sharding.replicated(loaded.mesh)
+  base = trees.nest(pretrained.open_pretrained("hf:" + path).read(here))
+  assert "lora_a" not in str(jax.tree_util.tree_structure(served))
+  np.testing.assert_array_equal(served["layer_0"]["mlp"]["wo"]["kernel"],
+                                base["layer_0"]["mlp"]["wo"]["kernel"])
+  assert not np.array_equal(served["layer_0"]["attn"]["query"]["kernel"],
+                            base["layer_0"]["attn"]["query"]["kernel"])
+  trainer = Trainer(loaded.config, loaded.tokenizer.vocab_size, loaded.mesh)
+  checkpointer = Checkpointer(tuned, keep=None)
+  factors = jax.device_get(checkpointer.restore_state(
+      3, sharding.abstract_like(trainer.abstract_state, trainer.state_shardings)).params)
+  checkpointer.close()
+  tokens = np.asarray([loaded.encode_prompt("Hello there, a test of served weights")])
+  batch = {"inputs": tokens, "targets": tokens, "weights": np.ones_like(tokens, np.float32)}
+  adapted = jax.jit(trainer.task.apply)(peft.join(base, factors), batch)
+  plain = jax.jit(tasks.make("causal", trainer.model_cfg).apply)(served, batch)
+  np.testing.assert_allclose(np.asarray(plain), np.asarray(adapted), atol=1e-4)

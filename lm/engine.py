@@ -152,42 +152,49 @@ class Engine:
 
   def _publish(self, live, tokens, limits):
     """Emits new text per row; returns whether the host ended any row just now."""
-    now = time.perf_counter()
-    tokenizer, ended = self.loaded.tokenizer, False
+    now, ended = time.perf_counter(), False
     for r, ids, limit in zip(live, tokens, limits):
-      if r.finished:
-        continue
-      request = r.request
-      new = ids[len(r.ids):]
-      r.ids = ids
-      if new and not request.first_token:
-        request.first_token = now
-        if self.metrics:
-          self.metrics.time_to_first_token.observe(now - request.submitted)
-      if self.metrics and new:
-        self.metrics.generated_tokens.inc(len(new))
-      text = tokenizer.decode(ids)
-      reason = ""
-      cut = min((i for i in (text.find(s) for s in request.stop) if i >= 0), default=-1)
-      if cut >= 0:
-        text, reason, ended = text[:cut], "stop", True
-      elif ids and ids[-1] in self.loaded.stop_ids:
-        reason = "stop"
-      elif len(ids) >= limit:
-        reason = "length"
-      elif request.cancelled:
-        reason, ended = "cancelled", True
-      if not reason:  # hold back what may still change: a partial character or stop string
-        text = text.rstrip("\ufffd")
-        hold = max((len(s) for s in request.stop), default=1) - 1
-        text = text[:max(r.sent, len(text) - hold)]
-      if len(text) > r.sent:
-        request.emit(("delta", r.choice, text[r.sent:]))
-        r.sent = len(text)
-      if reason:
-        r.finished = reason
-        if reason != "cancelled":
-          request.emit(("done", r.choice, reason, len(ids)))
-        if self.metrics and len(ids) > 1 and request.first_token:
-          self.metrics.time_per_token.observe((now - request.first_token) / (len(ids) - 1))
+      if not r.finished:
+        ended |= publish(r, ids, limit, self.loaded, self.metrics, now)
     return ended
+
+
+def publish(r, ids, limit, loaded, metrics, now):
+  """A row's generated `ids` so far: emits its new text, and ("done", ...) once it ends by
+  a stop token, a stop string, its `limit` or a cancelled request. Text that may still
+  change (a partial character, the start of a stop string) is held back. Returns whether
+  the host ended the row (stop string, cancelled) rather than the decoder."""
+  request, ended = r.request, False
+  new = ids[len(r.ids):]
+  r.ids = ids
+  if new and not request.first_token:
+    request.first_token = now
+    if metrics:
+      metrics.time_to_first_token.observe(now - request.submitted)
+  if metrics and new:
+    metrics.generated_tokens.inc(len(new))
+  text = loaded.tokenizer.decode(ids)
+  reason = ""
+  cut = min((i for i in (text.find(s) for s in request.stop) if i >= 0), default=-1)
+  if cut >= 0:
+    text, reason, ended = text[:cut], "stop", True
+  elif ids and ids[-1] in loaded.stop_ids:
+    reason = "stop"
+  elif len(ids) >= limit:
+    reason = "length"
+  elif request.cancelled:
+    reason, ended = "cancelled", True
+  if not reason:
+    text = text.rstrip("\ufffd")
+    hold = max((len(s) for s in request.stop), default=1) - 1
+    text = text[:max(r.sent, len(text) - hold)]
+  if len(text) > r.sent:
+    request.emit(("delta", r.choice, text[r.sent:]))
+    r.sent = len(text)
+  if reason:
+    r.finished = reason
+    if reason != "cancelled":
+      request.emit(("done", r.choice, reason, len(ids)))
+    if metrics and len(ids) > 1 and request.first_token:
+      metrics.time_per_token.observe((now - request.first_token) / (len(ids) - 1))
+  return ended

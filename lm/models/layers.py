@@ -254,7 +254,12 @@ class Attention(nn.Module):
       q_BxLxHxDh = (q_BxLxHxDh.astype(jnp.float32) * query_scale(cfg)).astype(
           q_BxLxHxDh.dtype)
     q_BxLxHxDh = constrain(q_BxLxHxDh, ("batch", "length", "heads", "kv"))
-    if cache is not None:
+    if isinstance(cache_index, dict):  # a paged cache: {"k", "v"} pools [N, K, page, Dh]
+      cache = paged_write(cache, cache_index, k_BxLxKxDh, v_BxLxKxDh)
+      out_BxLxHxDh = ops.cached_attention(
+          q_BxLxHxDh, paged_gather(cache["k"], cache_index["table"]),
+          paged_gather(cache["v"], cache_index["table"]), mask, softcap=cfg.attn_softcap)
+    elif cache is not None:
       write = lambda c, x: constrain(jax.lax.dynamic_update_slice_in_dim(
           c, x.transpose(0, 2, 1, 3).astype(c.dtype), cache_index, axis=2),
                                      ("batch", "kv_heads", "length", "kv"))
@@ -270,6 +275,26 @@ class Attention(nn.Module):
           sow=sow_attention(self), softcap=cfg.attn_softcap)
     return Dense((cfg.d_model,), ("heads", "kv", "embed"), cfg, std=residual_std(cfg),
                  name="out")(out_BxLxHxDh), cache
+
+
+def paged_write(pools, where, k_BxLxKxDh, v_BxLxKxDh):
+  """The pools with this call's keys and values written at each row's positions, through
+  its page table (`where`: {"table" [B, T], "positions" [B, L], "valid" [B, L]}); tokens
+  that are not valid go to the scratch page 0."""
+  page = pools["k"].shape[2]
+  table_BxT, positions_BxL = where["table"], where["positions"]
+  index_BxL = jnp.minimum(positions_BxL // page, table_BxT.shape[1] - 1)
+  page_BxL = jnp.where(where["valid"], jnp.take_along_axis(table_BxT, index_BxL, axis=1), 0)
+  offset_BxL = positions_BxL % page
+  write = lambda pool, x: pool.at[page_BxL, :, offset_BxL].set(x.astype(pool.dtype))
+  return {"k": write(pools["k"], k_BxLxKxDh), "v": write(pools["v"], v_BxLxKxDh)}
+
+
+def paged_gather(pool_NxKxPxDh, table_BxT):
+  """Each row's pages in order as one heads-first cache [B, K, T * page, Dh]."""
+  pages_BxTxKxPxDh = pool_NxKxPxDh[table_BxT]
+  b, t, k, p, dh = pages_BxTxKxPxDh.shape
+  return pages_BxTxKxPxDh.transpose(0, 2, 1, 3, 4).reshape(b, k, t * p, dh)
 
 
 def sow_attention(module):

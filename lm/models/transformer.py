@@ -88,6 +88,9 @@ class Decoder(nn.Module):
                deterministic=True, cache=None, last_only=False):
     cfg = self.cfg
     b, length = tokens_BxL.shape
+    paged = cache is not None and "table" in cache
+    if paged:
+      return self._paged(tokens_BxL, cache, deterministic)
     if cache is not None:
       slots_L = cache["index"] + jnp.arange(length, dtype=jnp.int32)
       if positions_BxL is None:
@@ -112,11 +115,40 @@ class Decoder(nn.Module):
                                   None if cache is None else cache["layers"], cache_index)
     if last_only:
       x_BxLxD = x_BxLxD[:, -1:]
-    if cfg.norm_position in ("pre", "sandwich"):
-      x_BxLxD = make_norm(cfg, "ln_f")(x_BxLxD)
 
     new_cache = None if cache is None else {"index": cache["index"] + length,
                                             "start": cache["start"], "layers": layers}
+    return self._logits(embed, x_BxLxD, cache, new_cache)
+
+  def _paged(self, tokens_BxL, cache, deterministic):
+    """A call over a paged KV cache (lm/paged.py): row b's tokens are its positions
+    lengths[b].., of which the first counts[b] are written to its pages (the rest are
+    padding, written to the scratch page 0); they attend to every earlier position of
+    their row, through the page table."""
+    cfg = self.cfg
+    b, length = tokens_BxL.shape
+    table_BxT, lengths_B = cache["table"], cache["lengths"]
+    counts_B = cache.get("counts")
+    counts_B = jnp.full((b,), length, jnp.int32) if counts_B is None else counts_B
+    positions_BxL = lengths_B[:, None] + jnp.arange(length, dtype=jnp.int32)[None, :]
+    embed, x_BxLxD = embed_tokens(cfg, tokens_BxL, positions_BxL, None, deterministic)
+    page = jax.tree.leaves(cache["layers"])[0].shape[-2]
+    slots_S = jnp.arange(table_BxT.shape[1] * page, dtype=jnp.int32)
+    mask = (slots_S[None, None, :] <= positions_BxL[:, :, None])[:, None, None]
+    if cfg.sliding_window:
+      near = slots_S[None, None, :] > positions_BxL[:, :, None] - cfg.sliding_window
+      mask = {"global": mask, "local": mask & near[:, None, None]}
+    where = {"table": table_BxT, "positions": positions_BxL,
+             "valid": jnp.arange(length, dtype=jnp.int32)[None, :] < counts_B[:, None]}
+    x_BxLxD, layers = layer_stack(self, cfg, x_BxLxD, positions_BxL, mask, deterministic,
+                                  cache["layers"], where)
+    new_cache = {"table": table_BxT, "lengths": lengths_B + counts_B, "layers": layers}
+    return self._logits(embed, x_BxLxD, cache, new_cache)
+
+  def _logits(self, embed, x_BxLxD, cache, new_cache):
+    cfg = self.cfg
+    if cfg.norm_position in ("pre", "sandwich"):
+      x_BxLxD = make_norm(cfg, "ln_f")(x_BxLxD)
     if cfg.tie_embeddings:
       unembed_DxV = None
       if cache is not None and cfg.caches_unembedding:

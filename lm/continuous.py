@@ -1,0 +1,314 @@
+"""The continuous-batching engine: a fixed set of decode slots over a paged KV cache.
+
+Every iteration of the worker thread
+  1. takes new requests (each choice of a request is one sequence) into the waiting line;
+  2. admits waiting sequences, oldest first, into free slots while the pool has pages for
+     their context: a prompt's full pages that an earlier prompt computed (the same tokens
+     from the start) are taken from the prefix cache instead (lm/paged.py: Pages);
+  3. runs one prefill chunk of `chunk` tokens for one admitted sequence (in turn), so a
+     long prompt never stalls the others for more than a chunk;
+  4. runs one jitted decode step for every slot whose context is cached (static shapes: all
+     slots, the page table cut to a power of two of pages), and streams the new tokens.
+A sequence leaves its slot the moment it ends (stop token, stop string, max_tokens, client
+gone), and its pages go back to the pool. When a decoding sequence needs a page and none
+is left, the youngest sequence is preempted: its pages are released and it waits again,
+at the front, to be recomputed from its prompt and what it had generated (the stream
+goes on where it was). A request whose context could never fit is refused at submit.
+
+Tokens equal decoding each sequence alone with lm/decode.py: the same per-row sampling key
+(the row's seed folded with its token count), the repetition penalty over the same seen
+tokens, the same model through a paged cache. The events are lm/engine.py's.
+"""
+
+import collections
+import dataclasses
+import queue
+import threading
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lm import decode, paged
+from lm.engine import QueueFull, Request, _Row, publish
+
+__all__ = ["ContinuousEngine", "QueueFull", "Request", "TooLong"]
+
+
+MIN_POSITIONS = 64  # the narrowest page table, in positions (ContinuousEngine._width)
+
+
+class TooLong(ValueError):
+  """A request that no state of the pool could ever hold."""
+
+
+@dataclasses.dataclass
+class _Seq(_Row):
+  admitted: int = 0  # admission order: the youngest is preempted first
+  slot: int = -1
+  pages: list = dataclasses.field(default_factory=list)
+  context: list = dataclasses.field(default_factory=list)  # tokens to cache on admission
+  cached: int = 0  # positions of the context in the pages
+  last: int = -1  # the newest token, fed to the next decode step
+  limit: int = 0
+
+
+class ContinuousEngine:
+  """Same interface as lm.engine.Engine: start, stop, submit(Request), queue_depth."""
+
+  def __init__(self, loaded, max_batch=16, queue_limit=64, chunk=64, page_size=16,
+               num_pages=0, metrics=None):
+    """`num_pages`: the pool (0: enough for every slot at the full context, plus scratch)."""
+    self.loaded, self.slots, self.queue_limit = loaded, max_batch, queue_limit
+    self.chunk, self.page_size, self.metrics = chunk, page_size, metrics
+    cfg = loaded.model.cfg
+    self.max_len = cfg.max_len
+    self.table_width = paged.pages_for(cfg.max_len, page_size)
+    self.pages = paged.Pages(num_pages or max_batch * self.table_width + 1, page_size)
+    self._queue = queue.Queue()
+    self._waiting = collections.deque()  # sequences, oldest first
+    self._waiting_rows = 0
+    self._lock = threading.Lock()
+    self._stopped = threading.Event()
+    self._thread = threading.Thread(target=self._serve, name="lm-continuous", daemon=True)
+    self._slots = [None] * max_batch
+    self._admissions = 0
+    self._turn = 0
+    self.preemptions = 0
+    with loaded.on_mesh():
+      self._pools = paged.init_pools(cfg, self.pages.num_pages, page_size)
+      self._seen = jnp.zeros((max_batch, cfg.vocab_size), jnp.bool_)
+      self._unembed = paged.unembedding(loaded.model, loaded.params, self._pools)
+
+  # The interface.
+
+  def start(self, warmup=True):
+    if warmup:  # compile the prefill and the first decode width now
+      done = threading.Event()
+      self.submit(Request(list(self.loaded.encode_prompt("\n")) or [0], 2,
+                          [decode.Sampling(temperature=0.0)], [],
+                          lambda e: e[0] != "delta" and done.set()))
+      self._thread.start()
+      done.wait(600)
+    else:
+      self._thread.start()
+
+  def stop(self):
+    self._stopped.set()
+    self._queue.put(None)
+    self._thread.join(timeout=30)
+
+  @property
+  def queue_depth(self):
+    return self._waiting_rows
+
+  @property
+  def running(self):
+    return sum(s is not None for s in self._slots)
+
+  def submit(self, request):
+    need = paged.pages_for(len(request.prompt_ids) + request.max_tokens, self.page_size)
+    if len(request.prompt_ids) + 1 > self.max_len:
+      raise TooLong(f"the prompt has {len(request.prompt_ids)} tokens; the model's context "
+                    f"is {self.max_len}")
+    if min(need, self.table_width) > self.pages.num_pages - 1:
+      raise TooLong(f"{len(request.prompt_ids)} prompt tokens and max_tokens="
+                    f"{request.max_tokens} need {need} pages of {self.page_size}; the pool "
+                    f"has {self.pages.num_pages - 1}")
+    with self._lock:
+      if self._waiting_rows + request.rows > self.queue_limit:
+        raise QueueFull(f"{self._waiting_rows} completions are queued (limit "
+                        f"{self.queue_limit}); retry later")
+      self._waiting_rows += request.rows
+      self._gauge()
+    self._queue.put(request)
+
+  def _gauge(self):
+    if self.metrics:
+      self.metrics.queue_depth.set(self._waiting_rows)
+
+  # The loop.
+
+  def _serve(self):
+    while not self._stopped.is_set():
+      idle = not self._waiting and self.running == 0
+      if not self._take_new(block=idle):
+        return
+      try:
+        self._drop_cancelled()
+        self._admit()
+        self._prefill_one()
+        self._decode()
+      except Exception as e:  # pylint: disable=broad-except
+        self._fail_all(f"{type(e).__name__}: {e}")
+
+  def _take_new(self, block):
+    """Moves queued requests to the waiting line; False once stop() was called."""
+    while True:
+      try:
+        request = self._queue.get(block=block, timeout=None)
+      except queue.Empty:
+        return True
+      if request is None:
+        return False
+      block = False
+      with self._lock:
+        self._waiting_rows -= request.rows
+        self._gauge()
+      limit = min(request.max_tokens, self.max_len - len(request.prompt_ids))
+      for choice in range(request.rows):
+        self._waiting.append(_Seq(request, choice, limit=limit,
+                                  context=list(request.prompt_ids)))
+
+  def _admit(self):
+    while self._waiting and None in self._slots:
+      seq = self._waiting[0]
+      if seq.request.cancelled:
+        self._waiting.popleft()
+        seq.finished = "cancelled"
+        continue
+      digests = paged.page_digests(seq.context[:len(seq.context) - 1], self.page_size)
+      reused = []
+      for digest in digests:  # the longest cached prefix (leaving one token to compute)
+        page = self.pages.lookup(digest)
+        if page is None:
+          break
+        reused.append(page)
+      own = paged.pages_for(len(seq.context), self.page_size) - len(reused)
+      if own > self.pages.available:
+        for page in reused:
+          self.pages.release(page)
+        return  # wait for pages
+      self._waiting.popleft()
+      seq.pages = reused + [self.pages.take() for _ in range(own)]
+      seq.cached = len(reused) * self.page_size
+      seq.slot = self._slots.index(None)
+      seq.admitted = self._admissions
+      self._admissions += 1
+      self._slots[seq.slot] = seq
+      context = np.zeros(decode.bucket(len(seq.context)), np.int32)
+      context[:len(seq.context)] = seq.context
+      with self.loaded.on_mesh():
+        self._seen = paged.reset_seen(self._seen, seq.slot, jnp.asarray(context),
+                                      len(seq.context))
+
+  def _drop_cancelled(self):
+    """Sequences whose client went away leave their slots (and pages) now."""
+    for seq in [s for s in self._slots if s is not None and s.request.cancelled]:
+      seq.finished = "cancelled"
+      self._release(seq)
+
+  def _width(self, pages):
+    """The page table's width for rows of up to `pages` pages: a power of two, at least
+    MIN_POSITIONS positions (few compiled shapes), at most the context."""
+    minimum = paged.pages_for(MIN_POSITIONS, self.page_size)
+    return min(decode.bucket(pages, minimum=minimum), self.table_width)
+
+  def _table(self, seqs, width):
+    table = np.zeros((len(seqs), width), np.int32)
+    for i, seq in enumerate(seqs):
+      if seq is not None:
+        table[i, :min(width, len(seq.pages))] = seq.pages[:width]
+    return table
+
+  def _sampling(self, seq):
+    return seq.request.sampling[seq.choice]
+
+  def _prefill_one(self):
+    filling = [s for s in self._slots if s is not None and s.cached < len(s.context)]
+    if not filling:
+      return
+    seq = filling[self._turn % len(filling)]
+    self._turn += 1
+    start = seq.cached
+    piece = seq.context[start:start + self.chunk]
+    tokens = np.zeros((1, self.chunk), np.int32)
+    tokens[0, :len(piece)] = piece
+    width = self._width(paged.pages_for(start + len(piece), self.page_size))
+    s = self._sampling(seq)
+    with self.loaded.on_mesh():
+      self._pools, self._seen, token = paged.prefill_chunk(
+          self.loaded.model, self.loaded.params, self._pools, self._unembed, self._seen,
+          jnp.asarray(self._table([seq], width)), jnp.asarray([start], jnp.int32),
+          jnp.asarray(tokens), jnp.asarray([len(piece)], jnp.int32), seq.slot,
+          jnp.asarray([s.seed], jnp.uint32), jnp.asarray([len(seq.ids)], jnp.int32),
+          jnp.asarray([s.temperature], jnp.float32), jnp.asarray([s.top_k], jnp.int32),
+          jnp.asarray([s.top_p], jnp.float32),
+          jnp.asarray([s.repetition_penalty], jnp.float32))
+    seq.cached += len(piece)
+    if seq.cached == len(seq.context):
+      for i, digest in enumerate(paged.page_digests(seq.context, self.page_size)):
+        self.pages.register(seq.pages[i], digest)
+      self._emit(seq, int(token))
+
+  def _decode(self):
+    decoding = [s for s in self._slots if s is not None and s.cached >= len(s.context)
+                and not s.finished]
+    for seq in sorted(decoding, key=lambda s: s.admitted):
+      if seq.slot >= 0 and seq.cached // self.page_size >= len(seq.pages):
+        if not self._page_for(seq):
+          continue
+    decoding = [s for s in decoding if s.slot >= 0]
+    if not decoding:
+      return
+    width = self._width(max(len(s.pages) for s in decoding))
+    rows = [s if s in decoding else None for s in self._slots]
+    pick = lambda f, dtype: jnp.asarray([f(s) if s else 0 for s in rows], dtype)
+    sampling = lambda f, dtype: pick(lambda s: f(self._sampling(s)), dtype)
+    with self.loaded.on_mesh():
+      self._pools, self._seen, tokens = paged.decode_step(
+          self.loaded.model, self.loaded.params, self._pools, self._unembed, self._seen,
+          jnp.asarray(self._table(rows, width)), pick(lambda s: s.cached, jnp.int32),
+          pick(lambda s: s.last, jnp.int32), pick(lambda s: 1, jnp.bool_),
+          sampling(lambda x: x.seed, jnp.uint32), pick(lambda s: len(s.ids), jnp.int32),
+          sampling(lambda x: x.temperature, jnp.float32),
+          sampling(lambda x: x.top_k, jnp.int32), sampling(lambda x: x.top_p, jnp.float32),
+          sampling(lambda x: x.repetition_penalty, jnp.float32))
+    tokens = np.asarray(jax.device_get(tokens))
+    if self.metrics:
+      self.metrics.batch_rows.observe(len(decoding))
+    for seq in decoding:
+      seq.cached += 1
+      self._emit(seq, int(tokens[seq.slot]))
+
+  def _page_for(self, seq):
+    """A new page for `seq`'s next position, preempting the youngest sequences if none is
+    free; False if `seq` itself was preempted."""
+    while not self.pages.available:
+      youngest = max((s for s in self._slots if s is not None), key=lambda s: s.admitted)
+      self._preempt(youngest)
+      if youngest is seq:
+        return False
+    seq.pages.append(self.pages.take())
+    return True
+
+  def _preempt(self, seq):
+    self.preemptions += 1
+    self._release(seq)
+    seq.context = list(seq.request.prompt_ids) + list(seq.ids)
+    seq.cached = 0
+    self._waiting.appendleft(seq)
+
+  def _release(self, seq):
+    for page in seq.pages:
+      self.pages.release(page)
+    seq.pages = []
+    if seq.slot >= 0:
+      self._slots[seq.slot] = None
+    seq.slot = -1
+
+  def _emit(self, seq, token):
+    seq.last = token
+    ids = seq.ids + [token]
+    publish(seq, ids, seq.limit, self.loaded, self.metrics, time.perf_counter())
+    if seq.finished:
+      self._release(seq)
+
+  def _fail_all(self, message):
+    failed = {id(s.request): s.request for s in list(self._waiting) + self._slots if s}
+    for seq in [s for s in self._slots if s is not None]:
+      self._release(seq)
+    self._waiting.clear()
+    for request in failed.values():
+      request.emit(("error", message))

@@ -5,8 +5,9 @@ Every iteration of the worker thread
   2. admits waiting sequences, oldest first, into free slots while the pool has pages for
      their context: a prompt's full pages that an earlier prompt computed (the same tokens
      from the start) are taken from the prefix cache instead (lm/paged.py: Pages);
-  3. runs one prefill chunk of `chunk` tokens for one admitted sequence (in turn), so a
-     long prompt never stalls the others for more than a chunk;
+  3. runs one prefill call: a chunk of `chunk` tokens for each of up to `prefill_rows`
+     admitted sequences (in turn), so a long prompt never stalls the others for more than
+     a chunk;
   4. runs one jitted decode step for every slot whose context is cached (static shapes: all
      slots, the page table cut to a power of two of pages), and streams the new tokens.
 A sequence leaves its slot the moment it ends (stop token, stop string, max_tokens, client
@@ -52,15 +53,18 @@ class _Seq(_Row):
   cached: int = 0  # positions of the context in the pages
   last: int = -1  # the newest token, fed to the next decode step
   limit: int = 0
+  queued: bool = True  # in queue_depth (submitted, never admitted)
 
 
 class ContinuousEngine:
   """Same interface as lm.engine.Engine: start, stop, submit(Request), queue_depth."""
 
   def __init__(self, loaded, max_batch=16, queue_limit=64, chunk=64, page_size=16,
-               num_pages=0, metrics=None):
-    """`num_pages`: the pool (0: enough for every slot at the full context, plus scratch)."""
+               num_pages=0, prefill_rows=4, metrics=None):
+    """`num_pages`: the pool (0: enough for every slot at the full context, plus scratch).
+    `chunk` x `prefill_rows`: the prompt tokens one prefill call computes."""
     self.loaded, self.slots, self.queue_limit = loaded, max_batch, queue_limit
+    self.prefill_rows = prefill_rows
     self.chunk, self.page_size, self.metrics = chunk, page_size, metrics
     cfg = loaded.model.cfg
     self.max_len = cfg.max_len
@@ -71,11 +75,13 @@ class ContinuousEngine:
     self._waiting_rows = 0
     self._lock = threading.Lock()
     self._stopped = threading.Event()
+    self.ready = threading.Event()
     self._thread = threading.Thread(target=self._serve, name="lm-continuous", daemon=True)
     self._slots = [None] * max_batch
     self._admissions = 0
     self._turn = 0
     self.preemptions = 0
+    self._seen_counts = (0, 0, 0)  # lookups, hits, preemptions already in the metrics
     with loaded.on_mesh():
       self._pools = paged.init_pools(cfg, self.pages.num_pages, page_size)
       self._seen = jnp.zeros((max_batch, cfg.vocab_size), jnp.bool_)
@@ -84,15 +90,15 @@ class ContinuousEngine:
   # The interface.
 
   def start(self, warmup=True):
-    if warmup:  # compile the prefill and the first decode width now
-      done = threading.Event()
+    """Starts the worker; with `warmup`, a first request compiles the prefill and the
+    narrowest decode step, and `ready` is set when it is done (at once without)."""
+    if warmup:
       self.submit(Request(list(self.loaded.encode_prompt("\n")) or [0], 2,
                           [decode.Sampling(temperature=0.0)], [],
-                          lambda e: e[0] != "delta" and done.set()))
-      self._thread.start()
-      done.wait(600)
+                          lambda e: e[0] != "delta" and self.ready.set()))
     else:
-      self._thread.start()
+      self.ready.set()
+    self._thread.start()
 
   def stop(self):
     self._stopped.set()
@@ -138,10 +144,24 @@ class ContinuousEngine:
       try:
         self._drop_cancelled()
         self._admit()
-        self._prefill_one()
+        self._prefill()
         self._decode()
       except Exception as e:  # pylint: disable=broad-except
         self._fail_all(f"{type(e).__name__}: {e}")
+      self._observe()
+
+  def _observe(self):
+    m = self.metrics
+    if not m:
+      return
+    m.running.set(self.running)
+    m.slot_occupancy.set(self.running / self.slots)
+    m.page_occupancy.set(self.pages.in_use / (self.pages.num_pages - 1))
+    lookups, hits = self.pages.lookups, self.pages.hits
+    m.prefix_lookups.inc(lookups - self._seen_counts[0])
+    m.prefix_hits.inc(hits - self._seen_counts[1])
+    m.preemptions.inc(self.preemptions - self._seen_counts[2])
+    self._seen_counts = (lookups, hits, self.preemptions)
 
   def _take_new(self, block):
     """Moves queued requests to the waiting line; False once stop() was called."""
@@ -153,9 +173,6 @@ class ContinuousEngine:
       if request is None:
         return False
       block = False
-      with self._lock:
-        self._waiting_rows -= request.rows
-        self._gauge()
       limit = min(request.max_tokens, self.max_len - len(request.prompt_ids))
       for choice in range(request.rows):
         self._waiting.append(_Seq(request, choice, limit=limit,
@@ -165,7 +182,7 @@ class ContinuousEngine:
     while self._waiting and None in self._slots:
       seq = self._waiting[0]
       if seq.request.cancelled:
-        self._waiting.popleft()
+        self._leave_line()
         seq.finished = "cancelled"
         continue
       digests = paged.page_digests(seq.context[:len(seq.context) - 1], self.page_size)
@@ -180,7 +197,7 @@ class ContinuousEngine:
         for page in reused:
           self.pages.release(page)
         return  # wait for pages
-      self._waiting.popleft()
+      self._leave_line()
       seq.pages = reused + [self.pages.take() for _ in range(own)]
       seq.cached = len(reused) * self.page_size
       seq.slot = self._slots.index(None)
@@ -192,6 +209,17 @@ class ContinuousEngine:
       with self.loaded.on_mesh():
         self._seen = paged.reset_seen(self._seen, seq.slot, jnp.asarray(context),
                                       len(seq.context))
+
+  def _leave_line(self):
+    seq = self._waiting.popleft()
+    if seq.queued:  # counted in queue_depth since submit (a preempted one is not again)
+      seq.queued = False
+      if self.metrics and not seq.request.cancelled:
+        self.metrics.prompt_tokens.inc(len(seq.request.prompt_ids))
+      with self._lock:
+        self._waiting_rows -= 1
+        self._gauge()
+    return seq
 
   def _drop_cancelled(self):
     """Sequences whose client went away leave their slots (and pages) now."""
@@ -215,32 +243,45 @@ class ContinuousEngine:
   def _sampling(self, seq):
     return seq.request.sampling[seq.choice]
 
-  def _prefill_one(self):
+  def _prefill(self):
+    """One chunk for each of up to `prefill_rows` sequences whose context is not all
+    cached yet (in turn, so none waits behind a long one)."""
     filling = [s for s in self._slots if s is not None and s.cached < len(s.context)]
     if not filling:
       return
-    seq = filling[self._turn % len(filling)]
-    self._turn += 1
-    start = seq.cached
-    piece = seq.context[start:start + self.chunk]
-    tokens = np.zeros((1, self.chunk), np.int32)
-    tokens[0, :len(piece)] = piece
-    width = self._width(paged.pages_for(start + len(piece), self.page_size))
-    s = self._sampling(seq)
+    shift = self._turn % len(filling)
+    chosen = (filling[shift:] + filling[:shift])[:self.prefill_rows]
+    self._turn += len(chosen)
+    rows = self.prefill_rows
+    tokens = np.zeros((rows, self.chunk), np.int32)
+    pieces = []
+    for r, seq in enumerate(chosen):
+      piece = seq.context[seq.cached:seq.cached + self.chunk]
+      tokens[r, :len(piece)] = piece
+      pieces.append(piece)
+    width = self._width(max(paged.pages_for(s.cached + len(p), self.page_size)
+                            for s, p in zip(chosen, pieces)))
+    padded = chosen + [None] * (rows - len(chosen))
+    pick = lambda f, dtype, empty=0: jnp.asarray([f(s) if s else empty for s in padded], dtype)
+    sampling = lambda f, dtype: pick(lambda s: f(self._sampling(s)), dtype)
+    counts = [len(p) for p in pieces] + [0] * (rows - len(chosen))
     with self.loaded.on_mesh():
-      self._pools, self._seen, token = paged.prefill_chunk(
+      self._pools, self._seen, first = paged.prefill_chunk(
           self.loaded.model, self.loaded.params, self._pools, self._unembed, self._seen,
-          jnp.asarray(self._table([seq], width)), jnp.asarray([start], jnp.int32),
-          jnp.asarray(tokens), jnp.asarray([len(piece)], jnp.int32), seq.slot,
-          jnp.asarray([s.seed], jnp.uint32), jnp.asarray([len(seq.ids)], jnp.int32),
-          jnp.asarray([s.temperature], jnp.float32), jnp.asarray([s.top_k], jnp.int32),
-          jnp.asarray([s.top_p], jnp.float32),
-          jnp.asarray([s.repetition_penalty], jnp.float32))
-    seq.cached += len(piece)
-    if seq.cached == len(seq.context):
-      for i, digest in enumerate(paged.page_digests(seq.context, self.page_size)):
-        self.pages.register(seq.pages[i], digest)
-      self._emit(seq, int(token))
+          jnp.asarray(self._table(padded, width)), pick(lambda s: s.cached, jnp.int32),
+          jnp.asarray(tokens), jnp.asarray(counts, jnp.int32),
+          pick(lambda s: s.slot, jnp.int32, empty=self.slots),
+          sampling(lambda x: x.seed, jnp.uint32), pick(lambda s: len(s.ids), jnp.int32),
+          sampling(lambda x: x.temperature, jnp.float32),
+          sampling(lambda x: x.top_k, jnp.int32), sampling(lambda x: x.top_p, jnp.float32),
+          sampling(lambda x: x.repetition_penalty, jnp.float32))
+    first = np.asarray(jax.device_get(first))
+    for r, (seq, piece) in enumerate(zip(chosen, pieces)):
+      seq.cached += len(piece)
+      if seq.cached == len(seq.context):
+        for i, digest in enumerate(paged.page_digests(seq.context, self.page_size)):
+          self.pages.register(seq.pages[i], digest)
+        self._emit(seq, int(first[r]))
 
   def _decode(self):
     decoding = [s for s in self._slots if s is not None and s.cached >= len(s.context)
@@ -301,9 +342,12 @@ class ContinuousEngine:
   def _emit(self, seq, token):
     seq.last = token
     ids = seq.ids + [token]
-    publish(seq, ids, seq.limit, self.loaded, self.metrics, time.perf_counter())
+    now = time.perf_counter()
+    publish(seq, ids, seq.limit, self.loaded, self.metrics, now)
     if seq.finished:
       self._release(seq)
+      if self.metrics and seq.finished != "cancelled":
+        self.metrics.end_to_end.observe(now - seq.request.submitted)
 
   def _fail_all(self, message):
     failed = {id(s.request): s.request for s in list(self._waiting) + self._slots if s}

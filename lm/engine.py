@@ -60,10 +60,12 @@ class Engine:
     self._lock = threading.Lock()
     self._thread = threading.Thread(target=self._serve, name="lm-engine", daemon=True)
     self._stopped = threading.Event()
+    self.ready = threading.Event()  # set once the warm-up compiles are done
 
   def start(self, warmup=True):
     if warmup:  # compile the smallest batch now rather than in the first request
       self.loaded.complete(["\n"], 2, decode.Sampling(temperature=0.0))
+    self.ready.set()
     self._thread.start()
 
   def stop(self):

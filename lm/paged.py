@@ -143,19 +143,23 @@ def decode_step(model, params, pools, unembed, seen, table, lengths, last, live,
 
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("pools", "seen"))
-def prefill_chunk(model, params, pools, unembed, seen, table, length, tokens, count, slot,
-                  seed, generated, temperature, top_k, top_p, penalty):
-  """`count` tokens [1, C] (the rest padding) of row `slot`'s context at positions
-  length... Returns (pools, seen, the token sampled after the chunk's last one, as the
-  row's `generated`-th: what a sequence whose whole context is now cached starts with)."""
-  cache = _cache(pools, unembed, table, length, count)
-  logits_1xCxV, cache = model.apply({"params": params}, tokens, cache=cache)
-  row_V = seen[slot]
-  logits_1xV = jax.lax.dynamic_index_in_dim(logits_1xCxV[0], count[0] - 1, keepdims=True)
-  token_1 = _sample(logits_1xV, row_V[None], seed, generated, temperature, top_k, top_p,
+def prefill_chunk(model, params, pools, unembed, seen, table, lengths, tokens, counts, slots,
+                  seeds, generated, temperature, top_k, top_p, penalty):
+  """For each row r: counts[r] tokens of tokens [R, C] (the rest padding) of slot
+  slots[r]'s context, at positions lengths[r]... Returns (pools, seen, tokens [R]: each
+  row's token sampled after its chunk's last one, as its generated[r]-th: what a sequence
+  whose whole context is now cached starts with). Rows with counts 0 and a slot past
+  the last change nothing."""
+  cache = _cache(pools, unembed, table, lengths, counts)
+  logits_RxCxV, cache = model.apply({"params": params}, tokens, cache=cache)
+  last_R = jnp.maximum(counts - 1, 0)
+  logits_RxV = jnp.take_along_axis(logits_RxCxV, last_R[:, None, None], axis=1)[:, 0]
+  rows_RxV = seen.at[slots].get(mode="fill", fill_value=False)
+  token_R = _sample(logits_RxV, rows_RxV, seeds, generated, temperature, top_k, top_p,
                     penalty)
-  seen = seen.at[slot].set(row_V.at[token_1[0]].set(True))
-  return cache["layers"], seen, token_1[0]
+  rows_RxV = rows_RxV.at[jnp.arange(token_R.shape[0]), token_R].set(True)
+  seen = seen.at[slots].set(rows_RxV, mode="drop")
+  return cache["layers"], seen, token_R
 
 
 @functools.partial(jax.jit, donate_argnames=("seen",))

@@ -28,6 +28,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from lm import cli_flags, decode, inference, openai_api
+from lm.continuous import ContinuousEngine, TooLong
 from lm.engine import Engine, QueueFull
 from lm.engine import Request as Job
 from lm.openai_api import ApiError, CompletionRequest
@@ -38,6 +39,14 @@ _MODEL_NAME = flags.DEFINE_string("model_name", None, "Model id (default: the wo
 _MAX_BATCH = flags.DEFINE_integer("max_batch", 16, "Most completions decoded together.")
 _WINDOW_MS = flags.DEFINE_float("batch_window_ms", 10.0, "How long a batch collects requests.")
 _QUEUE_LIMIT = flags.DEFINE_integer("queue_limit", 64, "Queued completions before 429.")
+_ENGINE = flags.DEFINE_enum("engine", "continuous", ["continuous", "static"],
+                            "continuous: slots over a paged KV cache (lm/continuous.py); "
+                            "static: batches collected for --batch_window_ms (lm/engine.py).")
+_PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Positions per KV page (continuous).")
+_NUM_PAGES = flags.DEFINE_integer("num_pages", 0, "KV pages in the pool (continuous; 0: "
+                                  "every slot at the full context).")
+_PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 64, "Prompt tokens per prefill call "
+                                      "(continuous).")
 
 class Metrics:
   """Prometheus metrics of one server (its own registry, so tests can run several)."""
@@ -61,6 +70,24 @@ class Metrics:
                                          registry=r)
     self.batch_rows = prom.Histogram("lm_batch_rows", "Completions per decode batch.",
                                      buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
+    # The continuous engine's state, set after every iteration.
+    self.running = prom.Gauge("lm_running_requests", "Completions in decode slots.",
+                              registry=r)
+    self.slot_occupancy = prom.Gauge("lm_slot_occupancy", "Share of decode slots in use.",
+                                     registry=r)
+    self.page_occupancy = prom.Gauge("lm_page_occupancy", "Share of KV pages held.",
+                                     registry=r)
+    self.prefix_lookups = prom.Counter("lm_prefix_cache_lookups", "Prompt pages looked up "
+                                       "in the prefix cache.", registry=r)
+    self.prefix_hits = prom.Counter("lm_prefix_cache_hits", "Prompt pages found there.",
+                                    registry=r)
+    self.preemptions = prom.Counter("lm_preemptions", "Completions preempted for pages "
+                                    "(recomputed later).", registry=r)
+    self.prompt_tokens = prom.Counter("lm_prompt_tokens", "Prompt tokens of admitted "
+                                      "completions.", registry=r)
+    self.end_to_end = prom.Histogram(
+        "lm_request_seconds", "From request to its last token.",
+        buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)
 
   def text(self):
     return prom.generate_latest(self.registry)
@@ -84,11 +111,19 @@ class Server:
     self.metrics.requests.labels(endpoint, str(status)).inc()
 
 
-def make_app(loaded, model_name, max_batch=16, window_s=0.01, queue_limit=64, chunk=16):
-  """The FastAPI app; its engine starts with the app (lifespan) and stops with it."""
+def make_app(loaded, model_name, max_batch=16, window_s=0.01, queue_limit=64, chunk=16,
+             engine="continuous", page_size=16, num_pages=0, prefill_chunk=64):
+  """The FastAPI app; its engine starts with the app (lifespan) and stops with it.
+  `engine`: continuous (page_size, num_pages, prefill_chunk) or static (window_s and
+  chunk: decode steps per call)."""
   metrics = Metrics()
-  engine = Engine(loaded, max_batch=max_batch, window_s=window_s, queue_limit=queue_limit,
-                  chunk=chunk, metrics=metrics)
+  if engine == "continuous":
+    engine = ContinuousEngine(loaded, max_batch=max_batch, queue_limit=queue_limit,
+                              chunk=prefill_chunk, page_size=page_size, num_pages=num_pages,
+                              metrics=metrics)
+  else:
+    engine = Engine(loaded, max_batch=max_batch, window_s=window_s, queue_limit=queue_limit,
+                    chunk=chunk, metrics=metrics)
   server = Server(loaded, model_name, engine, metrics, queue_limit)
 
   @contextlib.asynccontextmanager
@@ -140,6 +175,16 @@ async def healthz(request: Request):
   server.answered("/healthz", 200)
   return {"status": "ok", "model": server.model_name, "step": server.loaded.step,
           "queue_depth": server.engine.queue_depth}
+
+
+@router.get("/readyz")
+async def readyz(request: Request):
+  """200 once the engine's warm-up compiles are done (503 before): for load balancers."""
+  server = request.app.state.server
+  ready = server.engine.ready.is_set()
+  server.answered("/readyz", 200 if ready else 503)
+  return JSONResponse(status_code=200 if ready else 503,
+                      content={"ready": ready, "model": server.model_name})
 
 
 @router.get("/metrics")
@@ -195,6 +240,10 @@ def _submit(server, body, encoded, stop):
     for job in jobs:
       job.cancelled = True
     raise ApiError(429, str(e), kind="rate_limit_error", code="queue_full") from None
+  except TooLong as e:
+    for job in jobs:
+      job.cancelled = True
+    raise ApiError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
   return events, jobs
 
 
@@ -273,7 +322,9 @@ def main(argv):
   loaded = inference.load_or_exit(argv, cli_flags.WORKDIR.value, cli_flags.STEP.value)
   name = _MODEL_NAME.value or os.path.basename(os.path.abspath(cli_flags.WORKDIR.value))
   api = make_app(loaded, name, max_batch=_MAX_BATCH.value, window_s=_WINDOW_MS.value / 1000,
-                 queue_limit=_QUEUE_LIMIT.value)
+                 queue_limit=_QUEUE_LIMIT.value, engine=_ENGINE.value,
+                 page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value,
+                 prefill_chunk=_PREFILL_CHUNK.value)
   print(f"lm: serving {name!r} (step {loaded.step}) on http://{_HOST.value}:{_PORT.value}/v1",
         flush=True)
   uvicorn.run(api, host=_HOST.value, port=_PORT.value, log_level="warning")

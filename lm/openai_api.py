@@ -1,8 +1,9 @@
-"""OpenAI's completions API as lm's server speaks it: the request schema, its checks beyond
+"""OpenAI's completions and chat completions APIs as lm's server speaks them: the request schema, its checks beyond
 the schema, and the shapes of responses and errors. No HTTP and no model here.
 
     body = CompletionRequest(**json)                    # pydantic: types, ranges, no extras
     prompts, stop = check_completion(body, name, queue_limit)   # raises ApiError
+    messages, stop, max_tokens = check_chat(ChatRequest(**json), name, queue_limit)
     check_context(encoded_prompts, body.max_tokens, context)    # raises ApiError
 
 An ApiError carries OpenAI's error shape ({"error": {"message", "type", "param", "code"}})
@@ -34,6 +35,41 @@ class CompletionRequest(BaseModel):
   user: Optional[str] = None
   echo: Literal[False] = False
   logprobs: Literal[None] = None
+
+
+ROLES = ("system", "user", "assistant")
+
+
+class Message(BaseModel):
+  model_config = ConfigDict(extra="forbid", strict=True)
+  role: str
+  content: Optional[Union[str, list[dict]]] = None
+  name: Optional[str] = None
+
+
+class StreamOptions(BaseModel):
+  model_config = ConfigDict(extra="forbid", strict=True)
+  include_usage: bool = False
+
+
+class ChatRequest(BaseModel):
+  model_config = ConfigDict(extra="forbid", strict=True)
+  model: str
+  messages: list[Message]
+  max_tokens: Optional[int] = Field(None, ge=1)
+  max_completion_tokens: Optional[int] = Field(None, ge=1)
+  temperature: float = Field(1.0, ge=0.0, le=2.0)
+  top_p: float = Field(1.0, gt=0.0, le=1.0)
+  n: int = Field(1, ge=1, le=MAX_N)
+  stop: Optional[Union[str, list[str]]] = None
+  seed: Optional[int] = None
+  stream: bool = False
+  stream_options: Optional[StreamOptions] = None
+  top_k: int = Field(0, ge=0)
+  repetition_penalty: float = Field(1.0, gt=0.0)
+  user: Optional[str] = None
+  logprobs: Literal[False, None] = None
+  top_logprobs: Literal[None] = None
 
 
 class ApiError(Exception):
@@ -71,19 +107,61 @@ def validation_error(errors):
 def check_completion(body, model_name, queue_limit):
   """(prompts, stop strings) of a completion request, after the checks pydantic cannot
   make: the model's name, at least one prompt, the stop list, the number of completions."""
-  if body.model != model_name:
-    raise ApiError(404, f"the model {body.model!r} does not exist; this server has "
-                   f"{model_name!r}", param="model", code="model_not_found")
+  _check_model(body, model_name)
   prompts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-  stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+  stop = _stops(body)
   if not prompts:
     raise ApiError(400, "prompt: give at least one prompt", param="prompt")
-  if len(stop) > MAX_STOP or any(not s for s in stop):
-    raise ApiError(400, f"stop: at most {MAX_STOP} non-empty strings", param="stop")
   if len(prompts) * body.n > queue_limit:
     raise ApiError(400, f"{len(prompts)} prompts x n={body.n} completions exceed this "
                    f"server's limit of {queue_limit}", param="n")
   return prompts, stop
+
+
+def _stops(body):
+  stop = [body.stop] if isinstance(body.stop, str) else list(body.stop or [])
+  if len(stop) > MAX_STOP or any(not s for s in stop):
+    raise ApiError(400, f"stop: at most {MAX_STOP} non-empty strings", param="stop")
+  return stop
+
+
+def _check_model(body, model_name):
+  if body.model != model_name:
+    raise ApiError(404, f"the model {body.model!r} does not exist; this server has "
+                   f"{model_name!r}", param="model", code="model_not_found")
+
+
+def check_chat(body, model_name, queue_limit):
+  """(messages as {role, content} dicts, stop strings, max_tokens) of a chat request:
+  known roles, text content (a string, or text parts), at least one message."""
+  _check_model(body, model_name)
+  if not body.messages:
+    raise ApiError(400, "messages: give at least one message", param="messages")
+  messages = []
+  for i, m in enumerate(body.messages):
+    if m.role not in ROLES:
+      raise ApiError(400, f"messages[{i}].role: unknown role {m.role!r} (this server takes "
+                     f"{', '.join(ROLES)})", param=f"messages.{i}.role")
+    content = m.content
+    if isinstance(content, list):  # [{"type": "text", "text": ...}]
+      if any(part.get("type") != "text" or not isinstance(part.get("text"), str)
+             for part in content):
+        raise ApiError(400, f"messages[{i}].content: only text parts are supported",
+                       param=f"messages.{i}.content")
+      content = "".join(part["text"] for part in content)
+    if not content:
+      raise ApiError(400, f"messages[{i}]: a {m.role} message needs content",
+                     param=f"messages.{i}.content")
+    messages.append({"role": m.role, "content": content})
+  if body.n > queue_limit:
+    raise ApiError(400, f"n={body.n} completions exceed this server's limit of "
+                   f"{queue_limit}", param="n")
+  if body.max_tokens and body.max_completion_tokens and (
+      body.max_tokens != body.max_completion_tokens):
+    raise ApiError(400, "max_tokens and max_completion_tokens differ; give one",
+                   param="max_completion_tokens")
+  max_tokens = body.max_completion_tokens or body.max_tokens
+  return messages, _stops(body), max_tokens  # max_tokens None: what the context leaves
 
 
 def check_context(encoded, max_tokens, context):
@@ -107,3 +185,26 @@ def completion(completion_id, model_name, choices, usage=None):
 
 def choice(index, text, finish_reason):
   return {"text": text, "index": index, "logprobs": None, "finish_reason": finish_reason}
+
+
+def chat_completion(completion_id, model_name, choices, usage):
+  """A chat.completion object; `choices`: (text, finish_reason) per choice."""
+  return {"id": completion_id, "object": "chat.completion", "created": int(time.time()),
+          "model": model_name, "usage": usage,
+          "choices": [{"index": i, "message": {"role": "assistant", "content": text},
+                       "logprobs": None, "finish_reason": reason}
+                      for i, (text, reason) in enumerate(choices)]}
+
+
+def chat_chunk(completion_id, model_name, index=None, delta=None, finish_reason=None,
+               usage=None):
+  """A chat.completion.chunk: one choice's delta (and finish reason), or (index None) the
+  closing chunk with no choices and the usage."""
+  out = {"id": completion_id, "object": "chat.completion.chunk", "created": int(time.time()),
+         "model": model_name,
+         "choices": [] if index is None else [{"index": index, "delta": delta or {},
+                                               "logprobs": None,
+                                               "finish_reason": finish_reason}]}
+  if usage is not None:
+    out["usage"] = usage
+  return out

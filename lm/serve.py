@@ -30,8 +30,9 @@ from starlette.exceptions import HTTPException
 from lm import cli_flags, decode, inference, openai_api
 from lm.continuous import ContinuousEngine, TooLong
 from lm.engine import Engine, QueueFull
+from lm.errors import UserError
 from lm.engine import Request as Job
-from lm.openai_api import ApiError, CompletionRequest
+from lm.openai_api import ApiError, ChatRequest, CompletionRequest
 
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind (127.0.0.1: this machine only).")
 _PORT = flags.DEFINE_integer("port", 8000, "Port.")
@@ -218,6 +219,34 @@ async def completions(body: CompletionRequest, request: Request):
   return result
 
 
+@router.post("/v1/chat/completions")
+async def chat_completions(body: ChatRequest, request: Request):
+  """Messages rendered with the checkpoint's chat template (transformers' rendering); the
+  reply ends at the model's stop tokens or its end-of-turn text."""
+  server = request.app.state.server
+  messages, stop, max_tokens = openai_api.check_chat(body, server.model_name,
+                                                     server.queue_limit)
+  try:
+    ids = server.loaded.chat_ids(messages)
+  except UserError as e:
+    raise ApiError(400, str(e), param="messages") from None
+  if max_tokens is None:
+    max_tokens = max(server.context - len(ids), 1)
+  openai_api.check_context([ids], max_tokens, server.context)
+  end_of_turn = getattr(server.loaded.tokenizer, "chat_stop_text", None)
+  body.max_tokens = max_tokens
+  events, jobs = _submit(server, body, [ids], stop + ([end_of_turn] if end_of_turn else []))
+  reply = _ChatReply(server, f"chatcmpl-{uuid.uuid4().hex}", events, jobs, body.n)
+  usage = body.stream_options is not None and body.stream_options.include_usage
+  if body.stream:
+    server.answered("/v1/chat/completions", 200)
+    return StreamingResponse(reply.stream(prompt_tokens=len(ids), usage=usage),
+                             media_type="text/event-stream")
+  result = await reply.collect(prompt_tokens=len(ids) * body.n)
+  server.answered("/v1/chat/completions", 200)
+  return result
+
+
 def _submit(server, body, encoded, stop):
   """Queues one engine job per prompt (its n completions are rows of it): (an asyncio queue
   of their events, the jobs). A full queue is a 429 and queues none of them."""
@@ -274,14 +303,19 @@ class _Reply:
           finished += 1
     finally:
       self._cancel()
-    choices = [openai_api.choice(i, texts[i], reasons[i]) for i in range(self.total)]
-    return self._completion(choices, usage={
+    return self._whole(texts, reasons, {
         "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens})
 
-  async def stream(self):
-    finished = 0
+  def _whole(self, texts, reasons, usage):
+    choices = [openai_api.choice(i, texts[i], reasons[i]) for i in range(self.total)]
+    return self._completion(choices, usage=usage)
+
+  async def stream(self, prompt_tokens=0, usage=False):
+    finished, completion_tokens = 0, 0
     try:
+      for chunk in self._opening():
+        yield _sse(chunk)
       while finished < self.total:
         event = await self.events.get()
         if event[0] == "error":
@@ -289,17 +323,56 @@ class _Reply:
           yield _sse(openai_api.error_body(event[1], "server_error"))
           break
         if event[0] == "delta":
-          yield _sse(self._completion([openai_api.choice(event[1], event[2], None)]))
+          yield _sse(self._delta(event[1], event[2]))
         else:
           finished += 1
-          yield _sse(self._completion([openai_api.choice(event[1], "", event[2])]))
+          completion_tokens += event[3]
+          yield _sse(self._finish(event[1], event[2]))
+      if usage:
+        total = prompt_tokens * self.total
+        yield _sse(self._usage({"prompt_tokens": total, "completion_tokens": completion_tokens,
+                                "total_tokens": total + completion_tokens}))
       yield "data: [DONE]\n\n"
     finally:
       self._cancel()
 
+  def _opening(self):
+    return []
+
+  def _delta(self, index, text):
+    return self._completion([openai_api.choice(index, text, None)])
+
+  def _finish(self, index, reason):
+    return self._completion([openai_api.choice(index, "", reason)])
+
+  def _usage(self, usage):
+    return self._completion([], usage)
+
   def _cancel(self):
     for job in self.jobs:
       job.cancelled = True
+
+
+class _ChatReply(_Reply):
+  """The same events as chat.completion objects and chat.completion.chunk deltas."""
+
+  def _whole(self, texts, reasons, usage):
+    return openai_api.chat_completion(self.id, self.server.model_name,
+                                      list(zip(texts, reasons)), usage)
+
+  def _opening(self):
+    return [openai_api.chat_chunk(self.id, self.server.model_name, i,
+                                  {"role": "assistant", "content": ""})
+            for i in range(self.total)]
+
+  def _delta(self, index, text):
+    return openai_api.chat_chunk(self.id, self.server.model_name, index, {"content": text})
+
+  def _finish(self, index, reason):
+    return openai_api.chat_chunk(self.id, self.server.model_name, index, {}, reason)
+
+  def _usage(self, usage):
+    return openai_api.chat_chunk(self.id, self.server.model_name, usage=usage)
 
 
 def _sse(payload):

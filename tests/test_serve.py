@@ -28,7 +28,7 @@ TEXT = "the quick brown fox jumps over the lazy dog.\n"
 def loaded():
   tokenizer = CharTokenizer.train([TEXT])
   cfg = ModelConfig(vocab_size=tokenizer.vocab_size, num_layers=2, num_heads=2,
-                    num_kv_heads=1, d_model=32, d_ff=64, max_len=48, positions="rope")
+                    num_kv_heads=1, d_model=32, d_ff=64, max_len=160, positions="rope")
   model = Decoder(cfg)
   params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 8), jnp.int32))["params"])
   params["embed"]["embedding"] = params["embed"]["embedding"] * 20  # no near-ties
@@ -138,6 +138,55 @@ def test_bad_requests_get_openai_shaped_4xx_errors(server, body, status, fragmen
   assert set(error) == {"message", "type", "param", "code"}
   assert fragment in error["message"]
   assert httpx.get(f"{server.url}/healthz").json()["status"] == "ok"  # still serving
+
+
+def _chat_expected(loaded, messages, max_tokens):
+  """The reply decoded directly: the template-rendered ids, greedy, cut at the end of turn."""
+  ids = loaded.chat_ids(messages)
+  with loaded.on_mesh():
+    out = decode.generate(loaded.model, loaded.params, [ids], max_tokens,
+                          decode.Sampling(temperature=0.0), loaded.stop_ids)[0]
+  return loaded.tokenizer.decode(out).split("<|im_end|>")[0], len(ids)
+
+
+def test_chat_completions_render_the_template_and_stream_with_usage(client, loaded):
+  messages = [{"role": "system", "content": "be brief"},
+              {"role": "user", "content": "the lazy fox"}]
+  text, prompt_tokens = _chat_expected(loaded, messages, 10)
+  out = client.chat.completions.create(model="tiny", messages=messages, max_tokens=10,
+                                       temperature=0)
+  assert out.object == "chat.completion" and out.choices[0].message.role == "assistant"
+  assert out.choices[0].message.content == text
+  assert out.usage.prompt_tokens == prompt_tokens
+  again = client.chat.completions.create(model="tiny", messages=messages, temperature=0,
+                                         max_completion_tokens=10)
+  assert again.choices[0].message.content == text
+  chunks = list(client.chat.completions.create(
+      model="tiny", messages=messages, max_tokens=10, temperature=0, stream=True,
+      stream_options={"include_usage": True}))
+  assert chunks[0].choices[0].delta.role == "assistant"
+  assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == text
+  assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == prompt_tokens
+  assert chunks[-1].usage.completion_tokens == out.usage.completion_tokens
+  parts = client.chat.completions.create(  # content as text parts
+      model="tiny", temperature=0, max_tokens=10, messages=[
+          messages[0], {"role": "user", "content": [{"type": "text", "text": "the lazy "},
+                                                    {"type": "text", "text": "fox"}]}])
+  assert parts.choices[0].message.content == text
+
+
+@pytest.mark.parametrize("body,fragment", [
+    ({"messages": [{"role": "wizard", "content": "hi"}]}, "unknown role 'wizard'"),
+    ({"messages": [{"role": "user"}]}, "a user message needs content"),
+    ({"messages": []}, "at least one message"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "fox " * 40}], "max_tokens": 8},
+     "maximum context length is 160"),
+    ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text parts"),
+])
+def test_bad_chat_requests_are_openai_shaped_400s(server, body, fragment):
+  r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "tiny", **body})
+  assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
 
 
 def test_32_concurrent_clients_all_get_their_answers(server, loaded):

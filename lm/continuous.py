@@ -37,6 +37,7 @@ from lm.engine import QueueFull, Request, _Row, publish
 __all__ = ["ContinuousEngine", "QueueFull", "Request", "TooLong"]
 
 
+_WAKE = object()  # put on the queue to wake an idle worker
 MIN_POSITIONS = 64  # the narrowest page table, in positions (ContinuousEngine._width)
 
 
@@ -76,6 +77,7 @@ class ContinuousEngine:
     self._lock = threading.Lock()
     self._stopped = threading.Event()
     self.ready = threading.Event()
+    self._abort = threading.Event()
     self._thread = threading.Thread(target=self._serve, name="lm-continuous", daemon=True)
     self._slots = [None] * max_batch
     self._admissions = 0
@@ -104,6 +106,16 @@ class ContinuousEngine:
     self._stopped.set()
     self._queue.put(None)
     self._thread.join(timeout=30)
+
+  def drain(self, timeout_s):
+    """Blocks until every request has finished or `timeout_s` passed; then the worker ends
+    what is left with finish reason "abort" (call with new requests kept out)."""
+    deadline = time.perf_counter() + timeout_s
+    while (self.running or self._waiting or self._waiting_rows) and (
+        time.perf_counter() < deadline):
+      time.sleep(0.05)
+    self._abort.set()
+    self._queue.put(_WAKE)
 
   @property
   def queue_depth(self):
@@ -141,6 +153,8 @@ class ContinuousEngine:
       idle = not self._waiting and self.running == 0
       if not self._take_new(block=idle):
         return
+      if self._abort.is_set():
+        self._abort_all()
       try:
         self._drop_cancelled()
         self._admit()
@@ -173,6 +187,8 @@ class ContinuousEngine:
       if request is None:
         return False
       block = False
+      if request is _WAKE:
+        continue
       limit = min(request.max_tokens, self.max_len - len(request.prompt_ids))
       for choice in range(request.rows):
         self._waiting.append(_Seq(request, choice, limit=limit,
@@ -348,6 +364,18 @@ class ContinuousEngine:
       self._release(seq)
       if self.metrics and seq.finished != "cancelled":
         self.metrics.end_to_end.observe(now - seq.request.submitted)
+
+  def _abort_all(self):
+    """Ends every sequence in a slot or in line: its stream gets finish reason "abort"."""
+    for seq in [s for s in self._slots if s is not None] + list(self._waiting):
+      if not seq.finished:
+        seq.finished = "abort"
+        seq.request.emit(("done", seq.choice, "abort", len(seq.ids)))
+      self._release(seq)
+    self._waiting.clear()
+    with self._lock:
+      self._waiting_rows = 0
+      self._gauge()
 
   def _fail_all(self, message):
     failed = {id(s.request): s.request for s in list(self._waiting) + self._slots if s}

@@ -61,6 +61,7 @@ class Engine:
     self._thread = threading.Thread(target=self._serve, name="lm-engine", daemon=True)
     self._stopped = threading.Event()
     self.ready = threading.Event()  # set once the warm-up compiles are done
+    self._busy = self._abort = False
 
   def start(self, warmup=True):
     if warmup:  # compile the smallest batch now rather than in the first request
@@ -72,6 +73,14 @@ class Engine:
     self._stopped.set()
     self._queue.put(None)
     self._thread.join(timeout=30)
+
+  def drain(self, timeout_s):
+    """Waits until the queue and the batch in flight are done or `timeout_s` passed, then
+    ends what is left of the batch with finish reason "abort"."""
+    deadline = time.perf_counter() + timeout_s
+    while (self._waiting_rows or self._busy) and time.perf_counter() < deadline:
+      time.sleep(0.05)
+    self._abort = True
 
   @property
   def queue_depth(self):
@@ -119,11 +128,13 @@ class Engine:
         rows += nxt.rows
       for request in batch:
         self._take(request)
+      self._busy = True
       try:
         self._run(batch)
       except Exception as e:  # pylint: disable=broad-except
         for request in batch:
           request.emit(("error", f"{type(e).__name__}: {e}"))
+      self._busy = False
 
   def _run(self, batch):
     loaded = self.loaded
@@ -145,6 +156,11 @@ class Engine:
       while True:
         tokens = decode.outputs(state, len(live))
         ended = self._publish(live, tokens, limits)
+        if self._abort:
+          for r in live:
+            if not r.finished:
+              r.finished = "abort"
+              r.request.emit(("done", r.choice, "abort", len(r.ids)))
         if all(r.finished for r in live):
           return
         if ended:  # rows the host ended (stop string, client gone) stop decoding

@@ -1,11 +1,19 @@
-"""An OpenAI-compatible completions server for a trained lm model.
+"""An OpenAI-compatible server for a trained (or imported) lm model.
 
-    python -m lm.serve --workdir=runs/base [--host=127.0.0.1] [--port=8000]
+    python -m lm.serve --workdir=runs/base [--host=127.0.0.1] [--port=8000] [--api_key=K]
 
 Endpoints: POST /v1/completions (prompt string or list, max_tokens, temperature, top_p, n,
 stop, seed, stream as server-sent events; lm extensions top_k and repetition_penalty),
-GET /v1/models, GET /healthz, GET /metrics (Prometheus text format). Point the official
-client at it: `openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")`.
+POST /v1/chat/completions (messages in the checkpoint's chat template), GET /v1/models,
+GET /healthz (liveness), GET /readyz (200 once the warm-up compiles are done), GET /metrics
+(Prometheus text format). Point the official client at it:
+`openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused")`.
+
+It binds 127.0.0.1 unless --host says otherwise. With --api_key (or $LM_API_KEY) every
+/v1 route and /metrics need `Authorization: Bearer KEY` (401 without). Bodies past
+--max_body_bytes are refused (413). SIGTERM stops admitting requests (503), lets the ones
+in flight finish for --drain_s seconds, ends the rest with finish_reason "abort", and
+exits 0.
 
 Every bad request gets a 4xx JSON error in OpenAI's shape ({"error": {"message", "type",
 "param", "code"}}): malformed JSON, unknown fields, wrong types or ranges, a prompt plus
@@ -15,8 +23,11 @@ max_tokens beyond the model's context (400), an unknown model (404), a full queu
 import asyncio
 import contextlib
 import dataclasses
+import hmac
 import json
 import os
+import signal
+import threading
 import time
 import uuid
 
@@ -46,6 +57,11 @@ _ENGINE = flags.DEFINE_enum("engine", "continuous", ["continuous", "static"],
 _PAGE_SIZE = flags.DEFINE_integer("page_size", 16, "Positions per KV page (continuous).")
 _NUM_PAGES = flags.DEFINE_integer("num_pages", 0, "KV pages in the pool (continuous; 0: "
                                   "every slot at the full context).")
+_API_KEY = flags.DEFINE_string("api_key", None, "Bearer key the /v1 routes and /metrics "
+                               "require (default: $LM_API_KEY; none: open).")
+_MAX_BODY = flags.DEFINE_integer("max_body_bytes", 1 << 20, "Largest request body (413 past it).")
+_DRAIN_S = flags.DEFINE_float("drain_s", 30.0, "After SIGTERM: how long requests in flight may "
+                              "finish before they are ended (finish_reason abort).")
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 64, "Prompt tokens per prefill call "
                                       "(continuous).")
 
@@ -103,6 +119,9 @@ class Server:
   metrics: Metrics
   queue_limit: int
   created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+  api_key: str = None
+  max_body: int = 1 << 20
+  draining: bool = False
 
   @property
   def context(self):
@@ -113,7 +132,8 @@ class Server:
 
 
 def make_app(loaded, model_name, max_batch=16, window_s=0.01, queue_limit=64, chunk=16,
-             engine="continuous", page_size=16, num_pages=0, prefill_chunk=64):
+             engine="continuous", page_size=16, num_pages=0, prefill_chunk=64, api_key=None,
+             max_body_bytes=1 << 20):
   """The FastAPI app; its engine starts with the app (lifespan) and stops with it.
   `engine`: continuous (page_size, num_pages, prefill_chunk) or static (window_s and
   chunk: decode steps per call)."""
@@ -126,6 +146,7 @@ def make_app(loaded, model_name, max_batch=16, window_s=0.01, queue_limit=64, ch
     engine = Engine(loaded, max_batch=max_batch, window_s=window_s, queue_limit=queue_limit,
                     chunk=chunk, metrics=metrics)
   server = Server(loaded, model_name, engine, metrics, queue_limit)
+  server.api_key, server.max_body = api_key, max_body_bytes
 
   @contextlib.asynccontextmanager
   async def lifespan(_):
@@ -140,7 +161,32 @@ def make_app(loaded, model_name, max_batch=16, window_s=0.01, queue_limit=64, ch
   api.add_exception_handler(HTTPException, _http_error)
   api.add_exception_handler(Exception, _internal)
   api.include_router(router)
+  api.middleware("http")(_guard)
   return api
+
+
+OPEN_ROUTES = ("/healthz", "/readyz")
+
+
+async def _guard(request, call_next):
+  """The API key, the body size limit and, once draining, a 503 for new requests."""
+  server = request.app.state.server
+  path = request.url.path
+  if server.api_key and path not in OPEN_ROUTES:
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {server.api_key}".encode()):
+      return await _refused(request, ApiError(
+          401, "a valid API key is required (Authorization: Bearer KEY)",
+          code="invalid_api_key"))
+  length = request.headers.get("content-length")
+  if length is not None and (not length.isdigit() or int(length) > server.max_body):
+    return await _refused(request, ApiError(
+        413, f"the request body exceeds this server's limit of {server.max_body} bytes",
+        code="body_too_large"))
+  if server.draining and path.startswith("/v1/") and request.method == "POST":
+    return await _refused(request, ApiError(503, "the server is shutting down",
+                                            kind="server_error", code="shutting_down"))
+  return await call_next(request)
 
 
 # Errors: every one an OpenAI-shaped JSON body, counted by endpoint, status and kind.
@@ -397,10 +443,37 @@ def main(argv):
   api = make_app(loaded, name, max_batch=_MAX_BATCH.value, window_s=_WINDOW_MS.value / 1000,
                  queue_limit=_QUEUE_LIMIT.value, engine=_ENGINE.value,
                  page_size=_PAGE_SIZE.value, num_pages=_NUM_PAGES.value,
-                 prefill_chunk=_PREFILL_CHUNK.value)
+                 prefill_chunk=_PREFILL_CHUNK.value,
+                 api_key=_API_KEY.value or os.environ.get("LM_API_KEY") or None,
+                 max_body_bytes=_MAX_BODY.value)
   print(f"lm: serving {name!r} (step {loaded.step}) on http://{_HOST.value}:{_PORT.value}/v1",
         flush=True)
-  uvicorn.run(api, host=_HOST.value, port=_PORT.value, log_level="warning")
+  server = _graceful_server(uvicorn.Config(api, host=_HOST.value, port=_PORT.value,
+                                           log_level="warning",
+                                           timeout_graceful_shutdown=_DRAIN_S.value + 10),
+                            api.state.server, _DRAIN_S.value)
+  server.run()
+  print("lm: stopped", flush=True)
+
+
+def _graceful_server(config, lm_server, drain_s):
+  """uvicorn's server, which on SIGTERM (or Ctrl-C) first drains lm's engine: no new
+  requests (503), drain_s seconds for the ones in flight, then the rest ended ("abort");
+  uvicorn then closes the connections and the lifespan stops the engine."""
+  import uvicorn  # pylint: disable=import-outside-toplevel
+
+  class Graceful(uvicorn.Server):
+
+    def handle_exit(self, sig, frame):
+      if not lm_server.draining:
+        lm_server.draining = True
+        print(f"lm: signal {sig}: draining for up to {drain_s:g} s", flush=True)
+        threading.Thread(target=lm_server.engine.drain, args=(drain_s,), daemon=True).start()
+      super().handle_exit(sig, frame)
+      if sig == signal.SIGTERM:  # a drained shutdown is a clean exit: uvicorn would re-raise
+        self._captured_signals.remove(sig)  # the signal after it (status -15)
+
+  return Graceful(config)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lm import decode, paged
+from lm import decode, paged, sharding
 from lm.engine import QueueFull, Request, _Row, publish
 
 __all__ = ["ContinuousEngine", "QueueFull", "Request", "TooLong"]
@@ -78,6 +78,7 @@ class ContinuousEngine:
     self._stopped = threading.Event()
     self.ready = threading.Event()
     self._abort = threading.Event()
+    self._warmup = False
     self._thread = threading.Thread(target=self._serve, name="lm-continuous", daemon=True)
     self._slots = [None] * max_batch
     self._admissions = 0
@@ -85,22 +86,57 @@ class ContinuousEngine:
     self.preemptions = 0
     self._seen_counts = (0, 0, 0)  # lookups, hits, preemptions already in the metrics
     with loaded.on_mesh():
-      self._pools = paged.init_pools(cfg, self.pages.num_pages, page_size)
-      self._seen = jnp.zeros((max_batch, cfg.vocab_size), jnp.bool_)
+      # Committed to the mesh as the programs' outputs will be: one compile per shape.
+      here = sharding.replicated(loaded.mesh)
+      self._pools = jax.device_put(paged.init_pools(cfg, self.pages.num_pages, page_size),
+                                   here)
+      self._seen = jax.device_put(jnp.zeros((max_batch, cfg.vocab_size), jnp.bool_), here)
       self._unembed = paged.unembedding(loaded.model, loaded.params, self._pools)
 
   # The interface.
 
   def start(self, warmup=True):
-    """Starts the worker; with `warmup`, a first request compiles the prefill and the
-    narrowest decode step, and `ready` is set when it is done (at once without)."""
-    if warmup:
-      self.submit(Request(list(self.loaded.encode_prompt("\n")) or [0], 2,
-                          [decode.Sampling(temperature=0.0)], [],
-                          lambda e: e[0] != "delta" and self.ready.set()))
-    else:
-      self.ready.set()
+    """Starts the worker. With `warmup` it first compiles the prefill and decode programs
+    of every page-table width (a few powers of two), so no request waits for a compile;
+    `ready` is set when that is done (at once without)."""
+    self._warmup = warmup
     self._thread.start()
+
+  def widths(self):
+    """Every page-table width the programs are compiled for."""
+    out, pages = [], 1
+    while True:
+      width = self._width(pages)
+      if not out or width != out[-1]:
+        out.append(width)
+      if width >= self.table_width:
+        return out
+      pages = width + 1
+
+  def _compile_all(self):
+    """Runs each program once per width with every row idle (writes go to the scratch
+    page): compiles everything a request can need."""
+    s, r, cfg = self.slots, self.prefill_rows, self.loaded.model.cfg
+    zeros = lambda n, dtype: jnp.zeros((n,), dtype)
+    with self.loaded.on_mesh():
+      for width in self.widths():
+        self._pools, self._seen, _ = paged.decode_step(
+            self.loaded.model, self.loaded.params, self._pools, self._unembed, self._seen,
+            jnp.zeros((s, width), jnp.int32), zeros(s, jnp.int32), zeros(s, jnp.int32),
+            zeros(s, jnp.bool_), zeros(s, jnp.uint32), zeros(s, jnp.int32),
+            zeros(s, jnp.float32), zeros(s, jnp.int32), jnp.ones((s,), jnp.float32),
+            jnp.ones((s,), jnp.float32))
+        self._pools, self._seen, _ = paged.prefill_chunk(
+            self.loaded.model, self.loaded.params, self._pools, self._unembed, self._seen,
+            jnp.zeros((r, width), jnp.int32), zeros(r, jnp.int32),
+            jnp.zeros((r, self.chunk), jnp.int32), zeros(r, jnp.int32),
+            jnp.full((r,), s, jnp.int32), zeros(r, jnp.uint32), zeros(r, jnp.int32),
+            zeros(r, jnp.float32), zeros(r, jnp.int32), jnp.ones((r,), jnp.float32),
+            jnp.ones((r,), jnp.float32))
+      n = decode.bucket(1)
+      while n <= decode.bucket(cfg.max_len):  # a context's seen tokens, by its bucket
+        self._seen = paged.reset_seen(self._seen, 0, jnp.zeros((n,), jnp.int32), 0)
+        n *= 2
 
   def stop(self):
     self._stopped.set()
@@ -149,6 +185,9 @@ class ContinuousEngine:
   # The loop.
 
   def _serve(self):
+    if self._warmup:
+      self._compile_all()
+    self.ready.set()
     while not self._stopped.is_set():
       idle = not self._waiting and self.running == 0
       if not self._take_new(block=idle):

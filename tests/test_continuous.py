@@ -182,3 +182,30 @@ def test_a_client_gone_frees_its_slot_and_what_cannot_fit_is_refused(tiny):
     assert engine.running == 0 and engine.pages.in_use == 0
   finally:
     engine.stop()
+
+
+def test_warm_up_compiles_every_program_requests_need(tiny):
+  """After the warm-up, requests of any length compile none of the engine's programs."""
+  import logging  # pylint: disable=import-outside-toplevel
+  engine = continuous.ContinuousEngine(tiny, max_batch=2, chunk=8, page_size=4)
+  assert engine.widths() == [16, 24]  # 64 positions at least, the context (96) at most
+  compiled = []
+  handler = logging.Handler()
+  handler.emit = lambda record: compiled.append(record.getMessage())
+  logger = logging.getLogger("jax._src.interpreters.pxla")
+  requests = [(tiny.encode_prompt("x" * n), 30, [decode.Sampling(temperature=0.0)])
+              for n in (3, 50, 70)]
+  engine.start(warmup=True)
+  try:
+    assert engine.ready.wait(300)
+    logger.addHandler(handler)
+    jax.config.update("jax_log_compiles", True)  # globally: the engine runs in a thread
+    engine.stop()
+    engine = continuous.ContinuousEngine(tiny, max_batch=2, chunk=8, page_size=4)
+    _serve(engine, requests, seed=0)
+  finally:
+    jax.config.update("jax_log_compiles", False)
+    logger.removeHandler(handler)
+    engine.stop()
+  names = ("decode_step", "prefill_chunk", "reset_seen")
+  assert not [m for m in compiled if any(f"jit({n})" in m for n in names)], compiled

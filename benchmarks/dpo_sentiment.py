@@ -66,11 +66,16 @@ def main(_):
     print(json.dumps({"pairs": json.load(f)}), flush=True)
 
   def score(workdir, label):
-    out = _run(["lm.evaluate", f"--workdir={workdir}", "--task=reward",
-                f"--data={os.path.join(pairs, 'heldout.jsonl')}", f"--scorer={scorer}",
-                "--label=pos", f"--reference={base}", "--max_tokens=48", "--samples=2",
-                f"--limit={_HELDOUT.value}"], f"score {label}")
-    print(json.dumps({"model": label, **json.loads(out.strip().splitlines()[-1])}), flush=True)
+    saved = os.path.join(workdir, f"reward_score_{_HELDOUT.value}.json")  # kept: a rerun
+    if not os.path.exists(saved):                                       # reads it back
+      out = _run(["lm.evaluate", f"--workdir={workdir}", "--task=reward",
+                  f"--data={os.path.join(pairs, 'heldout.jsonl')}", f"--scorer={scorer}",
+                  "--label=pos", f"--reference={base}", "--max_tokens=48", "--samples=2",
+                  f"--limit={_HELDOUT.value}"], f"score {label}")
+      with open(saved, "w", encoding="utf-8") as f:
+        f.write(out.strip().splitlines()[-1])
+    with open(saved, encoding="utf-8") as f:
+      print(json.dumps({"model": label, **json.loads(f.read())}), flush=True)
 
   score(base, "base")
   for beta in _BETAS.value.split(","):

@@ -24,6 +24,7 @@ tokens, the same model through a paged cache. The events are lm/engine.py's.
 import collections
 import dataclasses
 import queue
+import sys
 import threading
 import time
 
@@ -120,19 +121,19 @@ class ContinuousEngine:
     zeros = lambda n, dtype: jnp.zeros((n,), dtype)
     with self.loaded.on_mesh():
       for width in self.widths():
-        self._pools, self._seen, _ = paged.decode_step(
+        self._pools, self._seen, _, _ = paged.decode_step(
             self.loaded.model, self.loaded.params, self._pools, self._unembed, self._seen,
             jnp.zeros((s, width), jnp.int32), zeros(s, jnp.int32), zeros(s, jnp.int32),
             zeros(s, jnp.bool_), zeros(s, jnp.uint32), zeros(s, jnp.int32),
             zeros(s, jnp.float32), zeros(s, jnp.int32), jnp.ones((s,), jnp.float32),
-            jnp.ones((s,), jnp.float32))
-        self._pools, self._seen, _ = paged.prefill_chunk(
+            jnp.ones((s,), jnp.float32), zeros(s, jnp.bool_))
+        self._pools, self._seen, _, _ = paged.prefill_chunk(
             self.loaded.model, self.loaded.params, self._pools, self._unembed, self._seen,
             jnp.zeros((r, width), jnp.int32), zeros(r, jnp.int32),
             jnp.zeros((r, self.chunk), jnp.int32), zeros(r, jnp.int32),
             jnp.full((r,), s, jnp.int32), zeros(r, jnp.uint32), zeros(r, jnp.int32),
             zeros(r, jnp.float32), zeros(r, jnp.int32), jnp.ones((r,), jnp.float32),
-            jnp.ones((r,), jnp.float32))
+            jnp.ones((r,), jnp.float32), zeros(r, jnp.bool_))
       n = decode.bucket(1)
       while n <= decode.bucket(cfg.max_len):  # a context's seen tokens, by its bucket
         self._seen = paged.reset_seen(self._seen, 0, jnp.zeros((n,), jnp.int32), 0)
@@ -185,9 +186,14 @@ class ContinuousEngine:
   # The loop.
 
   def _serve(self):
-    if self._warmup:
-      self._compile_all()
-    self.ready.set()
+    try:
+      if self._warmup:
+        self._compile_all()
+      self.ready.set()
+    except Exception as e:  # pylint: disable=broad-except
+      # Not ready; requests still get an answer (the error again, most likely).
+      print(f"lm: error: the engine's warm-up failed: {type(e).__name__}: {e}",
+            file=sys.stderr, flush=True)
     while not self._stopped.is_set():
       idle = not self._waiting and self.running == 0
       if not self._take_new(block=idle):
@@ -321,7 +327,7 @@ class ContinuousEngine:
     sampling = lambda f, dtype: pick(lambda s: f(self._sampling(s)), dtype)
     counts = [len(p) for p in pieces] + [0] * (rows - len(chosen))
     with self.loaded.on_mesh():
-      self._pools, self._seen, first = paged.prefill_chunk(
+      self._pools, self._seen, first, logprobs = paged.prefill_chunk(
           self.loaded.model, self.loaded.params, self._pools, self._unembed, self._seen,
           jnp.asarray(self._table(padded, width)), pick(lambda s: s.cached, jnp.int32),
           jnp.asarray(tokens), jnp.asarray(counts, jnp.int32),
@@ -329,14 +335,15 @@ class ContinuousEngine:
           sampling(lambda x: x.seed, jnp.uint32), pick(lambda s: len(s.ids), jnp.int32),
           sampling(lambda x: x.temperature, jnp.float32),
           sampling(lambda x: x.top_k, jnp.int32), sampling(lambda x: x.top_p, jnp.float32),
-          sampling(lambda x: x.repetition_penalty, jnp.float32))
-    first = np.asarray(jax.device_get(first))
+          sampling(lambda x: x.repetition_penalty, jnp.float32),
+          pick(lambda s: s.request.logprobs > 0, jnp.bool_))
+    first, logprobs = jax.device_get((first, logprobs))
     for r, (seq, piece) in enumerate(zip(chosen, pieces)):
       seq.cached += len(piece)
       if seq.cached == len(seq.context):
         for i, digest in enumerate(paged.page_digests(seq.context, self.page_size)):
           self.pages.register(seq.pages[i], digest)
-        self._emit(seq, int(first[r]))
+        self._emit(seq, int(first[r]), logprobs, r)
 
   def _decode(self):
     decoding = [s for s in self._slots if s is not None and s.cached >= len(s.context)
@@ -353,20 +360,21 @@ class ContinuousEngine:
     pick = lambda f, dtype: jnp.asarray([f(s) if s else 0 for s in rows], dtype)
     sampling = lambda f, dtype: pick(lambda s: f(self._sampling(s)), dtype)
     with self.loaded.on_mesh():
-      self._pools, self._seen, tokens = paged.decode_step(
+      self._pools, self._seen, tokens, logprobs = paged.decode_step(
           self.loaded.model, self.loaded.params, self._pools, self._unembed, self._seen,
           jnp.asarray(self._table(rows, width)), pick(lambda s: s.cached, jnp.int32),
           pick(lambda s: s.last, jnp.int32), pick(lambda s: 1, jnp.bool_),
           sampling(lambda x: x.seed, jnp.uint32), pick(lambda s: len(s.ids), jnp.int32),
           sampling(lambda x: x.temperature, jnp.float32),
           sampling(lambda x: x.top_k, jnp.int32), sampling(lambda x: x.top_p, jnp.float32),
-          sampling(lambda x: x.repetition_penalty, jnp.float32))
-    tokens = np.asarray(jax.device_get(tokens))
+          sampling(lambda x: x.repetition_penalty, jnp.float32),
+          pick(lambda s: s.request.logprobs > 0, jnp.bool_))
+    tokens, logprobs = jax.device_get((tokens, logprobs))
     if self.metrics:
       self.metrics.batch_rows.observe(len(decoding))
     for seq in decoding:
       seq.cached += 1
-      self._emit(seq, int(tokens[seq.slot]))
+      self._emit(seq, int(tokens[seq.slot]), logprobs, seq.slot)
 
   def _page_for(self, seq):
     """A new page for `seq`'s next position, preempting the youngest sequences if none is
@@ -394,8 +402,14 @@ class ContinuousEngine:
       self._slots[seq.slot] = None
     seq.slot = -1
 
-  def _emit(self, seq, token):
+  def _emit(self, seq, token, logprobs=None, row=0):
     seq.last = token
+    k = seq.request.logprobs
+    if k >= 0 and logprobs is not None:
+      chosen, ids, values = logprobs
+      seq.request.emit(("logprobs", seq.choice, {
+          "id": token, "logprob": float(chosen[row]),
+          "top": [(int(i), float(v)) for i, v in zip(ids[row][:k], values[row][:k])]}))
     ids = seq.ids + [token]
     now = time.perf_counter()
     publish(seq, ids, seq.limit, self.loaded, self.metrics, now)

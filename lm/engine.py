@@ -9,6 +9,8 @@ New requests wait for the next batch (static batching with a collection window).
 Events go to each request's `emit(event)` callback from the worker thread:
   ("delta", choice_index, text)           new text for a choice
   ("done", choice_index, finish_reason, completion_tokens)
+  ("logprobs", choice_index, entry)       (continuous engine, request.logprobs >= 0) a new
+                                          token's {"id", "logprob", "top": [(id, logprob)]}
   ("error", message)                      the whole request failed
 """
 
@@ -32,6 +34,9 @@ class Request:
   stop: list  # stop strings
   emit: object  # callable(event), called from the worker thread
   cancelled: bool = False
+  # -1: no log-probabilities; k >= 0: each token's, and its k likeliest alternatives'
+  # (lm.continuous only), as ("logprobs", choice, entry) events before its text.
+  logprobs: int = -1
   submitted: float = dataclasses.field(default_factory=time.perf_counter)
   first_token: float = 0.0
 

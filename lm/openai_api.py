@@ -34,7 +34,7 @@ class CompletionRequest(BaseModel):
   repetition_penalty: float = Field(1.0, gt=0.0)
   user: Optional[str] = None
   echo: Literal[False] = False
-  logprobs: Literal[None] = None
+  logprobs: Optional[int] = Field(None, ge=0, le=5)  # the legacy API: k alternatives
 
 
 ROLES = ("system", "user", "assistant")
@@ -68,8 +68,8 @@ class ChatRequest(BaseModel):
   top_k: int = Field(0, ge=0)
   repetition_penalty: float = Field(1.0, gt=0.0)
   user: Optional[str] = None
-  logprobs: Literal[False, None] = None
-  top_logprobs: Literal[None] = None
+  logprobs: Optional[bool] = None
+  top_logprobs: Optional[int] = Field(None, ge=0, le=20)
 
 
 class ApiError(Exception):
@@ -160,6 +160,8 @@ def check_chat(body, model_name, queue_limit):
       body.max_tokens != body.max_completion_tokens):
     raise ApiError(400, "max_tokens and max_completion_tokens differ; give one",
                    param="max_completion_tokens")
+  if body.top_logprobs is not None and not body.logprobs:
+    raise ApiError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
   max_tokens = body.max_completion_tokens or body.max_tokens
   return messages, _stops(body), max_tokens  # max_tokens None: what the context leaves
 
@@ -208,3 +210,24 @@ def chat_chunk(completion_id, model_name, index=None, delta=None, finish_reason=
   if usage is not None:
     out["usage"] = usage
   return out
+
+
+def completion_logprobs(entries, token_text, offset=0):
+  """The legacy completions API's logprobs object of a choice's token entries
+  (lm.engine's {"id", "logprob", "top"}); `token_text(id)`: a token's text."""
+  tokens = [token_text(e["id"]) for e in entries]
+  offsets, at = [], offset
+  for t in tokens:
+    offsets.append(at)
+    at += len(t)
+  return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
+          "top_logprobs": [{token_text(i): v for i, v in e["top"]} for e in entries],
+          "text_offset": offsets}
+
+
+def chat_logprobs(entries, token_text):
+  """The chat API's logprobs object ({"content": [...]}) of a choice's token entries."""
+  item = lambda i, v: {"token": token_text(i), "logprob": v,
+                       "bytes": list(token_text(i).encode("utf-8"))}
+  return {"content": [{**item(e["id"], e["logprob"]),
+                       "top_logprobs": [item(i, v) for i, v in e["top"]]} for e in entries]}

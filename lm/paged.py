@@ -119,47 +119,61 @@ def _cache(pools, unembed, table, lengths, counts):
   return cache
 
 
+TOP_LOGPROBS = 20  # the most alternatives a request may ask log-probabilities of
+
+
 def _sample(logits_BxV, seen_BxV, seeds_B, counts_B, temperature_B, top_k_B, top_p_B,
-            penalty_B):
-  """decode's sampling of one token per row: the row's key folded with its token count."""
+            penalty_B, want_top_B):
+  """decode's sampling of one token per row (the row's key folded with its token count),
+  and the model's log-probabilities (before penalty, temperature and filters): of the
+  token [B], and where a row wants them (want_top_B) of the TOP_LOGPROBS likeliest
+  (ids and values [B, TOP_LOGPROBS]; zeros when no row does)."""
+  logp_BxV = jax.nn.log_softmax(logits_BxV.astype(jnp.float32), axis=-1)
   logits_BxV = decode._penalise(logits_BxV, seen_BxV, penalty_B)  # pylint: disable=protected-access
   keys_B = jax.vmap(jax.random.fold_in)(jax.vmap(jax.random.key)(seeds_B), counts_B)
-  return decode.sample_logits(logits_BxV, keys_B, temperature_B, top_k_B, top_p_B)
+  token_B = decode.sample_logits(logits_BxV, keys_B, temperature_B, top_k_B, top_p_B)
+  chosen_B = jnp.take_along_axis(logp_BxV, token_B[:, None], axis=1)[:, 0]
+  b, k = token_B.shape[0], min(TOP_LOGPROBS, logp_BxV.shape[-1])
+  top = jax.lax.cond(jnp.any(want_top_B), lambda x: tuple(jax.lax.top_k(x, k)[::-1]),
+                     lambda x: (jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k), jnp.float32)),
+                     logp_BxV)
+  return token_B, (chosen_B, top[0], top[1])
 
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("pools", "seen"))
 def decode_step(model, params, pools, unembed, seen, table, lengths, last, live, seeds,
-                counts, temperature, top_k, top_p, penalty):
+                counts, temperature, top_k, top_p, penalty, want_top):
   """One token for every live row: `last` [S] (the newest token, not cached yet) is
   written at position lengths[s] and the next token sampled. Rows not live change
-  nothing (their write goes to the scratch page). Returns (pools, seen, tokens [S])."""
+  nothing (their write goes to the scratch page). Returns (pools, seen, tokens [S],
+  log-probabilities: _sample's)."""
   cache = _cache(pools, unembed, table, lengths, live.astype(jnp.int32))
   logits_Sx1xV, cache = model.apply({"params": params}, last[:, None], cache=cache)
-  token_S = _sample(logits_Sx1xV[:, 0], seen, seeds, counts, temperature, top_k, top_p,
-                    penalty)
+  token_S, logprobs = _sample(logits_Sx1xV[:, 0], seen, seeds, counts, temperature, top_k,
+                              top_p, penalty, want_top)
   rows = jnp.arange(token_S.shape[0])
   seen = seen.at[rows, token_S].max(live)
-  return cache["layers"], seen, token_S
+  return cache["layers"], seen, token_S, logprobs
 
 
 @functools.partial(jax.jit, static_argnames=("model",), donate_argnames=("pools", "seen"))
 def prefill_chunk(model, params, pools, unembed, seen, table, lengths, tokens, counts, slots,
-                  seeds, generated, temperature, top_k, top_p, penalty):
+                  seeds, generated, temperature, top_k, top_p, penalty, want_top):
   """For each row r: counts[r] tokens of tokens [R, C] (the rest padding) of slot
   slots[r]'s context, at positions lengths[r]... Returns (pools, seen, tokens [R]: each
   row's token sampled after its chunk's last one, as its generated[r]-th: what a sequence
-  whose whole context is now cached starts with). Rows with counts 0 and a slot past
-  the last change nothing."""
+  whose whole context is now cached starts with; and their log-probabilities, _sample's).
+  Rows with counts 0 and a slot past the last change nothing."""
   cache = _cache(pools, unembed, table, lengths, counts)
   logits_RxCxV, cache = model.apply({"params": params}, tokens, cache=cache)
   last_R = jnp.maximum(counts - 1, 0)
   logits_RxV = jnp.take_along_axis(logits_RxCxV, last_R[:, None, None], axis=1)[:, 0]
   rows_RxV = seen.at[slots].get(mode="fill", fill_value=False)
-  token_R = _sample(logits_RxV, rows_RxV, seeds, generated, temperature, top_k, top_p,
-                    penalty)
+  token_R, logprobs = _sample(logits_RxV, rows_RxV, seeds, generated, temperature, top_k,
+                              top_p, penalty, want_top)
   rows_RxV = rows_RxV.at[jnp.arange(token_R.shape[0]), token_R].set(True)
   seen = seen.at[slots].set(rows_RxV, mode="drop")
-  return cache["layers"], seen, token_R
+  return cache["layers"], seen, token_R, logprobs
 
 
 @functools.partial(jax.jit, donate_argnames=("seen",))

@@ -255,8 +255,11 @@ async def completions(body: CompletionRequest, request: Request):
   prompts, stop = openai_api.check_completion(body, server.model_name, server.queue_limit)
   encoded = [server.loaded.encode_prompt(p) for p in prompts]
   openai_api.check_context(encoded, body.max_tokens, server.context)
-  events, jobs = _submit(server, body, encoded, stop)
-  reply = _Reply(server, f"cmpl-{uuid.uuid4().hex}", events, jobs, len(prompts) * body.n)
+  logprobs = -1 if body.logprobs is None else body.logprobs
+  _check_logprobs(server, logprobs)
+  events, jobs = _submit(server, body, encoded, stop, logprobs)
+  reply = _Reply(server, f"cmpl-{uuid.uuid4().hex}", events, jobs, len(prompts) * body.n,
+                 logprobs >= 0)
   if body.stream:
     server.answered("/v1/completions", 200)
     return StreamingResponse(reply.stream(), media_type="text/event-stream")
@@ -281,8 +284,12 @@ async def chat_completions(body: ChatRequest, request: Request):
   openai_api.check_context([ids], max_tokens, server.context)
   end_of_turn = getattr(server.loaded.tokenizer, "chat_stop_text", None)
   body.max_tokens = max_tokens
-  events, jobs = _submit(server, body, [ids], stop + ([end_of_turn] if end_of_turn else []))
-  reply = _ChatReply(server, f"chatcmpl-{uuid.uuid4().hex}", events, jobs, body.n)
+  logprobs = (body.top_logprobs or 0) if body.logprobs else -1
+  _check_logprobs(server, logprobs)
+  events, jobs = _submit(server, body, [ids], stop + ([end_of_turn] if end_of_turn else []),
+                         logprobs)
+  reply = _ChatReply(server, f"chatcmpl-{uuid.uuid4().hex}", events, jobs, body.n,
+                     logprobs >= 0)
   usage = body.stream_options is not None and body.stream_options.include_usage
   if body.stream:
     server.answered("/v1/chat/completions", 200)
@@ -293,7 +300,13 @@ async def chat_completions(body: ChatRequest, request: Request):
   return result
 
 
-def _submit(server, body, encoded, stop):
+def _check_logprobs(server, logprobs):
+  if logprobs >= 0 and not isinstance(server.engine, ContinuousEngine):
+    raise ApiError(400, "logprobs: this server's static engine does not compute them "
+                   "(serve with --engine=continuous)", param="logprobs")
+
+
+def _submit(server, body, encoded, stop, logprobs=-1):
   """Queues one engine job per prompt (its n completions are rows of it): (an asyncio queue
   of their events, the jobs). A full queue is a 429 and queues none of them."""
   seed = body.seed if body.seed is not None else uuid.uuid4().int % (2**31)
@@ -307,7 +320,7 @@ def _submit(server, body, encoded, stop):
                                 seed=(seed + 1_000_003 * (i * body.n + j)) % (2**31))
                 for j in range(body.n)]
     jobs.append(Job(prompt_ids=ids, max_tokens=body.max_tokens, sampling=sampling, stop=stop,
-                    emit=lambda e, base=i * body.n: emit(_shift(e, base))))
+                    emit=lambda e, base=i * body.n: emit(_shift(e, base)), logprobs=logprobs))
   try:
     for job in jobs:
       server.engine.submit(job)
@@ -324,14 +337,33 @@ def _submit(server, body, encoded, stop):
 
 class _Reply:
   """The engine's events of one request, as one response or as server-sent events. Either
-  way its jobs are cancelled at the end (a client that went away stops its rows)."""
+  way its jobs are cancelled at the end (a client that went away stops its rows). Token
+  log-probabilities (requested ones) go with the text that follows them."""
 
-  def __init__(self, server, completion_id, events, jobs, total):
+  def __init__(self, server, completion_id, events, jobs, total, logprobs=False):
     self.server, self.id, self.events, self.jobs, self.total = (server, completion_id, events,
                                                                 jobs, total)
+    self.logprobs = logprobs
+    self.entries = [[] for _ in range(total)]  # per choice: token entries not sent yet
+    self.sent_text = [0] * total  # per choice: characters sent (the legacy text_offset)
 
   def _completion(self, choices, usage=None):
     return openai_api.completion(self.id, self.server.model_name, choices, usage)
+
+  def _token_text(self, token):
+    return self.server.loaded.tokenizer.decode([token])
+
+  def _take(self, index):
+    """The log-probabilities object of a choice's entries so far (None unless asked)."""
+    if not self.logprobs:
+      return None
+    entries, self.entries[index] = self.entries[index], []
+    return self._format(entries, index)
+
+  def _format(self, entries, index):
+    out = openai_api.completion_logprobs(entries, self._token_text, self.sent_text[index])
+    self.sent_text[index] += sum(len(t) for t in out["tokens"])
+    return out
 
   async def collect(self, prompt_tokens):
     texts, reasons, completion_tokens = [""] * self.total, [None] * self.total, 0
@@ -341,7 +373,9 @@ class _Reply:
         event = await self.events.get()
         if event[0] == "error":
           raise ApiError(500, event[1], kind="server_error")
-        if event[0] == "delta":
+        if event[0] == "logprobs":
+          self.entries[event[1]].append(event[2])
+        elif event[0] == "delta":
           texts[event[1]] += event[2]
         else:
           reasons[event[1]] = event[2]
@@ -349,12 +383,13 @@ class _Reply:
           finished += 1
     finally:
       self._cancel()
-    return self._whole(texts, reasons, {
+    return self._whole(texts, reasons, [self._take(i) for i in range(self.total)], {
         "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
         "total_tokens": prompt_tokens + completion_tokens})
 
-  def _whole(self, texts, reasons, usage):
-    choices = [openai_api.choice(i, texts[i], reasons[i]) for i in range(self.total)]
+  def _whole(self, texts, reasons, logprobs, usage):
+    choices = [{**openai_api.choice(i, texts[i], reasons[i]), "logprobs": logprobs[i]}
+               for i in range(self.total)]
     return self._completion(choices, usage=usage)
 
   async def stream(self, prompt_tokens=0, usage=False):
@@ -368,12 +403,14 @@ class _Reply:
           self.server.metrics.errors.labels("internal").inc()
           yield _sse(openai_api.error_body(event[1], "server_error"))
           break
-        if event[0] == "delta":
-          yield _sse(self._delta(event[1], event[2]))
+        if event[0] == "logprobs":
+          self.entries[event[1]].append(event[2])
+        elif event[0] == "delta":
+          yield _sse(self._delta(event[1], event[2], self._take(event[1])))
         else:
           finished += 1
           completion_tokens += event[3]
-          yield _sse(self._finish(event[1], event[2]))
+          yield _sse(self._finish(event[1], event[2], self._take(event[1])))
       if usage:
         total = prompt_tokens * self.total
         yield _sse(self._usage({"prompt_tokens": total, "completion_tokens": completion_tokens,
@@ -385,11 +422,11 @@ class _Reply:
   def _opening(self):
     return []
 
-  def _delta(self, index, text):
-    return self._completion([openai_api.choice(index, text, None)])
+  def _delta(self, index, text, logprobs=None):
+    return self._completion([{**openai_api.choice(index, text, None), "logprobs": logprobs}])
 
-  def _finish(self, index, reason):
-    return self._completion([openai_api.choice(index, "", reason)])
+  def _finish(self, index, reason, logprobs=None):
+    return self._completion([{**openai_api.choice(index, "", reason), "logprobs": logprobs}])
 
   def _usage(self, usage):
     return self._completion([], usage)
@@ -402,20 +439,30 @@ class _Reply:
 class _ChatReply(_Reply):
   """The same events as chat.completion objects and chat.completion.chunk deltas."""
 
-  def _whole(self, texts, reasons, usage):
-    return openai_api.chat_completion(self.id, self.server.model_name,
-                                      list(zip(texts, reasons)), usage)
+  def _format(self, entries, index):
+    return openai_api.chat_logprobs(entries, self._token_text)
+
+  def _whole(self, texts, reasons, logprobs, usage):
+    out = openai_api.chat_completion(self.id, self.server.model_name,
+                                     list(zip(texts, reasons)), usage)
+    for c, lp in zip(out["choices"], logprobs):
+      c["logprobs"] = lp
+    return out
 
   def _opening(self):
     return [openai_api.chat_chunk(self.id, self.server.model_name, i,
                                   {"role": "assistant", "content": ""})
             for i in range(self.total)]
 
-  def _delta(self, index, text):
-    return openai_api.chat_chunk(self.id, self.server.model_name, index, {"content": text})
+  def _delta(self, index, text, logprobs=None):
+    out = openai_api.chat_chunk(self.id, self.server.model_name, index, {"content": text})
+    out["choices"][0]["logprobs"] = logprobs
+    return out
 
-  def _finish(self, index, reason):
-    return openai_api.chat_chunk(self.id, self.server.model_name, index, {}, reason)
+  def _finish(self, index, reason, logprobs=None):
+    out = openai_api.chat_chunk(self.id, self.server.model_name, index, {}, reason)
+    out["choices"][0]["logprobs"] = logprobs
+    return out
 
   def _usage(self, usage):
     return openai_api.chat_chunk(self.id, self.server.model_name, usage=usage)
@@ -427,7 +474,7 @@ def _sse(payload):
 
 def _shift(event, base):
   """A request's event with its choice index offset to the prompt's first choice."""
-  if event[0] in ("delta", "done"):
+  if event[0] in ("delta", "done", "logprobs"):
     return (event[0], event[1] + base, *event[2:])
   return event
 

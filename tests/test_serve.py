@@ -10,6 +10,7 @@ import flax.linen as nn
 import httpx
 import jax
 import jax.numpy as jnp
+import numpy as np
 import openai
 import pytest
 import uvicorn
@@ -179,7 +180,10 @@ def test_chat_completions_render_the_template_and_stream_with_usage(client, load
     ({"messages": [{"role": "wizard", "content": "hi"}]}, "unknown role 'wizard'"),
     ({"messages": [{"role": "user"}]}, "a user message needs content"),
     ({"messages": []}, "at least one message"),
-    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True}, "logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "top_logprobs": 2},
+     "top_logprobs needs logprobs"),
+    ({"messages": [{"role": "user", "content": "hi"}], "logprobs": True, "top_logprobs": 21},
+     "less than or equal to 20"),
     ({"messages": [{"role": "user", "content": "fox " * 40}], "max_tokens": 8},
      "maximum context length is 160"),
     ({"messages": [{"role": "user", "content": [{"type": "image_url"}]}]}, "only text parts"),
@@ -187,6 +191,46 @@ def test_chat_completions_render_the_template_and_stream_with_usage(client, load
 def test_bad_chat_requests_are_openai_shaped_400s(server, body, fragment):
   r = httpx.post(f"{server.url}/v1/chat/completions", json={"model": "tiny", **body})
   assert r.status_code == 400 and fragment in r.json()["error"]["message"], r.text
+
+
+def _log_softmax(loaded, ids):
+  logits = np.asarray(loaded.model.apply({"params": loaded.params}, jnp.asarray([ids])),
+                      np.float64)[0]
+  top = logits.max(-1, keepdims=True)
+  return logits - top - np.log(np.exp(logits - top).sum(-1, keepdims=True))
+
+
+def test_logprobs_are_the_model_s_own(client, loaded):
+  """Each token's log-probability and its alternatives' equal a direct forward pass over
+  the prompt and the tokens before it; streamed, they arrive with the text."""
+  out = client.completions.create(model="tiny", prompt="the lazy", max_tokens=6,
+                                  temperature=0, logprobs=3)
+  lp = out.choices[0].logprobs
+  prompt = loaded.encode_prompt("the lazy")
+  ids = prompt + [loaded.tokenizer.encode(t)[0] for t in lp.tokens]
+  logp = _log_softmax(loaded, ids)
+  for i, (token, value, top) in enumerate(zip(lp.tokens, lp.token_logprobs, lp.top_logprobs)):
+    row = logp[len(prompt) - 1 + i]
+    assert value == pytest.approx(row[ids[len(prompt) + i]], abs=1e-4)
+    best = np.argsort(-row)[:3]
+    assert list(top) == [loaded.tokenizer.decode([int(b)]) for b in best]
+    assert list(top.values()) == pytest.approx(list(row[best]), abs=1e-4)
+    assert list(top)[0] == token  # greedy: the likeliest
+  assert "".join(lp.tokens) == out.choices[0].text
+  assert lp.text_offset == list(np.cumsum([0] + [len(t) for t in lp.tokens[:-1]]))
+  messages = [{"role": "user", "content": "the fox"}]
+  chat = client.chat.completions.create(model="tiny", messages=messages, max_tokens=5,
+                                        temperature=0, logprobs=True, top_logprobs=2)
+  content = chat.choices[0].logprobs.content
+  assert len(content) == chat.usage.completion_tokens
+  assert all(len(c.top_logprobs) == 2 and c.top_logprobs[0].token == c.token and
+             c.bytes == list(c.token.encode()) for c in content)
+  streamed = [c for chunk in client.chat.completions.create(
+      model="tiny", messages=messages, max_tokens=5, temperature=0, logprobs=True, stream=True)
+              for ch in chunk.choices if ch.logprobs for c in ch.logprobs.content]
+  assert [(c.token, round(c.logprob, 5)) for c in streamed] == [
+      (c.token, round(c.logprob, 5)) for c in content]
+  assert all(c.top_logprobs == [] for c in streamed)  # top_logprobs 0: the tokens only
 
 
 def test_32_concurrent_clients_all_get_their_answers(server, loaded):

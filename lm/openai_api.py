@@ -23,7 +23,7 @@ class CompletionRequest(BaseModel):
   model_config = ConfigDict(extra="forbid", strict=True)
   model: str
   prompt: Union[str, list[str]]
-  max_tokens: int = Field(16, ge=1)
+  max_tokens: int = Field(16, ge=0)  # 0 with echo: the prompt's log-probabilities only
   temperature: float = Field(1.0, ge=0.0, le=2.0)
   top_p: float = Field(1.0, gt=0.0, le=1.0)
   n: int = Field(1, ge=1, le=MAX_N)
@@ -33,7 +33,7 @@ class CompletionRequest(BaseModel):
   top_k: int = Field(0, ge=0)
   repetition_penalty: float = Field(1.0, gt=0.0)
   user: Optional[str] = None
-  echo: Literal[False] = False
+  echo: bool = False
   logprobs: Optional[int] = Field(None, ge=0, le=5)  # the legacy API: k alternatives
 
 
@@ -112,6 +112,9 @@ def check_completion(body, model_name, queue_limit):
   stop = _stops(body)
   if not prompts:
     raise ApiError(400, "prompt: give at least one prompt", param="prompt")
+  if body.max_tokens == 0 and not body.echo:
+    raise ApiError(400, "max_tokens: 0 generates nothing; it is for echo (scoring the "
+                   "prompt)", param="max_tokens")
   if len(prompts) * body.n > queue_limit:
     raise ApiError(400, f"{len(prompts)} prompts x n={body.n} completions exceed this "
                    f"server's limit of {queue_limit}", param="n")
@@ -220,8 +223,14 @@ def completion_logprobs(entries, token_text, offset=0):
   for t in tokens:
     offsets.append(at)
     at += len(t)
+  def top(e):  # by text, likeliest first; tokens of the same text keep the likeliest's
+    out = {}
+    for i, v in e["top"]:
+      out.setdefault(token_text(i), v)
+    return out
+
   return {"tokens": tokens, "token_logprobs": [e["logprob"] for e in entries],
-          "top_logprobs": [{token_text(i): v for i, v in e["top"]} for e in entries],
+          "top_logprobs": [None if e["logprob"] is None else top(e) for e in entries],
           "text_offset": offsets}
 
 

@@ -31,6 +31,9 @@ import threading
 import time
 import uuid
 
+import jax
+import jax.numpy as jnp
+import numpy as np
 import prometheus_client as prom
 from absl import app, flags, logging
 from fastapi import APIRouter, FastAPI, Request
@@ -119,6 +122,7 @@ class Server:
   metrics: Metrics
   queue_limit: int
   created: int = dataclasses.field(default_factory=lambda: int(time.time()))
+  score_prompt: object = None  # the jitted prompt log-probabilities (echo with logprobs)
   api_key: str = None
   max_body: int = 1 << 20
   draining: bool = False
@@ -257,9 +261,21 @@ async def completions(body: CompletionRequest, request: Request):
   openai_api.check_context(encoded, body.max_tokens, server.context)
   logprobs = -1 if body.logprobs is None else body.logprobs
   _check_logprobs(server, logprobs)
-  events, jobs = _submit(server, body, encoded, stop, logprobs)
+  echo = None
+  if body.echo:  # each choice starts with its prompt (and the prompt tokens' logprobs)
+    entries = [None] * len(encoded)
+    if logprobs >= 0:
+      entries = await asyncio.to_thread(
+          lambda: [_prompt_entries(server, ids, logprobs) for ids in encoded])
+    echo = [(text, e) for text, e in zip(prompts, entries) for _ in range(body.n)]
+  if body.max_tokens == 0:  # scoring only: nothing to generate
+    events, jobs = asyncio.Queue(), []
+    for i in range(len(prompts) * body.n):
+      events.put_nowait(("done", i, "length", 0))
+  else:
+    events, jobs = _submit(server, body, encoded, stop, logprobs)
   reply = _Reply(server, f"cmpl-{uuid.uuid4().hex}", events, jobs, len(prompts) * body.n,
-                 logprobs >= 0)
+                 logprobs >= 0, echo)
   if body.stream:
     server.answered("/v1/completions", 200)
     return StreamingResponse(reply.stream(), media_type="text/event-stream")
@@ -298,6 +314,26 @@ async def chat_completions(body: ChatRequest, request: Request):
   result = await reply.collect(prompt_tokens=len(ids) * body.n)
   server.answered("/v1/chat/completions", 200)
   return result
+
+
+def _prompt_entries(server, ids, k):
+  """Log-probability entries of a prompt's tokens (the first has none: nothing precedes it),
+  from one forward pass: each token's, and its position's k likeliest."""
+  loaded = server.loaded
+  if server.score_prompt is None:
+    server.score_prompt = jax.jit(lambda p, x: jax.nn.log_softmax(
+        loaded.model.apply({"params": p}, x)[0].astype(jnp.float32)))
+  padded = np.zeros((1, decode.bucket(len(ids))), np.int32)
+  padded[0, :len(ids)] = ids
+  with loaded.on_mesh():
+    logp = np.asarray(server.score_prompt(loaded.params, jnp.asarray(padded)))[:len(ids)]
+  entries = [{"id": ids[0], "logprob": None, "top": []}]
+  for i in range(1, len(ids)):
+    row = logp[i - 1]
+    best = np.argsort(-row, kind="stable")[:k]
+    entries.append({"id": int(ids[i]), "logprob": float(row[ids[i]]),
+                    "top": [(int(b), float(row[b])) for b in best]})
+  return entries
 
 
 def _check_logprobs(server, logprobs):
@@ -340,11 +376,13 @@ class _Reply:
   way its jobs are cancelled at the end (a client that went away stops its rows). Token
   log-probabilities (requested ones) go with the text that follows them."""
 
-  def __init__(self, server, completion_id, events, jobs, total, logprobs=False):
+  def __init__(self, server, completion_id, events, jobs, total, logprobs=False, echo=None):
+    """`echo`: per choice (prompt text, its token entries or None): sent first."""
     self.server, self.id, self.events, self.jobs, self.total = (server, completion_id, events,
                                                                 jobs, total)
-    self.logprobs = logprobs
-    self.entries = [[] for _ in range(total)]  # per choice: token entries not sent yet
+    self.logprobs, self.echo = logprobs, echo
+    # Per choice: token entries not sent yet (an echoed prompt's first).
+    self.entries = [list(echo[i][1] or []) if echo else [] for i in range(total)]
     self.sent_text = [0] * total  # per choice: characters sent (the legacy text_offset)
 
   def _completion(self, choices, usage=None):
@@ -366,7 +404,8 @@ class _Reply:
     return out
 
   async def collect(self, prompt_tokens):
-    texts, reasons, completion_tokens = [""] * self.total, [None] * self.total, 0
+    texts = [self.echo[i][0] if self.echo else "" for i in range(self.total)]
+    reasons, completion_tokens = [None] * self.total, 0
     finished = 0
     try:
       while finished < self.total:
@@ -420,7 +459,9 @@ class _Reply:
       self._cancel()
 
   def _opening(self):
-    return []
+    if not self.echo:
+      return []
+    return [self._delta(i, self.echo[i][0], self._take(i)) for i in range(self.total)]
 
   def _delta(self, index, text, logprobs=None):
     return self._completion([{**openai_api.choice(index, text, None), "logprobs": logprobs}])

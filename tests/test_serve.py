@@ -233,6 +233,36 @@ def test_logprobs_are_the_model_s_own(client, loaded):
   assert all(c.top_logprobs == [] for c in streamed)  # top_logprobs 0: the tokens only
 
 
+def test_echo_returns_the_prompt_and_scores_it(client, loaded):
+  """echo with max_tokens 0 scores a prompt (what lm-evaluation-harness asks a server
+  for); with tokens to generate, the text starts with the prompt."""
+  scored = client.completions.create(model="tiny", prompt="the lazy dog", max_tokens=0,
+                                     echo=True, logprobs=2)
+  lp = scored.choices[0].logprobs
+  ids = loaded.encode_prompt("the lazy dog")
+  assert scored.choices[0].text == "the lazy dog" and scored.usage.completion_tokens == 0
+  assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+  logp = _log_softmax(loaded, ids)
+  np.testing.assert_allclose(lp.token_logprobs[1:], [logp[i - 1, ids[i]]
+                                                    for i in range(1, len(ids))], atol=1e-4)
+  for i, top in enumerate(lp.top_logprobs[1:], 1):  # the two likeliest, by their text
+    best = np.argsort(-logp[i - 1], kind="stable")[:2]
+    want = {}
+    for b in best:
+      want.setdefault(loaded.tokenizer.decode([int(b)]), float(logp[i - 1, b]))
+    assert top.keys() == want.keys()
+    assert list(top.values()) == pytest.approx(list(want.values()), abs=1e-4)
+  out = client.completions.create(model="tiny", prompt="fox", max_tokens=6, temperature=0,
+                                  echo=True)
+  assert out.choices[0].text == "fox" + expected(loaded, "fox", 6)
+  streamed = "".join(c.choices[0].text for c in client.completions.create(
+      model="tiny", prompt="fox", max_tokens=6, temperature=0, echo=True, stream=True))
+  assert streamed == out.choices[0].text
+  bad = httpx.post(f"{client.base_url}completions",
+                   json={"model": "tiny", "prompt": "a", "max_tokens": 0})
+  assert bad.status_code == 400 and "for echo" in bad.json()["error"]["message"]
+
+
 def test_32_concurrent_clients_all_get_their_answers(server, loaded):
   prompts = [TEXT[i:i + 3 + i % 5] for i in range(32)]
 

@@ -14,6 +14,12 @@ p50/p99 (each request's mean gap after its first token), end-to-end p99, errors,
 prompt-token quartiles the servers reported; then per server the highest rate whose p99
 TTFT stays at or under 2 s. vLLM runs as its own process from its own virtual environment
 (`--vllm_python`), never as a dependency of lm.
+
+    python benchmarks/serve_load.py --workdir=runs/smollm2 --soak=600 --soak_rate=R
+
+is the soak instead: arrivals at R for ten minutes, a tenth of the clients leaving
+mid-stream; it prints the 5xx count, the server's resident memory each minute, and its page
+occupancy and running completions at the end (both 0 when every page came back).
 """
 
 import asyncio
@@ -44,6 +50,12 @@ _DTYPE = flags.DEFINE_string("dtype", "float32", "vLLM's --dtype (lm serves the 
 _MIN_TOKENS = flags.DEFINE_integer("min_tokens", 16, "Smallest max_tokens.")
 _MAX_TOKENS = flags.DEFINE_integer("max_tokens", 256, "Largest max_tokens.")
 _SEED = flags.DEFINE_integer("seed", 0, "Arrivals, prompts and lengths.")
+_SOAK = flags.DEFINE_float("soak", 0.0, "Instead of the sweep: seconds of arrivals at "
+                           "--soak_rate against the first engine, with random disconnects.")
+_SOAK_RATE = flags.DEFINE_float("soak_rate", 1.0, "The soak's arrival rate (70% of the "
+                                "sustainable rate, say).")
+_DISCONNECT = flags.DEFINE_float("disconnect", 0.1, "Share of soak clients that leave "
+                                 "mid-stream.")
 
 
 def prompts():
@@ -93,12 +105,15 @@ def launch(kind, port):
   return process, url, model
 
 
-async def one(client, url, model, prompt, max_tokens, submitted):
+async def one(client, url, model, prompt, max_tokens, submitted, leave_after=0):
+  """One streamed chat request; `leave_after` > 0: close the stream after that many chunks
+  (a client that goes away)."""
   body = {"model": model, "messages": [{"role": "user", "content": prompt}],
           "max_tokens": max_tokens, "temperature": 0.0, "stream": True,
           "stream_options": {"include_usage": True}}
   first = last = None
   usage = {}
+  chunks = 0
   try:
     async with client.stream("POST", url + "/v1/chat/completions", json=body) as r:
       if r.status_code != 200:
@@ -106,6 +121,9 @@ async def one(client, url, model, prompt, max_tokens, submitted):
       async for line in r.aiter_lines():
         if not line.startswith("data: {"):
           continue
+        chunks += 1
+        if leave_after and chunks >= leave_after:
+          return {"left": True}
         chunk = json.loads(line[6:])
         if chunk.get("usage"):
           usage = chunk["usage"]
@@ -148,8 +166,60 @@ async def sweep_rate(url, model, rate, texts, rng):
           "wall_s": round(wall, 1)}
 
 
+def _rss_mib(pid):
+  with open(f"/proc/{pid}/status", encoding="utf-8") as f:
+    return next(int(line.split()[1]) for line in f if line.startswith("VmRSS")) / 1024
+
+
+def _gauges(url):
+  text = httpx.get(url + "/metrics", timeout=30).text
+  return {line.split()[0]: float(line.split()[-1]) for line in text.splitlines()
+          if line.startswith(("lm_page_occupancy", "lm_running_requests",
+                              "lm_preemptions_total", "lm_prefix_cache_hits_total"))}
+
+
+async def soak(url, model, texts, rng, pid):
+  """Arrivals at --soak_rate for --soak seconds, --disconnect of them leaving mid-stream;
+  the server's resident memory each minute, its 5xx answers, and its pages at the end."""
+  tasks, started, rss = [], time.perf_counter(), [_rss_mib(pid)]
+  limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+  async with httpx.AsyncClient(timeout=600, limits=limits) as client:
+    t, next_sample = 0.0, 60.0
+    while True:
+      t += rng.expovariate(_SOAK_RATE.value)
+      if t > _SOAK.value:
+        break
+      await asyncio.sleep(max(0.0, started + t - time.perf_counter()))
+      if t >= next_sample:
+        rss.append(_rss_mib(pid))
+        next_sample += 60.0
+      leave = rng.randint(1, 8) if rng.random() < _DISCONNECT.value else 0
+      tasks.append(asyncio.create_task(one(
+          client, url, model, rng.choice(texts),
+          rng.randint(_MIN_TOKENS.value, _MAX_TOKENS.value), time.perf_counter(), leave)))
+    results = await asyncio.gather(*tasks)
+  await asyncio.sleep(2.0)  # the engine frees what the last clients left
+  rss.append(_rss_mib(pid))
+  errors = [r["error"] for r in results if "error" in r]
+  return {"soak_s": _SOAK.value, "rate": _SOAK_RATE.value, "requests": len(results),
+          "left_mid_stream": sum("left" in r for r in results),
+          "server_errors_5xx": sum(isinstance(e, int) and e >= 500 for e in errors),
+          "other_errors": len(errors) - sum(isinstance(e, int) and e >= 500 for e in errors),
+          "rss_mib_each_minute": [round(x) for x in rss], **_gauges(url)}
+
+
 def main(_):
   texts = prompts()
+  if _SOAK.value:
+    kind = [e for e in _ENGINES.value.split(",") if e][0]
+    process, url, model = launch(kind, _free_port())
+    try:
+      line = asyncio.run(soak(url, model, texts, random.Random(_SEED.value), process.pid))
+      print(json.dumps({"server": kind, **line}), flush=True)
+    finally:
+      process.terminate()
+      process.wait(timeout=120)
+    return
   servers = [e for e in _ENGINES.value.split(",") if e]
   if _VLLM_PYTHON.value:
     servers.append("vllm")

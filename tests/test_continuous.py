@@ -80,10 +80,18 @@ def tiny(tmp_path_factory):
 def _alone(loaded, prompt, max_tokens, sampling):
   """The prompt decoded alone by lm/decode.py. Always 24 tokens, cut to max_tokens: a
   row's tokens do not depend on how many follow, and one output length compiles less."""
+  return _decoded(loaded, [(prompt, max_tokens, [sampling])])[0]
+
+
+def _decoded(loaded, requests):
+  """(text, tokens) of each request by lm/decode.py's contiguous cache: one left-padded
+  batch (each row's tokens are those of the row alone: tests/test_decode.py), 24 tokens
+  each, cut to the request's max_tokens."""
   with loaded.on_mesh():
-    ids = decode.generate(loaded.model, loaded.params, [prompt], 24, sampling,
-                          loaded.stop_ids)[0][:max_tokens]
-  return loaded.tokenizer.decode(ids), len(ids)
+    rows = decode.generate(loaded.model, loaded.params, [p for p, _, _ in requests], 24,
+                           [s[0] for _, _, s in requests], loaded.stop_ids)
+  return [(loaded.tokenizer.decode(ids[:m]), len(ids[:m]))
+          for ids, (_, m, _) in zip(rows, requests)]
 
 
 def _requests(loaded, n, seed):
@@ -139,8 +147,7 @@ def test_every_request_equals_decoding_it_alone(tiny, num_pages, chunk):
   engine = continuous.ContinuousEngine(tiny, max_batch=4, chunk=chunk, page_size=4,
                                        num_pages=num_pages)
   results = _serve(engine, requests, seed=1)
-  for (prompt, max_tokens, sampling), got in zip(requests, results):
-    text, count = _alone(tiny, prompt, max_tokens, sampling[0])
+  for (prompt, _, _), got, (text, count) in zip(requests, results, _decoded(tiny, requests)):
     assert got["text"] == text and got["done"][1] == count, (prompt, got, text)
   if num_pages:
     assert engine.preemptions > 0

@@ -77,10 +77,11 @@ def test_classification_head_overfits_a_tiny_labelled_set(labelled, tmp_path, on
   texts = [f"{s} was {w}" for s in SUBJECTS for w in WORDS][:7]
   probs = report.classify(loaded, texts, batch_size=4)
   chex.assert_shape(probs, (7, 2))
+  apply = jax.jit(lambda x: loaded.model.apply({"params": loaded.params}, x))
   for text, row in zip(texts, probs):
     example = classification_example({"text": text, "label": 0}, loaded.tokenizer, 24)
     ids = example["inputs"][None, :example["length"]]
-    logits = loaded.model.apply({"params": loaded.params}, ids)
+    logits = apply(ids)
     np.testing.assert_allclose(row, jax.nn.softmax(np.asarray(logits[0], np.float64)),
                                atol=1e-5)
   labels = [WORDS[t.split()[-1]] for t in texts]

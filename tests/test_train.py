@@ -78,8 +78,9 @@ def test_evaluate_is_the_exact_token_mean_over_the_split(one_device):
   loss, tokens = result["loss"], result["tokens"]
   host_params = jax.device_get(params)
   total = count = 0.0
+  apply = jax.jit(lambda x: trainer.model.apply({"params": host_params}, x))
   for batch in batches:  # a second path: plain model.apply and numpy log-softmax
-    logits = trainer.model.apply({"params": host_params}, batch["inputs"])
+    logits = apply(batch["inputs"])
     s, n = numpy_window_loss(logits, batch["targets"], batch["weights"])
     total, count = total + s, count + n
   assert tokens == count == data.size("validation") - 1
@@ -98,7 +99,7 @@ def test_train_step_loss_and_gradient_match_a_direct_computation(one_device):
     return optax.softmax_cross_entropy_with_integer_labels(logits,
                                                            host_batch["targets"]).mean()
 
-  expected_loss, grads = jax.value_and_grad(loss_fn)(params)
+  expected_loss, grads = jax.jit(jax.value_and_grad(loss_fn))(params)
   _, metrics = trainer.train_step(state, trainer.shard_batch(host_batch))
   assert float(metrics["loss"]) == pytest.approx(float(expected_loss), rel=1e-5)
   assert float(metrics["grad_norm"]) == pytest.approx(float(optax.global_norm(grads)),

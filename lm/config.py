@@ -151,6 +151,13 @@ def validate(config, num_devices):
     if not config.task.eval_data:
       raise ConfigError("task.eval_data", f"names the {config.task.eval_generate} file "
                         "task.eval_generate scores")
+  if config.eval.harness_tasks:
+    if tasks.get(config.task.objective).architecture != "decoder":
+      raise ConfigError("eval.harness_tasks", "lm-evaluation-harness scores a decoder; "
+                        f"{config.task.objective} trains no decoder")
+    if any(not t.strip() for t in config.eval.harness_tasks.split(",")):
+      raise ConfigError("eval.harness_tasks", f"{config.eval.harness_tasks!r}: task names, "
+                        "comma-separated")
   if d.mixture:
     from lm.data import mixture  # pylint: disable=import-outside-toplevel
     if d.format != "chat" or d.path:

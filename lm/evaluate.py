@@ -19,6 +19,11 @@ printed as one JSON line (the scores, the count of examples, the wall time).
                 (--scorer's probability of --label) of --samples replies per prompt sampled
                 at temperature 1, the share above 0.5, and with --reference their KL per token
 
+`python -m lm.evaluate --workdir=DIR --harness=lm_sst2,lm_squad [--harness_data=DIR]
+[--limit=N] [--num_fewshot=K] [--max_tokens=N] [--chat]` runs lm-evaluation-harness tasks
+instead (lm/harness.py: lm's own task files in lm/harness_tasks, or any of lm-eval's),
+printing their scores as one JSON line.
+
 Each example is asked as a one-turn chat, rendered with the model's own chat template
 (--prompt: the user message, a format string of the example's fields), and answered by
 greedy cached decoding in batches of prompts of similar length. A reply ends at the
@@ -317,10 +322,19 @@ def main(argv=None):
                                    description=__doc__.split("\n\n")[0])
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--step", type=int, default=None)
-  parser.add_argument("--task", required=True, choices=TASKS)
-  parser.add_argument("--data", required=True)
+  parser.add_argument("--task", choices=TASKS)
+  parser.add_argument("--data")
+  parser.add_argument("--harness", default="", help="lm-evaluation-harness tasks, comma-"
+                      "separated, instead of --task (lm's own: lm/harness_tasks)")
+  parser.add_argument("--harness_data", default=None, help="--harness: the folder of the "
+                      "local tasks' files (default: ../shared/data beside the repository)")
+  parser.add_argument("--num_fewshot", type=int, default=None, help="--harness: examples "
+                      "before each question")
+  parser.add_argument("--chat", action="store_true", help="--harness: render the requests "
+                      "with the model's chat template")
   parser.add_argument("--limit", type=int, default=0, help="the first N examples (0: all)")
-  parser.add_argument("--max_tokens", type=int, default=256)
+  parser.add_argument("--max_tokens", type=int, default=None, help="the longest reply "
+                      "(default 256; with --harness, the tasks' own)")
   parser.add_argument("--batch_size", type=int, default=16)
   parser.add_argument("--prompt", default=None, help="the user message: a format string of "
                       "the example's fields (see PROMPTS)")
@@ -335,6 +349,11 @@ def main(argv=None):
                       "probability is the reward")
   parser.add_argument("--samples", type=int, default=1, help="reward: replies per prompt")
   args = parser.parse_args(argv)
+  if args.harness:
+    return _harness_main(args)
+  if not (args.task and args.data):
+    parser.error("--task and --data are required (or --harness)")
+  args.max_tokens = 256 if args.max_tokens is None else args.max_tokens
   from lm.inference import load  # pylint: disable=import-outside-toplevel
   try:
     if args.limit < 0 or args.max_tokens < 1 or args.batch_size < 1 or args.samples < 1:
@@ -362,6 +381,32 @@ def main(argv=None):
   print(json.dumps({"task": args.task, "data": os.path.abspath(args.data),
                     "workdir": os.path.abspath(args.workdir), "step": loaded.step,
                     **{k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()},
+                    "wall_s": round(time.time() - started, 1)}))
+
+
+def _harness_main(args):
+  """--harness: lm-eval's scores of the workdir's model on the tasks, as one JSON line."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from lm import harness  # pylint: disable=import-outside-toplevel
+  from lm.inference import load  # pylint: disable=import-outside-toplevel
+  try:
+    if args.limit < 0 or (args.max_tokens is not None and args.max_tokens < 1):
+      raise UserError("--limit must be >= 0 and --max_tokens >= 1")
+    started = time.time()
+    loaded = load(args.workdir, args.step, devices=jax.devices())
+    model = harness.HarnessModel(loaded=loaded, batch_size=args.batch_size)
+    result = harness.run(model, [t.strip() for t in args.harness.split(",")],
+                         limit=args.limit or None, num_fewshot=args.num_fewshot,
+                         data_dir=args.harness_data, apply_chat_template=args.chat,
+                         gen_kwargs=({"max_gen_toks": args.max_tokens}
+                                     if args.max_tokens else None))
+  except UserError as e:
+    print(f"lm: error: {e}", file=sys.stderr)
+    sys.exit(2)
+  print(json.dumps({"harness": {task: {k: round(v, 4) if isinstance(v, float) else v
+                                       for k, v in scores.items()}
+                                for task, scores in result.items()},
+                    "workdir": os.path.abspath(args.workdir), "step": loaded.step,
                     "wall_s": round(time.time() - started, 1)}))
 
 

@@ -104,6 +104,32 @@ def generation_scores(trainer, data, config, params, step):
                            target_language=config.data.target_language)
 
 
+def harness_due(config, step):
+  """Whether the evaluation after `step` runs config.eval.harness_tasks."""
+  e = config.eval
+  return bool(e.harness_tasks) and (not e.harness_every or step % e.harness_every == 0
+                                    or step == config.train.num_steps)
+
+
+def harness_scores(trainer, data, config, params, step):
+  """lm-evaluation-harness's scores of the model as it is (config.eval.harness_tasks), on
+  the run's mesh: {"<task>/<metric>": value}."""
+  from lm import harness, inference  # pylint: disable=import-outside-toplevel
+  e = config.eval
+  loaded = inference.Loaded(model=trainer.model, params=_servable(trainer, params),
+                            tokenizer=data.tokenizer, config=config, step=step,
+                            mesh=trainer.mesh)
+  model = harness.HarnessModel(loaded=loaded, batch_size=config.train.batch_size)
+  result = harness.run(model, [t.strip() for t in e.harness_tasks.split(",")],
+                       limit=e.harness_limit or None,
+                       num_fewshot=None if e.harness_num_fewshot < 0 else e.harness_num_fewshot,
+                       data_dir=e.harness_data or None,
+                       gen_kwargs=({"max_gen_toks": e.harness_max_tokens}
+                                   if e.harness_max_tokens else None))
+  return {f"{task}/{metric}": value for task, scores in result.items()
+          for metric, value in scores.items()}
+
+
 def translation_scores(trainer, data, config, params, split):
   """BLEU and chrF of the split's sources translated by beam search (lm/translate.py)."""
   from lm import translate  # pylint: disable=import-outside-toplevel

@@ -296,6 +296,22 @@ FIELDS = (
         ("attention_flops", "palm", {"choices": ("palm", "causal_half")}),
         **_RES),
     *_fields(
+        "eval",
+        # lm-evaluation-harness tasks (lm/harness.py; lm's own in lm/harness_tasks, or any of
+        # lm-eval's), comma-separated, run on a decoder at the evaluations of steps that
+        # harness_every divides (0: every evaluation) and at the last step; scores go to the
+        # log, metrics.jsonl and TensorBoard as harness/<task>/<metric>. harness_limit: the
+        # first N examples of each task (0: all); harness_data: the local tasks' data folder
+        # ("": ../shared/data beside the repository); harness_num_fewshot: -1, each task's
+        # own; harness_max_tokens: 0, each generation task's own.
+        ("harness_tasks", ""),
+        ("harness_every", 0, {"bound": NON_NEGATIVE}),
+        ("harness_limit", 0, {"bound": NON_NEGATIVE}),
+        ("harness_data", ""),
+        ("harness_num_fewshot", -1),
+        ("harness_max_tokens", 0, {"bound": NON_NEGATIVE}),
+        **_RES),
+    *_fields(
         "sample",
         ("prompt", "\n"),
         ("num_tokens", 200, {"bound": NON_NEGATIVE}),

@@ -23,6 +23,7 @@ class Selection:
     self.best = best  # {"step", "validation", "bad_evals"}, or None before any evaluation
     self.checkpointer = Checkpointer(workdir, 1, folder="best")
     self.last_validation = None  # the whole split's metrics at the last step, if evaluated
+    self.harness_step = None  # the step whose parameters the harness tasks last scored
 
   @property
   def stopped_early(self):
@@ -47,6 +48,8 @@ class Selection:
                                                state.params, step)
       result = {**result, **{f"generate_{k}": v for k, v in generated.items()
                              if k != "count"}}
+    if evaluation.harness_due(self.config, step):
+      self.harness(step, state)
     if step == t.num_steps:
       self.last_validation = result
     self.writer.write(step, {f"eval/{k}": v for k, v in result.items()
@@ -63,8 +66,20 @@ class Selection:
       metrics.log(f"lm: stopping early: {t.early_stopping} evaluations without a better "
                   f"validation {self.task.selection[0]} than step {self.best['step']}")
 
+  def harness(self, step, state):
+    """config.eval.harness_tasks on the parameters of `step`: logged as harness/<task>/..."""
+    scores = evaluation.harness_scores(self.trainer, self.data, self.config, state.params,
+                                       step)
+    self.writer.write(step, {f"harness/{k}": v for k, v in scores.items()})
+    metrics.log(f"step {step:>6} | harness " + " | ".join(
+        f"{k} {v:.4f}" for k, v in scores.items() if not k.endswith("_stderr")))
+    self.harness_step = step
+
   def final(self, state, step):
-    """The final evaluations (lm.evaluation.final_evaluations) by this selection."""
+    """The final evaluations (lm.evaluation.final_evaluations) by this selection; the
+    harness tasks on the last step's parameters, unless its evaluation ran them."""
+    if self.config.eval.harness_tasks and self.harness_step != step:
+      self.harness(step, state)
     return evaluation.final_evaluations(self.trainer, self.data, self.config, state,
                                         self.best, self.checkpointer, self.writer, step,
                                         self.last_validation)

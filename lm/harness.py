@@ -1,0 +1,355 @@
+"""lm as a model of EleutherAI's lm-evaluation-harness (`lm-eval` 0.4), registered as "lm".
+
+    python -m lm.harness --model lm --model_args workdir=runs/smollm2 --tasks lm_sst2 \
+        --include_path lm/harness_tasks --metadata '{"data_dir": "../shared/data"}'
+
+`python -m lm.harness` is lm-eval's own command line with this model registered (lm-eval
+0.4.13 finds only the models its own package imports, so its `lm_eval` script cannot see
+one from outside). `python -m lm.evaluate --harness=TASKS` and `config.eval.harness_tasks`
+run the same through lm-eval's Python API.
+
+The three request types, as lm-eval's `hf` model answers them, so scores compare:
+  loglikelihood          context and continuation tokenized as `hf` does (TemplateLM), the
+                         rows sorted by length and scored in batches of one jitted forward
+                         pass (log-softmax and argmax on the device; only the targets'
+                         log-probabilities come back). A row that is a prefix of a longer row
+                         (one context's one-token choices, repeated requests) is read from
+                         the longer row's pass instead of being run again.
+  loglikelihood_rolling  a document in disjoint windows of the model's context (lm-eval's
+                         get_rolling_token_windows), each window after its predecessor's tail.
+  generate_until         batched cached decoding (lm/decode.py), greedy unless the task
+                         samples; decoding goes in chunks and a row ends at its first stop
+                         string, which the reply does not include.
+"""
+
+import dataclasses
+import functools
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from lm_eval import utils as harness_utils
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+from lm_eval.models.utils import (handle_stop_sequences, normalize_gen_kwargs,
+                                  postprocess_generated_text)
+
+from lm import chat_template as templates
+from lm import decode, sharding
+from lm.errors import UserError
+
+DEFAULT_BATCH = 16
+DECODE_CHUNK = 16  # tokens decoded between two looks for stop strings
+
+
+def _token_scores(model, params, inputs_BxL, targets_BxL):
+  """log p(target | inputs up to it) and whether the target is the argmax, per position."""
+  logits_BxLxV = model.apply({"params": params}, inputs_BxL).astype(jnp.float32)
+  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV)
+  picked_BxL = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
+  return picked_BxL, jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL
+
+
+@functools.lru_cache(maxsize=8)
+def _scorer(model, mesh):
+  """_token_scores jitted for `mesh`: rows split over its data axes, the (small) results
+  replicated, so that every host reads them whole."""
+  return jax.jit(functools.partial(_token_scores, model),
+                 out_shardings=sharding.replicated(mesh))
+
+
+def _global(array, mesh_sharding):
+  """A host array that every process holds whole, as one global array on the mesh."""
+  return jax.make_array_from_callback(array.shape, mesh_sharding, lambda index: array[index])
+
+
+_HASH_MOD, _HASH_BASE = (1 << 61) - 1, 1_000_003
+
+
+def _rolling_hash(tokens):
+  """The hash of every prefix of `tokens`: [h(tokens[:1]), h(tokens[:2]), ...]."""
+  out, h = [], 0
+  for t in tokens:
+    h = (h * _HASH_BASE + int(t) + 1) % _HASH_MOD
+    out.append(h)
+  return out
+
+
+@dataclasses.dataclass
+class _Row:
+  """One forward pass's tokens: `tokens[:-1]` in, `tokens[1:]` scored."""
+  tokens: list
+  scores: np.ndarray = None  # [len(tokens) - 1] log-probabilities of tokens[1:]
+  greedy: np.ndarray = None
+
+
+class HarnessModel(TemplateLM):
+  """An lm model behind lm-eval's LM interface: a workdir (`workdir=`, optional `step=`),
+  or an lm.inference.Loaded (`loaded=`: the training loop's own parameters)."""
+
+  def __init__(self, workdir=None, step=None, loaded=None, batch_size=DEFAULT_BATCH,
+               max_length=None, max_gen_toks=256, **unused):
+    super().__init__()
+    if loaded is None:
+      if not workdir:
+        raise UserError("the lm harness model needs workdir=DIR (a run's workdir)")
+      from lm import inference  # pylint: disable=import-outside-toplevel
+      loaded = inference.load(str(workdir), None if step in (None, "") else int(step),
+                              devices=jax.devices())
+    self.loaded = loaded
+    self.model, self.params, self.tok = loaded.model, loaded.params, loaded.tokenizer
+    self.batch = DEFAULT_BATCH if batch_size in (None, "", "auto") else int(
+        str(batch_size).split(":")[0])
+    self._max_length = min(int(max_length or self.model.cfg.max_len), self.model.cfg.max_len)
+    self.max_gen_toks = int(max_gen_toks)
+    self.workdir = str(workdir or loaded.workdir or "lm")
+    data = loaded.mesh.shape.get("data", 1) * loaded.mesh.shape.get("fsdp", 1)
+    self.batch = -(-self.batch // data) * data  # whole rows for every data-parallel device
+
+  # What lm-eval asks of every model ---------------------------------------------------
+
+  @property
+  def eot_token_id(self):
+    return self.tok.eos_id
+
+  @property
+  def prefix_token_id(self):
+    """What an empty context and each rolling window start from: bos, as `hf` takes it."""
+    return self.tok.bos_id if self.tok.bos_id is not None else self.tok.eos_id
+
+  @property
+  def max_length(self):
+    return self._max_length
+
+  @property
+  def tokenizer_name(self):
+    return f"lm:{self.workdir}"
+
+  def tok_encode(self, string, add_special_tokens=None, **kwargs):
+    """The text's ids; with add_special_tokens, as the checkpoint's tokenizer adds them."""
+    if add_special_tokens:
+      return self.tok.prompt_ids(string)
+    return self.tok.encode(string).tolist()
+
+  def tok_decode(self, ids):
+    return self.tok.decode(ids)
+
+  def chat_template(self, chat_template=False):
+    return self.tok.chat_template if chat_template else None
+
+  def apply_chat_template(self, chat_history, add_generation_prompt=True):
+    """The conversation as the checkpoint's chat template renders it; without a generation
+    prompt the last message is left open (transformers' continue_final_message)."""
+    text = templates.render(self.tok.chat_template, chat_history, add_generation_prompt,
+                            self.tok.special_tokens(), source=f"the chat template of "
+                            f"{self.workdir}")
+    if not add_generation_prompt and chat_history:
+      last = chat_history[-1]["content"].strip()
+      at = text.rfind(last)
+      if last and at >= 0:
+        text = text[:at + len(last)]
+    return text
+
+  # Scoring ---------------------------------------------------------------------------
+
+  def _loglikelihood_tokens(self, requests, disable_tqdm=False, **unused):
+    """(sum of log p(continuation | context), all continuation tokens greedy) per
+    (_, context ids, continuation ids), as `hf` computes them: the last max_length + 1
+    tokens of context + continuation, the continuation's positions scored."""
+    sequences = []
+    for _, context, continuation in requests:
+      if not continuation:
+        raise UserError("lm harness: a loglikelihood request with an empty continuation")
+      sequences.append((list(context) + list(continuation))[-(self.max_length + 1):])
+    rows, where = self._plan(sequences)
+    self._run(rows)
+    out = []
+    for (_, _, continuation), seq, (row, length) in zip(requests, sequences, where):
+      n = min(len(continuation), len(seq) - 1)
+      scores = rows[row].scores[length - 1 - n:length - 1]
+      greedy = rows[row].greedy[length - 1 - n:length - 1]
+      out.append((float(scores.sum()), bool(greedy.all())))
+    return out
+
+  def _plan(self, sequences):
+    """The rows to run, longest first, and for every sequence (row index, its length in that
+    row): a sequence that is a prefix of a longer one already planned reuses its row (the
+    causal model gives the shared positions the same logits). Prefixes are found by a
+    rolling hash of their tokens, and checked token by token."""
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    rows, prefixes, where = [], {}, [None] * len(sequences)
+    for i in order:
+      seq = list(sequences[i])
+      hit = prefixes.get((len(seq), _rolling_hash(seq)[-1]))
+      if hit is not None and rows[hit].tokens[:len(seq)] == seq:
+        where[i] = (hit, len(seq))
+        continue
+      rows.append(_Row(seq))
+      for length, h in enumerate(_rolling_hash(seq)[1:], start=2):
+        prefixes.setdefault((length, h), len(rows) - 1)
+      where[i] = (len(rows) - 1, len(seq))
+    return rows, where
+
+  def _run(self, rows):
+    """Scores every row: batches of similar lengths (rows come longest first), each padded
+    to a power-of-two length and a whole batch, split over the mesh's data axes."""
+    batch_sharding = sharding.batch_sharding(self.loaded.mesh)
+    for start in range(0, len(rows), self.batch):
+      chunk = rows[start:start + self.batch]
+      width = min(decode.bucket(max(len(r.tokens) - 1 for r in chunk), 16), self.max_length)
+      inputs = np.zeros((self.batch, width), np.int32)
+      targets = np.zeros((self.batch, width), np.int32)
+      for j, row in enumerate(chunk):
+        n = len(row.tokens) - 1
+        inputs[j, :n], targets[j, :n] = row.tokens[:-1], row.tokens[1:]
+      with self.loaded.on_mesh():
+        scores, greedy = _scorer(self.model, self.loaded.mesh)(
+            self.params, _global(inputs, batch_sharding), _global(targets, batch_sharding))
+      scores, greedy = np.asarray(scores), np.asarray(greedy)
+      for j, row in enumerate(chunk):
+        n = len(row.tokens) - 1
+        row.scores, row.greedy = scores[j, :n], greedy[j, :n]
+
+  def loglikelihood_rolling(self, requests, disable_tqdm=False):
+    """Each document's log-probability: disjoint windows of max_length tokens, the first
+    after prefix_token_id, each later one conditioned on as much of the text before it as
+    fits (lm-eval's rolling windows, as `hf` makes them)."""
+    windows, owners = [], []
+    for i, (text,) in enumerate(r.args for r in requests):
+      for context, continuation in map(harness_utils.make_disjoint_window,
+                                       harness_utils.get_rolling_token_windows(
+                                           token_list=self.tok_encode(text),
+                                           prefix_token=self.prefix_token_id,
+                                           max_seq_len=self.max_length, context_len=1)):
+        windows.append(((None, None), context, continuation))
+        owners.append(i)
+    totals = [0.0] * len(requests)
+    for owner, (logp, _) in zip(owners, self._loglikelihood_tokens(windows)):
+      totals[owner] += logp
+    return totals
+
+  # Generation ------------------------------------------------------------------------
+
+  def generate_until(self, requests, disable_tqdm=False):
+    """Replies to (context, gen_kwargs) requests, each cut before its first stop string
+    (the task's `until`, and eos), of at most max_gen_toks tokens."""
+    out = [None] * len(requests)
+    groups = {}
+    for i, (context, kwargs) in enumerate(r.args for r in requests):
+      groups.setdefault(repr(sorted(kwargs.items())), []).append(i)
+    eos_text = self.tok.id_to_token(self.tok.eos_id) if hasattr(self.tok, "id_to_token") \
+        else None
+    for members in groups.values():
+      kwargs = normalize_gen_kwargs(dict(requests[members[0]].args[1]), self.max_gen_toks)
+      until = handle_stop_sequences(kwargs.pop("until", None), eos=eos_text)
+      max_new = int(kwargs.pop("max_gen_toks"))
+      if max_new >= self.max_length:
+        raise UserError(f"lm harness: max_gen_toks {max_new} leaves no room for a context "
+                        f"in the model's {self.max_length} tokens")
+      sampling = decode.Sampling(
+          temperature=float(kwargs.get("temperature", 0.0)) if kwargs.get("do_sample")
+          else 0.0, top_p=float(kwargs.get("top_p", 1.0) or 1.0),
+          top_k=int(kwargs.get("top_k", 0) or 0), seed=int(kwargs.get("seed", 0) or 0))
+      contexts = {i: self._prompt(requests[i].args[0], self.max_length - max_new)
+                  for i in members}
+      members = sorted(members, key=lambda i: -len(contexts[i]))
+      for start in range(0, len(members), self.batch):
+        chunk = members[start:start + self.batch]
+        replies = self._generate([contexts[i] for i in chunk], max_new, sampling, until)
+        for i, reply in zip(chunk, replies):
+          out[i] = postprocess_generated_text(reply, until, None)
+    return out
+
+  def _prompt(self, context, room):
+    ids = self.tok_encode(context) if context else [self.prefix_token_id]
+    return ids[-room:]
+
+  def _generate(self, prompts, max_new, sampling, until):
+    """Decodes the batch in chunks of DECODE_CHUNK tokens; a row whose text holds a stop
+    string is ended there, and decoding stops when every row has ended."""
+    n = len(prompts)
+    rows = [dataclasses.replace(sampling, seed=sampling.seed + i) for i in range(n)]
+    stops = [s for s in until if s]
+    with self.loaded.on_mesh():
+      state = decode.prefill(self.model, self.params, prompts, decode.bucket(max_new),
+                             rows, self.loaded.stop_ids, batch_size=self.batch,
+                             limits=[max_new] * n)
+      while True:
+        done = np.asarray(state.done_B).copy()
+        texts = [self.tok.decode(ids) for ids in decode.outputs(state, n)]
+        for j, text in enumerate(texts):
+          if not done[j] and any(s in text for s in stops):
+            done[j] = True
+        if done.all() or int(state.count) >= max_new:
+          return texts
+        state = state._replace(done_B=jnp.asarray(done))
+        state = decode.decode(self.model, self.params, state, DECODE_CHUNK)
+
+
+# Running tasks ---------------------------------------------------------------------------
+
+TASKS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "harness_tasks")
+LOCAL_TASKS = tuple(sorted(name[:-5] for name in os.listdir(TASKS_DIR)
+                           if name.endswith(".yaml")))
+
+
+def task_manager(tasks, data_dir=None):
+  """lm-eval's TaskManager over lm/harness_tasks (and lm-eval's own tasks only when a task
+  outside it is asked for: indexing those thousands of files takes seconds)."""
+  from lm_eval.tasks import TaskManager  # pylint: disable=import-outside-toplevel
+  local = all(t in LOCAL_TASKS for t in tasks)
+  return TaskManager(include_path=TASKS_DIR, include_defaults=not local,
+                     metadata={"data_dir": data_dir} if data_dir else {})
+
+
+def run(model, tasks, limit=None, num_fewshot=None, data_dir=None, apply_chat_template=False,
+        samples=False, gen_kwargs=None):
+  """lm-eval's scores of `model` (a HarnessModel) on `tasks` (names), as
+  {task: {metric: value, "<metric>_stderr": ..., "count": n}}; with `samples`, also the
+  per-request results under "samples" ({task: [{arguments, resps, ...}]}). `gen_kwargs`
+  (a dict, e.g. {"max_gen_toks": 64}) override the generation tasks' own."""
+  from lm_eval import evaluator  # pylint: disable=import-outside-toplevel
+  tasks = list(tasks)
+  unknown = [t for t in tasks if not t]
+  if unknown or not tasks:
+    raise UserError("harness tasks: give one or more task names (lm's own: "
+                    f"{', '.join(LOCAL_TASKS)})")
+  try:
+    results = evaluator.simple_evaluate(
+        model=model, tasks=tasks, limit=limit, num_fewshot=num_fewshot,
+        task_manager=task_manager(tasks, data_dir), log_samples=samples,
+        apply_chat_template=apply_chat_template, bootstrap_iters=1000, gen_kwargs=gen_kwargs,
+        metadata={"data_dir": data_dir} if data_dir else None)
+  except (KeyError, ValueError) as e:
+    raise UserError(f"harness tasks {', '.join(tasks)}: {e}") from e
+  out = {}
+  for task, metrics in results["results"].items():
+    scores = {}
+    for key, value in metrics.items():
+      if key == "alias" or not isinstance(value, (int, float)):
+        continue
+      metric, _, _ = key.partition(",")  # lm-eval's "acc,none": metric, filter
+      scores[metric] = float(value)
+    scores["count"] = int(results.get("n-samples", {}).get(task, {}).get("effective", 0))
+    out[task] = scores
+  if samples:
+    out["samples"] = results.get("samples", {})
+  return out
+
+
+def main():
+  """lm-eval's command line, with this model registered as "lm"."""
+  from lm_eval.__main__ import cli_evaluate  # pylint: disable=import-outside-toplevel
+  cli_evaluate()
+
+
+if __name__ == "__main__":
+  # Run as lm.harness (registered once, under its own module name), not as __main__.
+  from lm import harness as _self  # pylint: disable=import-self
+  _self.main()
+else:
+  # lm-eval fills its registry with its own models' names only while the registry is
+  # empty: list them first, so "hf" and the rest stay known beside "lm".
+  import lm_eval.models  # noqa: F401,E402  pylint: disable=unused-import,wrong-import-position
+  register_model("lm")(HarnessModel)

@@ -6,17 +6,25 @@ import os
 import shutil
 import tempfile
 
-# LLVM optimisation level 1 instead of 3 (in this process and the xdist workers; `lm.main`
-# subprocesses run as users do, see user_env): the tests' tiny programs compile about a
-# fifth faster and run as fast, and the suite is mostly compiling.
+# LLVM optimisation level 0 instead of 3, without its expensive passes (in this process, the
+# xdist workers and the `lm.main` subprocesses, see user_env): the suite is mostly compiling
+# tiny programs, and tests/test_checkpoint.py with test_decode.py took 154 s at level 1,
+# 134 s at level 0 and 127 s with the passes off too (2 cores, one worker).
+_COMPILE_FLAGS = ("--xla_backend_optimization_level=0"
+                  " --xla_llvm_disable_expensive_passes=true")
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
-                           " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=1").strip()
+                           " --xla_force_host_platform_device_count=8 " + _COMPILE_FLAGS).strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Built datasets and token caches go to a fresh folder, never the user's ~/.cache/lm.
 _CACHE = tempfile.mkdtemp(prefix="lm-test-cache-")
 os.environ["LM_CACHE_DIR"] = _CACHE
 atexit.register(shutil.rmtree, _CACHE, ignore_errors=True)
+# What the whole run shares (the pytest-xdist workers inherit the controller's folder): the
+# SmolLM2 import, made once.
+if "LM_TEST_SHARED" not in os.environ:
+  os.environ["LM_TEST_SHARED"] = tempfile.mkdtemp(prefix="lm-test-shared-")
+  atexit.register(shutil.rmtree, os.environ["LM_TEST_SHARED"], ignore_errors=True)
+_SHARED = os.environ["LM_TEST_SHARED"]
 # One persistent XLA compilation cache for the whole run: the pytest-xdist workers and the
 # `python -m lm.main` subprocesses inherit it (set before they start), so a program that
 # many tests build (a tiny model's train step) compiles once.
@@ -42,9 +50,10 @@ STDLIB_TEXT = os.path.join(sysconfig.get_paths()["stdlib"], "argparse.py")
 
 
 def user_env(**extra):
-  """The environment of `python -m lm.main` as a user runs it: one CPU device, not eight."""
+  """The environment of `python -m lm.main` as a user runs it: one CPU device, not eight
+  (with the tests' compile flags, which change compile time, not what is computed)."""
   env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-  return {**env, **extra}
+  return {**env, "XLA_FLAGS": _COMPILE_FLAGS, **extra}
 
 
 def metrics_records(workdir):
@@ -114,9 +123,17 @@ def smollm2_file():
 
 
 @pytest.fixture(scope="session")
-def smollm2_workdir(tmp_path_factory):
-  """SmolLM2 imported once per test process (python -m lm.interop.hf import's function)."""
+def smollm2_workdir():
+  """SmolLM2 imported once per test run (python -m lm.interop.hf import's function), by
+  the first worker that asks, into the run's shared folder; the others wait and read it."""
+  import fcntl  # pylint: disable=import-outside-toplevel
   from lm.interop import hf  # pylint: disable=import-outside-toplevel
-  workdir = str(tmp_path_factory.mktemp("smollm2") / "run")
-  hf.import_checkpoint(smollm2_file(), workdir)
+  path = smollm2_file()
+  workdir = os.path.join(_SHARED, "smollm2")
+  with open(os.path.join(_SHARED, "smollm2.lock"), "w", encoding="utf-8") as lock:
+    fcntl.flock(lock, fcntl.LOCK_EX)
+    if not os.path.exists(os.path.join(_SHARED, "smollm2.done")):
+      shutil.rmtree(workdir, ignore_errors=True)
+      hf.import_checkpoint(path, workdir)
+      open(os.path.join(_SHARED, "smollm2.done"), "w", encoding="utf-8").close()
   return workdir

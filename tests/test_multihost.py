@@ -10,6 +10,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 
 from conftest import REPO, metrics_records, user_env
 
@@ -54,6 +55,7 @@ def finish(process, timeout=300):
   return process.returncode, stdout, stderr
 
 
+@pytest.mark.slow
 def test_two_processes_equal_one_process_and_survive_sigterm(tmp_path):
   """Preempted mid-run and resumed, two processes give the losses of one process trained
   straight through (a constant learning rate after warm-up: the schedule does not depend

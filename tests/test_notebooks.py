@@ -46,6 +46,7 @@ def test_each_notebook_opens_in_colab_and_installs_lm_there(path):
   assert f"github.com/{badge.group(1)} " in install and "pip install" in install
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=os.path.basename)
 def test_notebook_runs_top_to_bottom_on_tiny_settings(path, tmp_path, monkeypatch):
   from nbclient import NotebookClient  # pylint: disable=import-outside-toplevel

@@ -41,14 +41,18 @@ from lm.errors import UserError
 
 DEFAULT_BATCH = 16
 DECODE_CHUNK = 16  # tokens decoded between two looks for stop strings
+TOKENS_PER_BATCH = 16_384  # rows x width of one scoring pass
 
 
-def _token_scores(model, params, inputs_BxL, targets_BxL):
-  """log p(target | inputs up to it) and whether the target is the argmax, per position."""
-  logits_BxLxV = model.apply({"params": params}, inputs_BxL).astype(jnp.float32)
-  logp_BxLxV = jax.nn.log_softmax(logits_BxLxV)
-  picked_BxL = jnp.take_along_axis(logp_BxLxV, targets_BxL[..., None], axis=-1)[..., 0]
-  return picked_BxL, jnp.argmax(logits_BxLxV, axis=-1) == targets_BxL
+def _token_scores(model, params, inputs_BxL, rows_Q, positions_Q, tokens_Q):
+  """log p(token | the row's inputs up to and including position) and whether the token
+  is the argmax there, for each query (row, position, token): only the queried positions'
+  logits are normalised."""
+  logits_BxLxV = model.apply({"params": params}, inputs_BxL)
+  picked_QxV = logits_BxLxV[rows_Q, positions_Q].astype(jnp.float32)
+  target_Q = jnp.take_along_axis(picked_QxV, tokens_Q[:, None], axis=-1)[:, 0]
+  return (target_Q - jax.nn.logsumexp(picked_QxV, axis=-1),
+          jnp.argmax(picked_QxV, axis=-1) == tokens_Q)
 
 
 @functools.lru_cache(maxsize=8)
@@ -76,12 +80,25 @@ def _rolling_hash(tokens):
   return out
 
 
-@dataclasses.dataclass
-class _Row:
-  """One forward pass's tokens: `tokens[:-1]` in, `tokens[1:]` scored."""
-  tokens: list
-  scores: np.ndarray = None  # [len(tokens) - 1] log-probabilities of tokens[1:]
-  greedy: np.ndarray = None
+def _plan(sequences):
+  """The rows to run, longest first, and for every sequence (its row, its length there): a
+  sequence that is a prefix of a longer one already planned (a context's one-token choices,
+  repeated requests) is read from that row, where the causal model gives the shared
+  positions the same logits. Prefixes are found by a rolling hash, checked token by token."""
+  order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+  rows, prefixes, where = [], {}, [None] * len(sequences)
+  for i in order:
+    seq = list(sequences[i])
+    hashes = _rolling_hash(seq)
+    hit = prefixes.get((len(seq), hashes[-1]))
+    if hit is not None and rows[hit][:len(seq)] == seq:
+      where[i] = (hit, len(seq))
+      continue
+    rows.append(seq)
+    for length, h in enumerate(hashes, start=1):
+      prefixes.setdefault((length, h), len(rows) - 1)
+    where[i] = (len(rows) - 1, len(seq))
+  return rows, where
 
 
 class HarnessModel(TemplateLM):
@@ -157,59 +174,57 @@ class HarnessModel(TemplateLM):
     """(sum of log p(continuation | context), all continuation tokens greedy) per
     (_, context ids, continuation ids), as `hf` computes them: the last max_length + 1
     tokens of context + continuation, the continuation's positions scored."""
-    sequences = []
+    inputs, targets = [], []
     for _, context, continuation in requests:
       if not continuation:
         raise UserError("lm harness: a loglikelihood request with an empty continuation")
-      sequences.append((list(context) + list(continuation))[-(self.max_length + 1):])
-    rows, where = self._plan(sequences)
-    self._run(rows)
-    out = []
-    for (_, _, continuation), seq, (row, length) in zip(requests, sequences, where):
-      n = min(len(continuation), len(seq) - 1)
-      scores = rows[row].scores[length - 1 - n:length - 1]
-      greedy = rows[row].greedy[length - 1 - n:length - 1]
-      out.append((float(scores.sum()), bool(greedy.all())))
-    return out
+      seq = (list(context) + list(continuation))[-(self.max_length + 1):]
+      inputs.append(seq[:-1])
+      targets.append(seq[-min(len(continuation), len(seq) - 1):])
+    rows, where = _plan(inputs)
+    logp, greedy = self._run(rows, [
+        (row, range(length - len(t), length), t) for (row, length), t in zip(where, targets)])
+    return [(float(x.sum()), bool(g.all())) for x, g in zip(logp, greedy)]
 
-  def _plan(self, sequences):
-    """The rows to run, longest first, and for every sequence (row index, its length in that
-    row): a sequence that is a prefix of a longer one already planned reuses its row (the
-    causal model gives the shared positions the same logits). Prefixes are found by a
-    rolling hash of their tokens, and checked token by token."""
-    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
-    rows, prefixes, where = [], {}, [None] * len(sequences)
-    for i in order:
-      seq = list(sequences[i])
-      hit = prefixes.get((len(seq), _rolling_hash(seq)[-1]))
-      if hit is not None and rows[hit].tokens[:len(seq)] == seq:
-        where[i] = (hit, len(seq))
-        continue
-      rows.append(_Row(seq))
-      for length, h in enumerate(_rolling_hash(seq)[1:], start=2):
-        prefixes.setdefault((length, h), len(rows) - 1)
-      where[i] = (len(rows) - 1, len(seq))
-    return rows, where
-
-  def _run(self, rows):
-    """Scores every row: batches of similar lengths (rows come longest first), each padded
-    to a power-of-two length and a whole batch, split over the mesh's data axes."""
-    batch_sharding = sharding.batch_sharding(self.loaded.mesh)
-    for start in range(0, len(rows), self.batch):
-      chunk = rows[start:start + self.batch]
-      width = min(decode.bucket(max(len(r.tokens) - 1 for r in chunk), 16), self.max_length)
-      inputs = np.zeros((self.batch, width), np.int32)
-      targets = np.zeros((self.batch, width), np.int32)
-      for j, row in enumerate(chunk):
-        n = len(row.tokens) - 1
-        inputs[j, :n], targets[j, :n] = row.tokens[:-1], row.tokens[1:]
+  def _run(self, rows, queries):
+    """Log-probabilities and greediness of the tokens each query (row, positions, tokens)
+    asks about. Rows (longest first) go in batches of one power-of-two width, at most
+    TOKENS_PER_BATCH tokens (the logits are batch x width x vocabulary), whole rows for
+    every data-parallel device; each batch is one jitted pass on the mesh."""
+    mesh = self.loaded.mesh
+    batch_sharding = sharding.batch_sharding(mesh)
+    per_device = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
+    by_row = {}
+    for q, (row, positions, tokens) in enumerate(queries):
+      by_row.setdefault(row, []).append((q, positions, tokens))
+    out_logp, out_greedy = [None] * len(queries), [None] * len(queries)
+    start = 0
+    while start < len(rows):
+      width = min(decode.bucket(len(rows[start]), 16), self.max_length)
+      size = max(1, min(self.batch, TOKENS_PER_BATCH // width))
+      size = -(-size // per_device) * per_device
+      chunk = range(start, min(start + size, len(rows)))
+      inputs = np.zeros((size, width), np.int32)
+      asked = []  # (query, row in batch, position, token)
+      for j, r in enumerate(chunk):
+        inputs[j, :len(rows[r])] = rows[r]
+        for q, positions, tokens in by_row.get(r, ()):
+          asked += [(q, j, p, t) for p, t in zip(positions, tokens)]
+      n = decode.bucket(len(asked), 64)
+      picks = np.zeros((3, n), np.int32)
+      picks[:, :len(asked)] = np.asarray([a[1:] for a in asked], np.int32).T
       with self.loaded.on_mesh():
-        scores, greedy = _scorer(self.model, self.loaded.mesh)(
-            self.params, _global(inputs, batch_sharding), _global(targets, batch_sharding))
-      scores, greedy = np.asarray(scores), np.asarray(greedy)
-      for j, row in enumerate(chunk):
-        n = len(row.tokens) - 1
-        row.scores, row.greedy = scores[j, :n], greedy[j, :n]
+        logp, greedy = _scorer(self.model, mesh)(
+            self.params, _global(inputs, batch_sharding),
+            *(_global(x, sharding.replicated(mesh)) for x in picks))
+      logp, greedy = np.asarray(logp), np.asarray(greedy)
+      for k, (q, *_) in enumerate(asked):
+        out_logp[q] = out_logp[q] or []
+        out_greedy[q] = out_greedy[q] or []
+        out_logp[q].append(logp[k])
+        out_greedy[q].append(greedy[k])
+      start = chunk.stop
+    return ([np.asarray(x) for x in out_logp], [np.asarray(x) for x in out_greedy])
 
   def loglikelihood_rolling(self, requests, disable_tqdm=False):
     """Each document's log-probability: disjoint windows of max_length tokens, the first

@@ -214,5 +214,6 @@ def kill_drill(tmp_path, kills, steps, seed):
   assert losses(workdir) == losses(straight)  # every step, bit for bit
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_then_resume_is_bit_identical(tmp_path):
   kill_drill(tmp_path, kills=3, steps=40, seed=0)

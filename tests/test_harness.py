@@ -6,6 +6,7 @@ their data."""
 import json
 import os
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -52,7 +53,10 @@ def tiny(tmp_path_factory):
   model = transformers.LlamaForCausalLM(config).eval()
   model.save_pretrained(folder)
   hf.import_checkpoint(folder, str(root / "lm"))
-  ours = harness.HarnessModel(workdir=str(root / "lm"), batch_size=4, max_length=32)
+  # One device (the tests' other seven fake ones only slow compiling down); the command
+  # line and lm.evaluate tests below load on all eight.
+  loaded = load(str(root / "lm"), devices=jax.devices()[:1])
+  ours = harness.HarnessModel(loaded=loaded, batch_size=4, max_length=32)
   theirs = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, max_length=32,
                 device="cpu")
   return ours, theirs
@@ -127,10 +131,22 @@ def test_batching_and_padding_change_nothing(tiny):
   assert [g for _, g in batched] == [g for _, g in alone]
 
 
-def test_shared_prefixes_are_read_from_the_longer_row(tiny):
+def test_shared_inputs_are_run_once():
+  # A repeat and a prefix are read from the longer row; one-token choices share their input.
+  rows, where = harness._plan([[5, 6, 7, 8], [5, 6], [5, 6, 7, 8], [9, 6]])  # pylint: disable=protected-access
+  assert rows == [[5, 6, 7, 8], [9, 6]]
+  assert where == [(0, 4), (0, 2), (0, 4), (1, 2)]
+
+
+def test_one_token_choices_cost_one_row(tiny):
   ours, _ = tiny
-  rows, where = ours._plan([[5, 6, 7, 8], [5, 6], [5, 6, 7, 8], [9, 6]])  # pylint: disable=protected-access
-  assert len(rows) == 2 and where[1] == (where[0][0], 2) and where[2] == where[0]
+  context = ours.tok_encode("def parse(self, args")
+  asked = [((None, None), context, [t]) for t in (10, 20, 30)]
+  rows, _ = harness._plan([context] * 3)  # pylint: disable=protected-access
+  assert len(rows) == 1  # the three requests' inputs are one row
+  got = ours._loglikelihood_tokens(asked)  # pylint: disable=protected-access
+  for (_, ctx, cont), (logp, _) in zip(asked, got):
+    assert abs(logp - _direct(ours.loaded, ctx, cont)[0]) < 1e-4
 
 
 DOCS = ["import os\nimport sys\n", "def parse(self, args=None, namespace=None):\n"
@@ -247,23 +263,23 @@ def test_missing_task_data_is_a_one_line_error(tiny, tmp_path):
     harness.run(ours, ["lm_sst2"], data_dir=str(tmp_path))
 
 
-def test_command_line_registers_lm(tiny, data_dir, tmp_path):
-  import subprocess  # pylint: disable=import-outside-toplevel
+def test_command_line_registers_lm(tiny, data_dir, tmp_path, monkeypatch, capsys):
+  """`python -m lm.harness ...` (run here through runpy, as -m runs it: lm-eval's own
+  command line, which must find the model "lm")."""
+  import runpy  # pylint: disable=import-outside-toplevel
   import sys  # pylint: disable=import-outside-toplevel
-  from conftest import user_env  # pylint: disable=import-outside-toplevel
-  out = tmp_path / "out"
-  result = subprocess.run(
-      [sys.executable, "-m", "lm.harness", "--model", "lm", "--model_args",
-       f"workdir={ours_workdir(tiny)},max_length=32", "--tasks", "lm_truthfulqa_pairs",
-       "--include_path", harness.TASKS_DIR, "--metadata", json.dumps({"data_dir": data_dir}),
-       "--output_path", str(out)], capture_output=True, text=True, env=user_env(),
-      timeout=300, check=False)
-  assert result.returncode == 0, result.stderr[-2000:]
-  assert "lm_truthfulqa_pairs" in result.stdout
+  monkeypatch.setattr(sys, "argv", [
+      "lm.harness", "--model", "lm", "--model_args",
+      f"workdir={ours_workdir(tiny)},max_length=32", "--tasks", "lm_truthfulqa_pairs",
+      "--include_path", harness.TASKS_DIR, "--metadata", json.dumps({"data_dir": data_dir}),
+      "--output_path", str(tmp_path / "out")])
+  runpy.run_module("lm.harness", run_name="__main__")
+  assert "lm_truthfulqa_pairs" in capsys.readouterr().out
+  assert list((tmp_path / "out").rglob("results_*.json"))
 
 
 def ours_workdir(tiny):
-  return tiny[0].workdir
+  return tiny[0].loaded.workdir
 
 
 def test_harness_tasks_run_in_the_training_loop(data_dir, tmp_path, one_device):
@@ -295,7 +311,7 @@ def test_harness_tasks_need_a_decoder():
 
 def test_evaluate_prints_the_harness_scores_as_one_json_line(tiny, data_dir, capsys):
   from lm import evaluate  # pylint: disable=import-outside-toplevel
-  evaluate.main([f"--workdir={tiny[0].workdir}", "--harness=lm_sst2",
+  evaluate.main([f"--workdir={ours_workdir(tiny)}", "--harness=lm_sst2",
                  f"--harness_data={data_dir}", "--limit=2"])
   line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
   assert line["harness"]["lm_sst2"]["count"] == 2

@@ -140,6 +140,7 @@ def test_greedy_generation_equals_transformers_generate(tmp_path, one_device):
   assert ours[0] == reference[0, len(prompt):].tolist()
 
 
+@pytest.mark.slow
 def test_fine_tuning_starts_from_a_hugging_face_folder(minilm, tmp_path, one_device):
   folder = tmp_path / "data"
   folder.mkdir()

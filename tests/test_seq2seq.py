@@ -312,6 +312,7 @@ def test_span_corruption_can_be_undone_and_has_t5s_proportions():
   np.testing.assert_array_equal(out["inputs"][1:len(target)], target[:-1])
 
 
+@pytest.mark.slow
 def test_span_corruption_pretraining_feeds_a_translation_model(toy_parallel, tmp_path,
                                                                one_device):
   pretrain = tiny_config(**{"task.objective": "span_corruption", "model.extra_tokens": 8,

@@ -38,10 +38,15 @@ from lm_eval.models.utils import (handle_stop_sequences, normalize_gen_kwargs,
 from lm import chat_template as templates
 from lm import decode, sharding
 from lm.errors import UserError
+from lm.models.transformer import init_cache
 
 DEFAULT_BATCH = 16
 DECODE_CHUNK = 16  # tokens decoded between two looks for stop strings
 TOKENS_PER_BATCH = 16_384  # rows x width of one scoring pass
+# A context whose continuations (two or more, not all of one token) are this much shorter
+# than it, and which is at least SHARED_CONTEXT_MIN tokens, runs once with a KV cache that
+# its continuations then share (HarnessModel(share_contexts=False) turns this off).
+SHARED_CONTEXT_MIN, SHARED_CONTEXT_RATIO = 64, 2
 
 
 def _token_scores(model, params, inputs_BxL, rows_Q, positions_Q, tokens_Q):
@@ -66,6 +71,28 @@ def _scorer(model, mesh):
 def _global(array, mesh_sharding):
   """A host array that every process holds whole, as one global array on the mesh."""
   return jax.make_array_from_callback(array.shape, mesh_sharding, lambda index: array[index])
+
+
+@functools.partial(jax.jit, static_argnames=("model",))
+def _shared_context_scores(model, params, context_1xP, start_1, continuations_NxC, rows_Q,
+                           positions_Q, tokens_Q):
+  """One context's KV cache, computed once and copied to every continuation row, which then
+  runs over it: log p and argmax-ness of each query (row, position j, token), position j of
+  a row predicting its continuation's token j (j = 0 from the context's last position)."""
+  n, c = continuations_NxC.shape
+  cache = init_cache(model.cfg, 1, context_1xP.shape[1] + c, start_B=start_1)
+  last_1x1xV, cache = model.apply({"params": params}, context_1xP, cache=cache,
+                                  last_only=True)
+  axis = 1 if model.cfg.scan_layers else 0
+  cache = {**cache, "start": jnp.repeat(cache["start"], n),
+           "layers": jax.tree.map(lambda x: jnp.repeat(x, n, axis=axis), cache["layers"])}
+  logits_NxCxV, _ = model.apply({"params": params}, continuations_NxC, cache=cache)
+  logits_NxCxV = jnp.concatenate(
+      [jnp.broadcast_to(last_1x1xV, (n, 1, last_1x1xV.shape[-1])), logits_NxCxV[:, :-1]], 1)
+  picked_QxV = logits_NxCxV[rows_Q, positions_Q].astype(jnp.float32)
+  target_Q = jnp.take_along_axis(picked_QxV, tokens_Q[:, None], axis=-1)[:, 0]
+  return (target_Q - jax.nn.logsumexp(picked_QxV, axis=-1),
+          jnp.argmax(picked_QxV, axis=-1) == tokens_Q)
 
 
 _HASH_MOD, _HASH_BASE = (1 << 61) - 1, 1_000_003
@@ -106,7 +133,7 @@ class HarnessModel(TemplateLM):
   or an lm.inference.Loaded (`loaded=`: the training loop's own parameters)."""
 
   def __init__(self, workdir=None, step=None, loaded=None, batch_size=DEFAULT_BATCH,
-               max_length=None, max_gen_toks=256, **unused):
+               max_length=None, max_gen_toks=256, share_contexts=True, **unused):
     super().__init__()
     if loaded is None:
       if not workdir:
@@ -120,6 +147,7 @@ class HarnessModel(TemplateLM):
         str(batch_size).split(":")[0])
     self._max_length = min(int(max_length or self.model.cfg.max_len), self.model.cfg.max_len)
     self.max_gen_toks = int(max_gen_toks)
+    self.share_contexts = str(share_contexts).lower() not in ("false", "0", "no")
     self.workdir = str(workdir or loaded.workdir or "lm")
     data = loaded.mesh.shape.get("data", 1) * loaded.mesh.shape.get("fsdp", 1)
     self.batch = -(-self.batch // data) * data  # whole rows for every data-parallel device
@@ -181,10 +209,57 @@ class HarnessModel(TemplateLM):
       seq = (list(context) + list(continuation))[-(self.max_length + 1):]
       inputs.append(seq[:-1])
       targets.append(seq[-min(len(continuation), len(seq) - 1):])
-    rows, where = _plan(inputs)
-    logp, greedy = self._run(rows, [
-        (row, range(length - len(t), length), t) for (row, length), t in zip(where, targets)])
+    logp, greedy = [None] * len(requests), [None] * len(requests)
+    rest = list(range(len(requests)))
+    if self.share_contexts:
+      groups = {}
+      for i in rest:
+        context = tuple(inputs[i][:len(inputs[i]) + 1 - len(targets[i])])
+        groups.setdefault(context, []).append(i)
+      shared = set()
+      for context, members in groups.items():
+        longest = max(len(targets[i]) for i in members)
+        if (len(members) > 1 and longest > 1 and len(context) >= SHARED_CONTEXT_MIN
+            and len(context) >= SHARED_CONTEXT_RATIO * longest):
+          for i, (x, g) in zip(members, self._run_shared(list(context),
+                                                         [targets[i] for i in members])):
+            logp[i], greedy[i] = x, g
+          shared.update(members)
+      rest = [i for i in rest if i not in shared]
+    rows, where = _plan([inputs[i] for i in rest])
+    scored = self._run(rows, [(row, range(length - len(targets[i]), length), targets[i])
+                              for i, (row, length) in zip(rest, where)])
+    for i, x, g in zip(rest, *scored):
+      logp[i], greedy[i] = x, g
     return [(float(x.sum()), bool(g.all())) for x, g in zip(logp, greedy)]
+
+  def _run_shared(self, context, continuations):
+    """(log-probabilities, greediness) of each continuation's tokens after `context`, the
+    context computed once (_shared_context_scores)."""
+    width = decode.bucket(len(context), 16)
+    span = decode.bucket(max(len(c) for c in continuations), 8)
+    rows = decode.bucket(len(continuations), 1)
+    prompt = np.zeros((1, width), np.int32)
+    prompt[0, width - len(context):] = context  # left-padded: the cache starts later
+    conts = np.zeros((rows, span), np.int32)
+    asked = []
+    for r, tokens in enumerate(continuations):
+      conts[r, :len(tokens)] = tokens
+      asked += [(r, j, t) for j, t in enumerate(tokens)]
+    picks = np.zeros((3, decode.bucket(len(asked), 64)), np.int32)
+    picks[:, :len(asked)] = np.asarray(asked, np.int32).T
+    mesh = self.loaded.mesh
+    whole = lambda x: _global(np.asarray(x), sharding.replicated(mesh))
+    with self.loaded.on_mesh():
+      logp, greedy = _shared_context_scores(
+          self.model, self.params, whole(prompt), whole([width - len(context)]), whole(conts),
+          *(whole(x) for x in picks))
+    logp, greedy = np.asarray(logp), np.asarray(greedy)
+    out, k = [], 0
+    for tokens in continuations:
+      out.append((logp[k:k + len(tokens)], greedy[k:k + len(tokens)]))
+      k += len(tokens)
+    return out
 
   def _run(self, rows, queries):
     """Log-probabilities and greediness of the tokens each query (row, positions, tokens)

@@ -149,6 +149,26 @@ def test_one_token_choices_cost_one_row(tiny):
     assert abs(logp - _direct(ours.loaded, ctx, cont)[0]) < 1e-4
 
 
+def test_a_shared_context_cache_changes_no_score(tiny, monkeypatch):
+  ours, theirs = tiny
+  monkeypatch.setattr(harness, "SHARED_CONTEXT_MIN", 8)  # the tiny model's short contexts
+  context = "def parse(self, args=None, namespace"
+  choices = [(context, c) for c in ("=None):", ", values):\n", "):\n    return")]
+  requests = _requests("loglikelihood", choices + [("x = ", "1")])
+  assert len(ours.tok_encode(context)) >= 8
+  calls = []
+  run_shared = ours._run_shared  # pylint: disable=protected-access
+  monkeypatch.setattr(ours, "_run_shared", lambda *a: calls.append(a) or run_shared(*a))
+  shared = ours.loglikelihood(requests)
+  assert len(calls) == 1 and len(calls[0][1]) == 3  # the three choices, over one context
+  plain = harness.HarnessModel(loaded=ours.loaded, batch_size=4, max_length=32,
+                               share_contexts=False).loglikelihood(requests)
+  reference = theirs.loglikelihood(requests)
+  np.testing.assert_allclose([x for x, _ in shared], [x for x, _ in plain], atol=1e-4)
+  np.testing.assert_allclose([x for x, _ in shared], [x for x, _ in reference], atol=1e-3)
+  assert [g for _, g in shared] == [g for _, g in plain]
+
+
 DOCS = ["import os\nimport sys\n", "def parse(self, args=None, namespace=None):\n"
         "    if args is None:\n        args = sys.argv[1:]\n    return self.parse_known_args("
         "args, namespace)[0]\n" * 3]

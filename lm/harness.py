@@ -172,8 +172,10 @@ class HarnessModel(TemplateLM):
     return f"lm:{self.workdir}"
 
   def tok_encode(self, string, add_special_tokens=None, **kwargs):
-    """The text's ids; with add_special_tokens, as the checkpoint's tokenizer adds them."""
-    if add_special_tokens:
+    """The text's ids. With add_special_tokens, or by default for a tokenizer lm trained
+    (whose every training text starts with bos), bos first as the model saw texts;
+    otherwise as `hf` encodes them by default, without special tokens."""
+    if add_special_tokens or (add_special_tokens is None and self.tok.texts_start_with_bos):
       return self.tok.prompt_ids(string)
     return self.tok.encode(string).tolist()
 
@@ -302,14 +304,14 @@ class HarnessModel(TemplateLM):
     return ([np.asarray(x) for x in out_logp], [np.asarray(x) for x in out_greedy])
 
   def loglikelihood_rolling(self, requests, disable_tqdm=False):
-    """Each document's log-probability: disjoint windows of max_length tokens, the first
-    after prefix_token_id, each later one conditioned on as much of the text before it as
+    """Each document's log-probability: disjoint windows of max_length tokens of its text
+    (no special tokens), the first after prefix_token_id (bos), each later one conditioned on as much of the text before it as
     fits (lm-eval's rolling windows, as `hf` makes them)."""
     windows, owners = [], []
     for i, (text,) in enumerate(r.args for r in requests):
       for context, continuation in map(harness_utils.make_disjoint_window,
                                        harness_utils.get_rolling_token_windows(
-                                           token_list=self.tok_encode(text),
+                                           token_list=self.tok.encode(text).tolist(),
                                            prefix_token=self.prefix_token_id,
                                            max_seq_len=self.max_length, context_len=1)):
         windows.append(((None, None), context, continuation))

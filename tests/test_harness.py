@@ -313,9 +313,11 @@ def test_harness_tasks_run_in_the_training_loop(data_dir, tmp_path, one_device):
             if "harness/lm_truthfulqa_pairs/acc" in r}
   assert sorted(logged) == [6]  # harness_every=6: not at step 3's evaluation
   # The same scores from the checkpoint on disk, through lm.evaluate's path.
-  again = harness.run(harness.HarnessModel(workdir=workdir), ["lm_truthfulqa_pairs",
-                                                              "lm_gutenberg"],
-                      data_dir=data_dir)
+  model = harness.HarnessModel(workdir=workdir)
+  # An lm-trained tokenizer's texts start with bos, as in training; rolling windows begin
+  # with the prefix token (bos) instead.
+  assert model.tok_encode("ab") == [model.tok.bos_id, *model.tok.encode("ab").tolist()]
+  again = harness.run(model, ["lm_truthfulqa_pairs", "lm_gutenberg"], data_dir=data_dir)
   assert logged[6]["harness/lm_truthfulqa_pairs/acc"] == again["lm_truthfulqa_pairs"]["acc"]
   assert logged[6]["harness/lm_gutenberg/word_perplexity"] == pytest.approx(
       again["lm_gutenberg"]["word_perplexity"], rel=1e-5)

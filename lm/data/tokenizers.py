@@ -30,6 +30,7 @@ class _LmChat:
 
   chat_template = CHATML
   chat_stop_text = "<|im_end|>"  # a reply ends at this text (lm.chat)
+  texts_start_with_bos = True  # every text lm trains on starts with bos (prompt_ids)
 
   def chat_ids(self, rendered):
     return self.prompt_ids(rendered)
@@ -189,6 +190,7 @@ class _GivenSpecials:
     return ([self.bos_id] if self.adds_bos else []) + self.encode(text).tolist()
 
   chat_stop_text = None  # replies end at the stop ids (eos, bos)
+  texts_start_with_bos = False  # as the checkpoint's tokenizer has it (adds_bos)
 
   def chat_ids(self, rendered):
     """A rendered conversation's ids, as apply_chat_template(tokenize=True) gives them: the

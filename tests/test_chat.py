@@ -28,6 +28,7 @@ def greedy(_):
   return decode.Sampling(temperature=0.0)
 
 
+@pytest.mark.slow
 def test_piped_input_is_a_chat_and_commands_work(tiny_workdir):
   lines = "Hi there\n/system Be brief.\nAnd now?\n/reset\n/nonsense\n\nLast one\n/quit\nIgnored\n"
   out = subprocess.run([sys.executable, "-m", "lm.chat", f"--workdir={tiny_workdir}",

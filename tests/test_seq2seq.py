@@ -199,6 +199,7 @@ def trained_toy(toy_parallel, tmp_path_factory):
   return workdir, result
 
 
+@pytest.mark.slow  # trains the toy translation model: 300 steps
 def test_a_toy_translation_trains_through_the_loop(trained_toy):
   _, result = trained_toy
   # Characters of the target given the source: near-certain once the word map is learnt.
@@ -208,6 +209,7 @@ def test_a_toy_translation_trains_through_the_loop(trained_toy):
   assert result.eval["test"]["bleu"] > 70 and result.eval["test"]["chrf"] > 80, result.eval
 
 
+@pytest.mark.slow  # trains the toy translation model: 300 steps
 def test_cached_decoding_equals_uncached_and_beam_one_equals_greedy(trained_toy):
   workdir, _ = trained_toy
   loaded = load(workdir, decoder=False)
@@ -257,6 +259,7 @@ def test_cached_decoding_equals_uncached_and_beam_one_equals_greedy(trained_toy)
   assert tok.decode(greedy[1]) == "rot haus"
 
 
+@pytest.mark.slow
 def test_the_translate_command(trained_toy, toy_parallel, tmp_path):
   workdir, _ = trained_toy
   source = tmp_path / "in.en"

@@ -312,8 +312,9 @@ def test_harness_tasks_run_in_the_training_loop(data_dir, tmp_path, one_device):
   logged = {r["step"]: r for r in metrics_records(workdir)
             if "harness/lm_truthfulqa_pairs/acc" in r}
   assert sorted(logged) == [6]  # harness_every=6: not at step 3's evaluation
-  # The same scores from the checkpoint on disk, through lm.evaluate's path.
-  model = harness.HarnessModel(workdir=workdir)
+  # The same scores from the checkpoint on disk (lm.evaluate --harness loads it so; that
+  # path on all eight devices is tested above).
+  model = harness.HarnessModel(loaded=load(workdir, devices=one_device))
   # An lm-trained tokenizer's texts start with bos, as in training; rolling windows begin
   # with the prefix token (bos) instead.
   assert model.tok_encode("ab") == [model.tok.bos_id, *model.tok.encode("ab").tolist()]

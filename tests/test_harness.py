@@ -251,6 +251,7 @@ def data_dir(tmp_path_factory):
   (root / "squad" / "squaddev_v1.1.json").write_text(json.dumps(squad))
   (root / "gutenberg" / "short.txt").write_text(DOCS[0])
   (root / "gutenberg" / "long.txt").write_text(DOCS[1])
+  (root / "gutenberg" / "MD5SUMS.txt").write_text("0123abcd  long.txt\n")  # not a book
   return str(root)
 
 

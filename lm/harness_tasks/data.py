@@ -77,10 +77,14 @@ def squad(data_dir=None, **unused):
   return datasets.DatasetDict({"validation": datasets.Dataset.from_list(rows)})
 
 
+NOT_BOOKS = ("MD5SUMS.txt",)  # the corpus folder's checksum list
+
+
 def gutenberg(data_dir=None, **unused):
   """The Gutenberg books, one document each, the shortest first (so --limit N takes the N
   shortest books)."""
-  paths = sorted(glob.glob(os.path.join(_folder(data_dir, "gutenberg"), "*.txt")))
+  paths = sorted(p for p in glob.glob(os.path.join(_folder(data_dir, "gutenberg"), "*.txt"))
+                 if os.path.basename(p) not in NOT_BOOKS)
   books = []
   for path in paths:
     with open(path, encoding="utf-8", errors="replace") as f:

@@ -84,6 +84,16 @@ def _unknown(name, known):
 
 def validate(config, num_devices):
   """Raises ConfigError naming the first bad field; returns the config otherwise."""
+  _check_fields(config)
+  _check_model(config)
+  _check_training(config)
+  _check_task(config)
+  _check_mesh(config, num_devices)
+  return config
+
+
+def _check_fields(config):
+  """Every field known, present, and of its type, choices and bounds (lm/schema.py)."""
   sections = {f.name.split(".")[0] for f in schema.FIELDS}
   for section in config.keys():
     if not isinstance(config[section], ml_collections.ConfigDict) and section not in sections:
@@ -97,7 +107,10 @@ def validate(config, num_devices):
       raise ConfigError(field.name, "missing; start experiments from lm.config.defaults()")
     _check_field(field, flat[field.name])
 
-  m, t, d = config.model, config.train, config.data
+
+def _check_model(config):
+  """The model's fields against each other, and against the objective's architecture."""
+  m = config.model
   if not m.head_size and m.d_model % m.num_heads:
     raise ConfigError("model.d_model",
                       f"{m.d_model} is not divisible by model.num_heads={m.num_heads}")
@@ -119,6 +132,20 @@ def validate(config, num_devices):
                       "model.sliding_window too")
   if m.vocab_size is not None and m.vocab_size <= 0:
     raise ConfigError("model.vocab_size", f"must be > 0 or None, got {m.vocab_size}")
+  if tasks.get(config.task.objective).architecture == "encoder_decoder":
+    decoder_only = {"norm_position": ("sandwich",), "sliding_window": None,
+                    "attn_softcap": None, "final_softcap": None}
+    for key, values in decoder_only.items():
+      if (m[key] in values) if values else m[key]:
+        raise ConfigError(f"model.{key}", f"{m[key]!r} is not taken by encoder-decoders "
+                          "(decoders and encoders take it)")
+  if m.pooler and config.task.pooling != "cls":
+    raise ConfigError("task.pooling", "model.pooler pools the first token; use cls with it")
+
+
+def _check_training(config):
+  """Data splits, schedule, PEFT and the closing sample."""
+  m, t, d = config.model, config.train, config.data
   if d.seq_len > m.max_len:
     raise ConfigError("data.seq_len", f"{d.seq_len} exceeds model.max_len={m.max_len}")
   if d.validation_fraction <= 0:
@@ -132,7 +159,6 @@ def validate(config, num_devices):
   if t.warmup_steps > t.num_steps:
     raise ConfigError("train.warmup_steps",
                       f"{t.warmup_steps} exceeds train.num_steps={t.num_steps}")
-
   if config.peft.method:
     if not config.init_from:
       raise ConfigError("peft.method", f"{config.peft.method} fine-tunes a pretrained model; "
@@ -142,42 +168,40 @@ def validate(config, num_devices):
     except re.error as e:
       raise ConfigError("peft.targets", f"{config.peft.targets!r} is not a regular "
                         f"expression ({e})") from None
-
-  tasks.get(config.task.objective).check_config(config)
-  if config.task.eval_generate:
-    if tasks.get(config.task.objective).architecture != "decoder":
-      raise ConfigError("task.eval_generate", "scores what a decoder generates; "
-                        f"{config.task.objective} trains no decoder")
-    if not config.task.eval_data:
-      raise ConfigError("task.eval_data", f"names the {config.task.eval_generate} file "
-                        "task.eval_generate scores")
-  if config.eval.harness_tasks:
-    if tasks.get(config.task.objective).architecture != "decoder":
-      raise ConfigError("eval.harness_tasks", "lm-evaluation-harness scores a decoder; "
-                        f"{config.task.objective} trains no decoder")
-    if any(not t.strip() for t in config.eval.harness_tasks.split(",")):
-      raise ConfigError("eval.harness_tasks", f"{config.eval.harness_tasks!r}: task names, "
-                        "comma-separated")
   if d.mixture:
     from lm.data import mixture  # pylint: disable=import-outside-toplevel
     if d.format != "chat" or d.path:
       raise ConfigError("data.mixture", "mixes chat datasets: set data.format=chat and leave "
                         "data.path empty (each source has its own path)")
     mixture.check(d.mixture)
-  if tasks.get(config.task.objective).architecture == "encoder_decoder":
-    decoder_only = {"norm_position": ("sandwich",), "sliding_window": None,
-                    "attn_softcap": None, "final_softcap": None}
-    for key, values in decoder_only.items():
-      if (m[key] in values) if values else m[key]:
-        raise ConfigError(f"model.{key}", f"{m[key]!r} is not taken by encoder-decoders "
-                          "(decoders and encoders take it)")
-
-  if m.pooler and config.task.pooling != "cls":
-    raise ConfigError("task.pooling", "model.pooler pools the first token; use cls with it")
-
   if config.sample.num_tokens and not config.sample.prompt:
     raise ConfigError("sample.prompt", "must not be empty when sample.num_tokens > 0")
 
+
+def _check_task(config):
+  """The objective's own checks, and the evaluations that decode (which need a decoder)."""
+  objective = config.task.objective
+  tasks.get(objective).check_config(config)
+  decodes = tasks.get(objective).architecture == "decoder"
+  if config.task.eval_generate:
+    if not decodes:
+      raise ConfigError("task.eval_generate", "scores what a decoder generates; "
+                        f"{objective} trains no decoder")
+    if not config.task.eval_data:
+      raise ConfigError("task.eval_data", f"names the {config.task.eval_generate} file "
+                        "task.eval_generate scores")
+  if config.eval.harness_tasks:
+    if not decodes:
+      raise ConfigError("eval.harness_tasks", "lm-evaluation-harness scores a decoder; "
+                        f"{objective} trains no decoder")
+    if any(not name.strip() for name in config.eval.harness_tasks.split(",")):
+      raise ConfigError("eval.harness_tasks", f"{config.eval.harness_tasks!r}: task names, "
+                        "comma-separated")
+
+
+def _check_mesh(config, num_devices):
+  """The mesh fits the devices, and the batch splits over its data axes."""
+  t = config.train
   mesh_shape = resolve_mesh_shape(config.mesh, num_devices)
   data_shards = mesh_shape[0] * mesh_shape[1]
   if t.batch_size % data_shards:
@@ -188,7 +212,6 @@ def validate(config, num_devices):
                       f"train.batch_size={t.batch_size} does not split into "
                       f"{t.grad_accum_steps} micro-batches of a multiple of "
                       f"mesh.data*mesh.fsdp={data_shards} rows")
-  return config
 
 
 def resolve_mesh_shape(mesh, num_devices):

@@ -11,10 +11,11 @@ run the same through lm-eval's Python API.
 The three request types, as lm-eval's `hf` model answers them, so scores compare:
   loglikelihood          context and continuation tokenized as `hf` does (TemplateLM), the
                          rows sorted by length and scored in batches of one jitted forward
-                         pass (log-softmax and argmax on the device; only the targets'
-                         log-probabilities come back). A row that is a prefix of a longer row
-                         (one context's one-token choices, repeated requests) is read from
-                         the longer row's pass instead of being run again.
+                         pass that normalises only the continuations' positions. A row that
+                         is a prefix of a longer one (one context's one-token choices,
+                         repeated requests) is read from the longer row's pass; a long
+                         context with several longer continuations runs once, its KV cache
+                         copied to each continuation.
   loglikelihood_rolling  a document in disjoint windows of the model's context (lm-eval's
                          get_rolling_token_windows), each window after its predecessor's tail.
   generate_until         batched cached decoding (lm/decode.py), greedy unless the task
@@ -49,15 +50,18 @@ TOKENS_PER_BATCH = 16_384  # rows x width of one scoring pass
 SHARED_CONTEXT_MIN, SHARED_CONTEXT_RATIO = 64, 2
 
 
-def _token_scores(model, params, inputs_BxL, rows_Q, positions_Q, tokens_Q):
-  """log p(token | the row's inputs up to and including position) and whether the token
-  is the argmax there, for each query (row, position, token): only the queried positions'
-  logits are normalised."""
-  logits_BxLxV = model.apply({"params": params}, inputs_BxL)
+def _picked(logits_BxLxV, rows_Q, positions_Q, tokens_Q):
+  """log p(token) and whether the token is the argmax, at each query (row, position,
+  token) of `logits`: only the queried positions' logits are normalised."""
   picked_QxV = logits_BxLxV[rows_Q, positions_Q].astype(jnp.float32)
   target_Q = jnp.take_along_axis(picked_QxV, tokens_Q[:, None], axis=-1)[:, 0]
   return (target_Q - jax.nn.logsumexp(picked_QxV, axis=-1),
           jnp.argmax(picked_QxV, axis=-1) == tokens_Q)
+
+
+def _token_scores(model, params, inputs_BxL, rows_Q, positions_Q, tokens_Q):
+  """_picked of the rows' logits: position p predicts the token after the row's p-th."""
+  return _picked(model.apply({"params": params}, inputs_BxL), rows_Q, positions_Q, tokens_Q)
 
 
 @functools.lru_cache(maxsize=8)
@@ -89,10 +93,15 @@ def _shared_context_scores(model, params, context_1xP, start_1, continuations_Nx
   logits_NxCxV, _ = model.apply({"params": params}, continuations_NxC, cache=cache)
   logits_NxCxV = jnp.concatenate(
       [jnp.broadcast_to(last_1x1xV, (n, 1, last_1x1xV.shape[-1])), logits_NxCxV[:, :-1]], 1)
-  picked_QxV = logits_NxCxV[rows_Q, positions_Q].astype(jnp.float32)
-  target_Q = jnp.take_along_axis(picked_QxV, tokens_Q[:, None], axis=-1)[:, 0]
-  return (target_Q - jax.nn.logsumexp(picked_QxV, axis=-1),
-          jnp.argmax(picked_QxV, axis=-1) == tokens_Q)
+  return _picked(logits_NxCxV, rows_Q, positions_Q, tokens_Q)
+
+
+def _queries(asked, mesh):
+  """(row, position, token) triples as three int32 arrays padded to a power of two (few
+  compiles), replicated on the mesh."""
+  picks = np.zeros((3, decode.bucket(len(asked), 64)), np.int32)
+  picks[:, :len(asked)] = np.asarray(asked, np.int32).reshape(-1, 3).T
+  return [_global(x, sharding.replicated(mesh)) for x in picks]
 
 
 _HASH_MOD, _HASH_BASE = (1 << 61) - 1, 1_000_003
@@ -149,8 +158,7 @@ class HarnessModel(TemplateLM):
     self.max_gen_toks = int(max_gen_toks)
     self.share_contexts = str(share_contexts).lower() not in ("false", "0", "no")
     self.workdir = str(workdir or loaded.workdir or "lm")
-    data = loaded.mesh.shape.get("data", 1) * loaded.mesh.shape.get("fsdp", 1)
-    self.batch = -(-self.batch // data) * data  # whole rows for every data-parallel device
+    self.batch = self._whole_rows(self.batch)
 
   # What lm-eval asks of every model ---------------------------------------------------
 
@@ -248,14 +256,12 @@ class HarnessModel(TemplateLM):
     for r, tokens in enumerate(continuations):
       conts[r, :len(tokens)] = tokens
       asked += [(r, j, t) for j, t in enumerate(tokens)]
-    picks = np.zeros((3, decode.bucket(len(asked), 64)), np.int32)
-    picks[:, :len(asked)] = np.asarray(asked, np.int32).T
     mesh = self.loaded.mesh
     whole = lambda x: _global(np.asarray(x), sharding.replicated(mesh))
     with self.loaded.on_mesh():
       logp, greedy = _shared_context_scores(
           self.model, self.params, whole(prompt), whole([width - len(context)]), whole(conts),
-          *(whole(x) for x in picks))
+          *_queries(asked, mesh))
     logp, greedy = np.asarray(logp), np.asarray(greedy)
     out, k = [], 0
     for tokens in continuations:
@@ -270,7 +276,6 @@ class HarnessModel(TemplateLM):
     every data-parallel device; each batch is one jitted pass on the mesh."""
     mesh = self.loaded.mesh
     batch_sharding = sharding.batch_sharding(mesh)
-    per_device = mesh.shape.get("data", 1) * mesh.shape.get("fsdp", 1)
     by_row = {}
     for q, (row, positions, tokens) in enumerate(queries):
       by_row.setdefault(row, []).append((q, positions, tokens))
@@ -278,35 +283,35 @@ class HarnessModel(TemplateLM):
     start = 0
     while start < len(rows):
       width = min(decode.bucket(len(rows[start]), 16), self.max_length)
-      size = max(1, min(self.batch, TOKENS_PER_BATCH // width))
-      size = -(-size // per_device) * per_device
+      size = self._whole_rows(max(1, min(self.batch, TOKENS_PER_BATCH // width)))
       chunk = range(start, min(start + size, len(rows)))
       inputs = np.zeros((size, width), np.int32)
-      asked = []  # (query, row in batch, position, token)
+      asked, spans = [], []  # (row in batch, position, token); (query, its slice of asked)
       for j, r in enumerate(chunk):
         inputs[j, :len(rows[r])] = rows[r]
         for q, positions, tokens in by_row.get(r, ()):
-          asked += [(q, j, p, t) for p, t in zip(positions, tokens)]
-      n = decode.bucket(len(asked), 64)
-      picks = np.zeros((3, n), np.int32)
-      picks[:, :len(asked)] = np.asarray([a[1:] for a in asked], np.int32).T
+          spans.append((q, slice(len(asked), len(asked) + len(tokens))))
+          asked += [(j, p, t) for p, t in zip(positions, tokens)]
       with self.loaded.on_mesh():
         logp, greedy = _scorer(self.model, mesh)(
-            self.params, _global(inputs, batch_sharding),
-            *(_global(x, sharding.replicated(mesh)) for x in picks))
+            self.params, _global(inputs, batch_sharding), *_queries(asked, mesh))
       logp, greedy = np.asarray(logp), np.asarray(greedy)
-      for k, (q, *_) in enumerate(asked):
-        out_logp[q] = out_logp[q] or []
-        out_greedy[q] = out_greedy[q] or []
-        out_logp[q].append(logp[k])
-        out_greedy[q].append(greedy[k])
+      for q, span in spans:
+        out_logp[q], out_greedy[q] = logp[span], greedy[span]
       start = chunk.stop
-    return ([np.asarray(x) for x in out_logp], [np.asarray(x) for x in out_greedy])
+    return out_logp, out_greedy
+
+  def _whole_rows(self, n):
+    """n rounded up to whole rows for every data-parallel device of the mesh."""
+    shape = self.loaded.mesh.shape
+    data = shape.get("data", 1) * shape.get("fsdp", 1)
+    return -(-n // data) * data
 
   def loglikelihood_rolling(self, requests, disable_tqdm=False):
     """Each document's log-probability: disjoint windows of max_length tokens of its text
-    (no special tokens), the first after prefix_token_id (bos), each later one conditioned on as much of the text before it as
-    fits (lm-eval's rolling windows, as `hf` makes them)."""
+    (no special tokens), the first after prefix_token_id (bos), each later one conditioned
+    on as much of the text before it as fits (lm-eval's rolling windows, as `hf` makes
+    them)."""
     windows, owners = [], []
     for i, (text,) in enumerate(r.args for r in requests):
       for context, continuation in map(harness_utils.make_disjoint_window,
@@ -367,12 +372,14 @@ class HarnessModel(TemplateLM):
       state = decode.prefill(self.model, self.params, prompts, decode.bucket(max_new),
                              rows, self.loaded.stop_ids, batch_size=self.batch,
                              limits=[max_new] * n)
+      texts, final = [""] * n, [False] * n  # final: a row's text can no longer change
       while True:
         done = np.asarray(state.done_B).copy()
-        texts = [self.tok.decode(ids) for ids in decode.outputs(state, n)]
-        for j, text in enumerate(texts):
-          if not done[j] and any(s in text for s in stops):
-            done[j] = True
+        for j, ids in enumerate(decode.outputs(state, n)):
+          if not final[j]:
+            texts[j] = self.tok.decode(ids)
+            done[j] |= any(s in texts[j] for s in stops)
+            final[j] = bool(done[j])
         if done.all() or int(state.count) >= max_new:
           return texts
         state = state._replace(done_B=jnp.asarray(done))
